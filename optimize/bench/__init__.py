@@ -1,0 +1,1 @@
+"""Latency measurement: the measuring engine behind ``optimize bench`` and the build's checks."""

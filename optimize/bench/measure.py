@@ -1,0 +1,105 @@
+"""The measuring core: warm-up, repeated timed windows until stable, percentiles with spread.
+
+As perf_analyzer does, measurement runs in windows and stops once the last ``stable_windows``
+windows agree on their median within ``tolerance`` (or when ``time_limit_s`` runs out, which is
+reported as not stable). Every latency sample is kept, so percentiles come from all of them and
+their spread from the per-window medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig:
+    warmup_iterations: int = 5
+    warmup_s: float = 0.5
+    window_s: float = 1.0
+    min_window_iterations: int = 5
+    stable_windows: int = 3
+    tolerance: float = 0.10
+    max_windows: int = 12
+    time_limit_s: float = 30.0
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Latency samples (seconds) of one workload and what they summarise to."""
+
+    samples_s: list[float]
+    window_medians_s: list[float]
+    stable: bool
+    items_per_call: int = 1
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.samples_s, q) * 1000)
+
+    @property
+    def median_ms(self) -> float:
+        return self.percentile_ms(50)
+
+    @property
+    def spread_pct(self) -> float:
+        """Range of the per-window medians relative to their median (percent)."""
+        medians = np.asarray(self.window_medians_s)
+        return float((medians.max() - medians.min()) / np.median(medians) * 100) if len(medians) else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        total = sum(self.samples_s)
+        return {"p50_ms": self.median_ms, "p90_ms": self.percentile_ms(90),
+                "p95_ms": self.percentile_ms(95), "p99_ms": self.percentile_ms(99),
+                "max_ms": float(max(self.samples_s) * 1000), "mean_ms": float(np.mean(self.samples_s) * 1000),
+                "throughput_per_s": len(self.samples_s) * self.items_per_call / total if total else 0.0,
+                "iterations": len(self.samples_s), "windows": len(self.window_medians_s),
+                "window_p50_ms": [m * 1000 for m in self.window_medians_s],
+                "spread_pct": self.spread_pct, "stable": self.stable}
+
+
+def measure(call: Callable[[], Any], config: MeasureConfig = MeasureConfig(),
+            items_per_call: int = 1) -> Measurement:
+    """Time ``call`` until the window medians are stable or the time limit is reached."""
+    clock = time.perf_counter
+    start = clock()
+    for i in range(10**9):
+        call()
+        if i + 1 >= config.warmup_iterations and clock() - start >= config.warmup_s:
+            break
+    samples: list[float] = []
+    medians: list[float] = []
+    stable = False
+    deadline = clock() + config.time_limit_s
+    while len(medians) < config.max_windows:
+        window: list[float] = []
+        window_start = clock()
+        while len(window) < config.min_window_iterations or clock() - window_start < config.window_s:
+            t0 = clock()
+            call()
+            window.append(clock() - t0)
+            if clock() > deadline and len(window) >= config.min_window_iterations:
+                break
+        samples.extend(window)
+        medians.append(float(np.median(window)))
+        if len(medians) >= config.stable_windows:
+            recent = np.asarray(medians[-config.stable_windows:])
+            if (recent.max() - recent.min()) <= config.tolerance * np.median(recent):
+                stable = True
+                break
+        if clock() > deadline:
+            break
+    return Measurement(samples, medians, stable, items_per_call)
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 5,
+                config: MeasureConfig = MeasureConfig(window_s=0.5, max_windows=4, time_limit_s=5.0)
+                ) -> dict[str, list[Measurement]]:
+    """Measure several workloads in turn, ``rounds`` times, so drift on a noisy machine hits all alike."""
+    results: dict[str, list[Measurement]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            results[name].append(measure(call, config))
+    return results

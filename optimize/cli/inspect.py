@@ -1,0 +1,34 @@
+"""``optimize inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def command(bundle: Path, as_json: bool) -> None:
+    """Show what a bundle holds: every target's precision, size, accuracy and status."""
+    from optimize.bundle import read_manifest
+    from optimize.report import targets_table
+
+    manifest = read_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    source = manifest["source"]
+    click.echo(f"model   {manifest['model_name']}  ({source['kind']}, sha256 {source['sha256'][:12]})")
+    click.echo(f"task    {manifest['task']}  ({manifest['model_kind']})")
+    for spec in manifest["inputs"]:
+        click.echo(f"input   {spec['name']}  {spec['shape']}  {spec['dtype']}")
+    for spec in manifest["outputs"]:
+        click.echo(f"output  {spec['name']}  {spec['shape']}  {spec['dtype']}")
+    data = manifest["data"]
+    click.echo(f"data    {data['calibration_samples']} calibration, {data['held_out_samples']} held out"
+               + (f", {data['eval_samples']} labelled eval" if data["eval_samples"] else ""))
+    click.echo("")
+    click.echo(targets_table(manifest))

@@ -1,0 +1,1 @@
+"""Graph passes: torch program export, ONNX export with parity checks, precision conversion."""

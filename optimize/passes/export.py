@@ -1,0 +1,188 @@
+"""Export: nn.Module -> torch.export program (.pt2) -> ONNX, each checked against the stage before.
+
+The batch axis is dynamic in every exported artifact, and the sequence axis too for token
+inputs. The ONNX file is checked with ``onnx.checker`` and run through ONNX Runtime on held-out
+samples; outputs must agree with PyTorch within ``Tolerance``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimize.errors import ExportError, ParityError
+from optimize.specs import TensorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Elementwise bound |a - b| <= atol + rtol * |b|, as numpy.allclose."""
+
+    atol: float
+    rtol: float
+
+
+# FP32 graph rewrites (fusions, reassociated reductions) move results by a few ULPs per op;
+# deep models accumulate that. These are the bounds for an FP32 export of a float model.
+FP32_EXPORT_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                    tolerance: Tolerance, stage: str) -> dict[str, dict[str, float]]:
+    """Per-output max abs / rel error; raise ParityError naming the worst output and element."""
+    report, worst = {}, None
+    for name, ref in reference.items():
+        if name not in candidate:
+            raise ParityError(f"{stage}: output {name!r} is missing (got {sorted(candidate)})")
+        got = np.asarray(candidate[name], dtype=np.float64)
+        ref64 = np.asarray(ref, dtype=np.float64)
+        if got.shape != ref64.shape:
+            raise ParityError(f"{stage}: output {name!r} has shape {got.shape}, expected {ref64.shape}")
+        error = np.abs(got - ref64)
+        bound = tolerance.atol + tolerance.rtol * np.abs(ref64)
+        excess = error - bound
+        flat = int(np.argmax(excess)) if excess.size else 0
+        entry = {"max_abs_error": float(error.max(initial=0.0)),
+                 "max_rel_error": float((error / np.maximum(np.abs(ref64), 1e-12)).max(initial=0.0)),
+                 "atol": tolerance.atol, "rtol": tolerance.rtol}
+        report[name] = entry
+        if excess.size and excess.flat[flat] > 0 and (worst is None or excess.flat[flat] > worst[0]):
+            index = np.unravel_index(flat, error.shape)
+            worst = (excess.flat[flat], name, index, got[index], ref64[index])
+    if worst:
+        _, name, index, got_v, ref_v = worst
+        raise ParityError(
+            f"{stage}: output {name!r} differs from PyTorch at index {tuple(int(i) for i in index)}: "
+            f"{got_v:.6g} vs {ref_v:.6g} (|diff| {abs(got_v - ref_v):.3g} > atol {tolerance.atol:g} "
+            f"+ rtol {tolerance.rtol:g} * |ref|)")
+    return report
+
+
+def torch_outputs(module: Any, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    """Run a torch module on numpy feeds; outputs named in order."""
+    import torch
+
+    with torch.no_grad():
+        result = module(*[torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()])
+    tensors = _flatten_outputs(result)
+    return {name: t.detach().float().numpy() for name, t in zip(output_names, tensors)}
+
+
+def _flatten_outputs(result: Any) -> list:
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, dict):
+        return [t for v in result.values() for t in _flatten_outputs(v)]
+    if isinstance(result, (list, tuple)):
+        return [t for v in result for t in _flatten_outputs(v)]
+    if hasattr(result, "to_tuple"):  # transformers ModelOutput
+        return _flatten_outputs(result.to_tuple())
+    raise ExportError(f"model output of type {type(result).__name__} is not tensors")
+
+
+def output_names_for(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _dynamic_shapes(specs: list[TensorSpec]) -> dict[str, dict[int, Any]]:
+    import torch
+
+    dims: dict[str, Any] = {}
+    shapes = {}
+    for spec in specs:
+        axes = {}
+        for axis, name in enumerate(spec.axis_names):
+            if name:
+                if name not in dims:
+                    # torch.export specialises sizes 0 and 1; ask for >= 1 and trace with 2.
+                    dims[name] = torch.export.Dim(name, min=1, max=65536)
+                axes[axis] = dims[name]
+        shapes[spec.name] = axes
+    return shapes
+
+
+def export_program(module: Any, example: dict[str, np.ndarray], specs: list[TensorSpec]) -> Any:
+    """torch.export the module with dynamic batch (and sequence) axes."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
+    try:
+        return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(specs), strict=False)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {_summarise(exc)}. Models with data-dependent "
+                          f"control flow need torch.cond or a fixed shape") from exc
+
+
+def save_program(program: Any, path: Path) -> None:
+    import torch
+
+    torch.export.save(program, str(path))
+
+
+def export_onnx(model: Any, example: dict[str, np.ndarray], specs: list[TensorSpec],
+                output_names: list[str], path: Path, opset: int = 18) -> None:
+    """Write ``path`` (single-file ONNX). ``model`` is an ExportedProgram or a ScriptModule."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
+    input_names = [s.name for s in specs]
+    try:
+        if isinstance(model, torch.export.ExportedProgram):
+            program = torch.onnx.export(model, args, None, input_names=input_names,
+                                        output_names=output_names, opset_version=opset,
+                                        dynamo=True, optimize=True, verbose=False)
+            program.save(str(path), external_data=False)
+        else:  # TorchScript: only the TorchScript-based exporter reads it.
+            axes = {s.name: {a: n for a, n in enumerate(s.axis_names) if n} for s in specs}
+            axes.update({n: {0: "batch"} for n in output_names})
+            torch.onnx.export(model, args, str(path), input_names=input_names,
+                              output_names=output_names, opset_version=opset, dynamo=False,
+                              dynamic_axes=axes)
+    except Exception as exc:
+        raise ExportError(_unsupported_message(exc, model)) from exc
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"exported ONNX fails onnx.checker: {_summarise(exc)}") from exc
+
+
+_OP_PATTERNS = (re.compile(r"(aten::[A-Za-z0-9_.]+)"), re.compile(r"OpOverload\(op='([^']+)'"),
+                re.compile(r"(torch\.ops\.[A-Za-z0-9_.]+)"), re.compile(r"operator ([A-Za-z0-9_:.]+)"))
+
+
+def _unsupported_message(exc: BaseException, model: Any) -> str:
+    text = str(exc)
+    op = next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
+    if op is None:
+        return f"ONNX export failed: {_summarise(exc)}"
+    where = _module_path_of(model, op)
+    location = f" in module {where}" if where else ""
+    return (f"ONNX export failed: operator {op}{location} has no ONNX translation. Replace it with "
+            f"supported ops, or register a custom translation")
+
+
+def _module_path_of(model: Any, op: str) -> str | None:
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return None
+    short = op.replace("aten::", "").replace("torch.ops.", "").replace("aten.", "").split(".")[0]
+    for node in graph.nodes:
+        if node.op == "call_function" and short in str(node.target):
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                path, cls = list(stack.values())[-1]
+                return f"{path or '<root>'} ({getattr(cls, '__name__', cls)})"
+    return None
+
+
+def _summarise(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__

@@ -1,0 +1,289 @@
+"""Run a ``BuildPlan``: prepare -> export (checked) -> per target: build, validate, gate -> bundle.
+
+Every heavy stage goes through the ``StageCache`` beside the bundle, so a rerun redoes only what
+changed. The bundle is written atomically (see ``optimize.bundle``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from optimize import __version__
+from optimize.bundle import SCHEMA_VERSION, BundleWriter, cache_dir_for, write_json
+from optimize.cache import StageCache
+from optimize.checkpoint import file_sha256
+from optimize.errors import OptimizeError
+from optimize.passes import export as export_pass
+from optimize.plan import BuildPlan
+from optimize.prepare import Prepared, prepare
+from optimize.targets import registry
+from optimize.targets.base import BuildConfig, engine_size
+from optimize import validate
+
+PARITY_SAMPLES = 32
+VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
+                      "tensorrt", "numpy", "torch-pruning")
+
+
+@dataclasses.dataclass
+class BuildResult:
+    bundle: Path
+    manifest: dict[str, Any]
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, e in self.manifest["targets"].items() if e["status"] == "failed"]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "optimize": __version__}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+
+
+def model_kind(onnx_path: Path, prepared: Prepared) -> str:
+    """``transformer`` for token inputs or MatMul-dominated graphs, else ``cnn``."""
+    import onnx
+
+    if any(np.dtype(s.dtype).kind in "iu" for s in prepared.inputs):
+        return "transformer"
+    ops = [n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node]
+    return "transformer" if ops.count("MatMul") > max(ops.count("Conv"), 2) else "cnn"
+
+
+def default_scheme(target: str, kind: str) -> str:
+    """Static Q/DQ for CNNs; for transformers on CPUs, schemes that keep accuracy at FP32 speed."""
+    if kind != "transformer":
+        return "static"
+    return "weights"
+
+
+def _quiet_libraries() -> None:
+    for name in ("torch.onnx", "torch._export", "nncf", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _export_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache) -> tuple[Path, dict]:
+    import torch
+
+    loaded = prepared.loaded
+    key = {"stage": "export", "checkpoint": loaded.sha256, "arch": plan.source.arch,
+           "arch_kwargs": plan.source.arch_kwargs, "inputs": [s.to_json() for s in prepared.inputs],
+           "torch": torch.__version__, "version": 1}
+    example = {k: v[:2] if len(v) >= 2 else np.concatenate([v, v]) for k, v in prepared.held_out.arrays.items()}
+
+    def produce(folder: Path) -> dict:
+        if loaded.kind == "torchscript":
+            program = loaded.module
+        else:
+            # A loaded .pt2 is re-exported too, so its axes become the dynamic ones asked for.
+            program = export_pass.export_program(loaded.module, example, prepared.inputs)
+            export_pass.save_program(program, folder / "program.pt2")
+        export_pass.export_onnx(program, example, prepared.inputs, prepared.output_names,
+                                folder / "model.onnx")
+        parity = _parity(folder / "model.onnx", prepared)
+        return {"program": None if loaded.kind == "torchscript" else "program.pt2",
+                "onnx_sha256": file_sha256(folder / "model.onnx"), "parity": parity,
+                "tolerance": dataclasses.asdict(export_pass.FP32_EXPORT_TOLERANCE)}
+
+    return cache.run("export", key, produce)
+
+
+def _parity(onnx_path: Path, prepared: Prepared) -> dict:
+    from optimize.targets.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(onnx_path.parent)
+    subset = prepared.held_out.take(np.arange(min(PARITY_SAMPLES, len(prepared.held_out))))
+    got = runner.infer_all(subset.batches(8))
+    want = {k: v[:len(subset)] for k, v in prepared.reference.items()}
+    return export_pass.compare_outputs(want, got, export_pass.FP32_EXPORT_TOLERANCE,
+                                       "ONNX export vs PyTorch")
+
+
+def _build_config(plan: BuildPlan, target: str, kind: str) -> BuildConfig:
+    info = registry.get(target)
+    scheme = None
+    if info.precision == "int8":
+        scheme = plan.quant.int8_scheme or default_scheme(target, kind)
+    return BuildConfig(precision=info.precision, int8_scheme=scheme,
+                       calib_method=plan.quant.calib_method, per_channel=plan.quant.per_channel,
+                       model_kind=kind, calib_batch_size=plan.quant.calib_batch_size)
+
+
+def evaluate_runner(runner: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:
+    """Accuracy of one engine on the held-out (and labelled evaluation) data, and the gate."""
+    first = prepared.output_names[0]
+    outputs = runner.infer_all(prepared.held_out.batches(32))
+    accuracy = {"held_out": validate.metrics(prepared.task, prepared.reference[first], outputs[first],
+                                             prepared.held_out.labels)}
+    baseline = None
+    if prepared.evaluation is not None:
+        outputs = runner.infer_all(prepared.evaluation.batches(32))
+        accuracy["eval"] = validate.metrics(prepared.task, prepared.eval_reference[first],
+                                            outputs[first], prepared.evaluation.labels)
+        baseline = validate.metrics(prepared.task, prepared.eval_reference[first],
+                                    prepared.eval_reference[first], prepared.evaluation.labels)
+        accuracy["eval_fp32_torch"] = baseline
+    measured = accuracy.get("eval", accuracy["held_out"])
+    verdict = validate.gate(prepared.task, measured, baseline, max_drop)
+    return {"accuracy": accuracy, "gate": verdict.to_json()}
+
+
+def _target_stage(plan: BuildPlan, target: str, prepared: Prepared, onnx_path: Path,
+                  onnx_sha: str, kind: str, cache: StageCache, say: Callable[[str], None]) -> dict:
+    reason = registry.unavailable_reason(target)
+    info = registry.get(target)
+    entry: dict[str, Any] = {"precision": info.precision, "folder": f"targets/{target}"}
+    if reason:
+        return {**entry, "status": "unavailable", "reason": reason}
+    config = _build_config(plan, target, kind)
+    entry["build_config"] = config.to_json()
+    module = registry.backend(target)
+    if config.precision == "int8" and config.int8_scheme == "static" and prepared.calibration is None:
+        return {**entry, "status": "failed", "reason": "static INT8 needs calibration data: pass --calib"}
+    versions = library_versions()
+    calib = prepared.calibration
+    key = {"stage": "target", "target": target, "onnx": onnx_sha, "config": config.to_json(),
+           "calibration": calib.sha256 if calib is not None else None,
+           "versions": {k: versions.get(k) for k in info.packages}, "version": 1}
+
+    def produce(folder: Path) -> dict:
+        start = time.perf_counter()
+        engine = module.build(onnx_path, config, calib, folder)
+        return {"files": engine.files, "details": engine.details,
+                "build_time_s": round(time.perf_counter() - start, 3)}
+
+    say(f"building {target} ({config.precision}{', ' + config.int8_scheme if config.int8_scheme else ''})")
+    folder, result = cache.run(f"target-{target}", key, produce)
+    runner = module.load_runner(folder, plan.runner)
+    evaluation = evaluate_runner(runner, prepared, plan.max_accuracy_drop)
+    entry.update(result, runner_settings=runner.settings, cache_folder=str(folder),
+                 size_bytes=engine_size(folder, result["files"]), **evaluation)
+    if not evaluation["gate"]["passed"] and config.precision == "int8" and plan.quant.recover_accuracy:
+        from optimize.recovery import recover
+
+        say(f"{target}: {evaluation['gate']['message']}; keeping sensitive layers in FP32")
+        recovered = recover(plan, target, module, config, prepared, onnx_path, key, cache, folder, say)
+        if recovered is not None:
+            entry.update(recovered)
+    runner.close()
+    if entry["gate"]["passed"]:
+        entry["status"] = "built"
+    else:
+        entry.update(status="failed", reason=f"accuracy gate: {entry['gate']['message']}")
+    return entry
+
+
+def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResult:
+    """Execute the plan; return the bundle path and its manifest."""
+    _quiet_libraries()
+    out = Path(plan.out)
+    targets = registry.expand(list(plan.targets))
+    writer = BundleWriter(out)
+    with writer:
+        cache = StageCache(cache_dir_for(out) if plan.use_cache else None)
+        prepared = prepare(plan, say)
+        if plan.max_accuracy_drop is None:
+            plan = dataclasses.replace(plan, max_accuracy_drop=validate.DEFAULT_MAX_DROP[prepared.task])
+        say(f"task: {prepared.task}{' (inferred)' if prepared.task_inferred else ''}; "
+            f"{len(prepared.held_out)} held-out samples")
+        export_dir, export_result = _export_stage(plan, prepared, cache)
+        onnx_path = export_dir / "model.onnx"
+        kind = model_kind(onnx_path, prepared)
+        entries = {}
+        for target in targets:
+            try:
+                entries[target] = _target_stage(plan, target, prepared, onnx_path,
+                                                export_result["onnx_sha256"], kind, cache, say)
+            except OptimizeError as exc:
+                entries[target] = {"precision": registry.get(target).precision,
+                                   "folder": f"targets/{target}", "status": "failed", "reason": str(exc)}
+            except Exception as exc:  # a backend's internal failure must not hide the others
+                traceback.print_exc()
+                entries[target] = {"precision": registry.get(target).precision,
+                                   "folder": f"targets/{target}", "status": "failed",
+                                   "reason": f"internal error: {type(exc).__name__}: {exc}"}
+            say(f"{target}: {entries[target]['status']}"
+                + (f" ({entries[target]['reason']})" if entries[target].get("reason") else ""))
+        manifest = _write_bundle(writer.root, plan, prepared, export_dir, export_result, kind, entries)
+        bundle = writer.commit()
+    return BuildResult(bundle, manifest)
+
+
+def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: Path,
+                  export_result: dict, kind: str, entries: dict[str, dict]) -> dict:
+    shutil.copyfile(export_dir / "model.onnx", root / "model.onnx")
+    if export_result.get("program"):
+        shutil.copyfile(export_dir / "program.pt2", root / "program.pt2")
+    data = root / "data"
+    data.mkdir()
+    held = prepared.held_out
+    np.savez(data / "heldout.npz", **held.arrays, **({"labels": held.labels} if held.labels is not None else {}))
+    np.savez(data / "reference.npz", **prepared.reference)
+    if prepared.evaluation is not None:
+        ev = prepared.evaluation
+        np.savez(data / "eval.npz", **ev.arrays, **({"labels": ev.labels} if ev.labels is not None else {}))
+        np.savez(data / "eval_reference.npz", **prepared.eval_reference)
+    for name, entry in entries.items():
+        cache_folder = entry.pop("cache_folder", None)
+        if entry["status"] == "built" and cache_folder:
+            destination = root / entry["folder"]
+            destination.mkdir(parents=True)
+            for file in entry["files"]:
+                shutil.copyfile(Path(cache_folder) / file, destination / file)
+    loaded = prepared.loaded
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model_name": plan.name or loaded.path.stem,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(loaded.path), "sha256": loaded.sha256, "kind": loaded.kind,
+                   "arch": plan.source.arch, "arch_kwargs": plan.source.arch_kwargs},
+        "task": prepared.task, "task_inferred": prepared.task_inferred, "model_kind": kind,
+        "inputs": [s.to_json() for s in prepared.inputs],
+        "outputs": [{"name": n, "shape": [-1, *prepared.reference[n].shape[1:]],
+                     "dtype": "float32"} for n in prepared.output_names],
+        "versions": library_versions(), "machine": machine_info(),
+        "plan": plan.to_json(), "runner_config": plan.runner.to_json(),
+        "data": {"held_out_samples": len(held), "held_out_source": held.source,
+                 "held_out_sha256": held.sha256,
+                 "calibration_samples": len(prepared.calibration) if prepared.calibration else 0,
+                 "calibration_sha256": prepared.calibration.sha256 if prepared.calibration else None,
+                 "eval_samples": len(prepared.evaluation) if prepared.evaluation else 0,
+                 "image_preprocessing": plan.data.image.to_json(), "notes": prepared.notes},
+        "stages": {"export": {"program": export_result.get("program"), "onnx": "model.onnx",
+                              "onnx_sha256": export_result["onnx_sha256"],
+                              "parity": export_result["parity"],
+                              "tolerance": export_result["tolerance"]}},
+        "targets": entries,
+        "winner": None,
+    }
+    write_json(root / "manifest.json", manifest)
+    return manifest

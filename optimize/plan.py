@@ -1,0 +1,76 @@
+"""The build plan: every choice of ``optimize build`` in small typed configs.
+
+The CLI only parses flags into a ``BuildPlan``; ``optimize.pipeline.run_build`` executes it.
+The Python API builds the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from optimize.calibration import ImageOptions
+from optimize.targets.base import RunnerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where the model comes from."""
+
+    checkpoint: Path
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trust_checkpoint: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Inputs, calibration data and the held-out split."""
+
+    input_shapes: tuple[str, ...] = ()
+    calib: str | None = None
+    eval_data: str | None = None
+    held_out_fraction: float = 0.2
+    max_held_out: int = 500
+    max_calib_samples: int = 1000
+    seed: int = 0
+    image: ImageOptions = ImageOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """INT8 choices; ``int8_scheme=None`` picks the default for the model kind."""
+
+    int8_scheme: str | None = None
+    calib_method: str = "minmax"
+    per_channel: bool = True
+    calib_batch_size: int = 8
+    recover_accuracy: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    source: SourceConfig
+    out: Path
+    targets: tuple[str, ...] = ("all",)
+    data: DataConfig = DataConfig()
+    quant: QuantConfig = QuantConfig()
+    task: str | None = None
+    max_accuracy_drop: float | None = None
+    name: str | None = None
+    runner: RunnerConfig = RunnerConfig()
+    use_cache: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return json_ready(dataclasses.asdict(self))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

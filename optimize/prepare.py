@@ -1,0 +1,128 @@
+"""Preparing a build: the model, its input specs, the data split and the reference outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from optimize.calibration import Samples, load_samples
+from optimize.checkpoint import LoadedModel, load_checkpoint
+from optimize.errors import CalibrationError, InputSpecError
+from optimize.passes.export import output_names_for, torch_outputs
+from optimize.plan import BuildPlan
+from optimize.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
+
+RANDOM_HELD_OUT = 64
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything the export and target stages need, computed once."""
+
+    loaded: LoadedModel
+    inputs: list[TensorSpec]
+    output_names: list[str]
+    task: str
+    task_inferred: bool
+    calibration: Samples | None
+    held_out: Samples
+    reference: dict[str, np.ndarray]
+    evaluation: Samples | None = None
+    eval_reference: dict[str, np.ndarray] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
+                  batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The original FP32 model's outputs on ``samples``: what every accuracy number is against."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    for batch in samples.batches(batch_size):
+        outputs = torch_outputs(module, batch, output_names or output_names_for(64))
+        for name, value in outputs.items():
+            chunks.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in chunks.items()}
+
+
+def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None) -> list[TensorSpec]:
+    names = loaded.input_names
+    if plan.data.input_shapes:
+        parsed = parse_input_shapes(plan.data.input_shapes, names)
+        return [dynamic_spec(n, s, d, sequence=np.dtype(d).kind in "iu" and len(s) == 2)
+                for n, s, d in parsed]
+    if samples is None:
+        raise InputSpecError("give --input-shape (e.g. 1x3x224x224) or --calib data so the model's "
+                             "input shapes are known")
+    arrays = samples.arrays
+    if len(arrays) == 1 and len(names) >= 1 and names[0] not in arrays:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    ordered = [n for n in names if n in arrays] or list(arrays)
+    missing = [n for n in arrays if n not in ordered]
+    if missing:
+        raise InputSpecError(f"data {samples.source} has arrays {missing} that are not inputs of "
+                             f"the model's forward({', '.join(names)})")
+    return [dynamic_spec(n, arrays[n].shape, str(arrays[n].dtype),
+                         sequence=arrays[n].dtype.kind in "iu" and arrays[n].ndim == 2)
+            for n in ordered]
+
+
+def _random_samples(specs: list[TensorSpec], seed: int) -> Samples:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in specs:
+        if np.dtype(spec.dtype).kind != "f":
+            raise InputSpecError(f"input '{spec.name}' is {spec.dtype}: give --calib data, random "
+                                 f"integers are not valid tokens")
+        shape = [RANDOM_HELD_OUT] + [d if d > 0 else 16 for d in spec.shape[1:]]
+        arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return Samples(arrays, None, "random normal inputs")
+
+
+def infer_task(specs: list[TensorSpec], reference: dict[str, np.ndarray]) -> str:
+    """Token inputs -> embed; a 2-D output with several columns -> classify; else regress."""
+    first = next(iter(reference.values()))
+    if any(np.dtype(s.dtype).kind in "iu" for s in specs):
+        return "embed"
+    if first.ndim == 2 and first.shape[1] > 1:
+        return "classify"
+    return "regress"
+
+
+def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
+    source = plan.source
+    loaded = load_checkpoint(source.checkpoint, source.arch, source.arch_kwargs, source.trust_checkpoint)
+    say(f"loaded {loaded.kind} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
+    notes: list[str] = []
+    samples = None
+    if plan.data.calib:
+        shape_hint = None
+        if plan.data.input_shapes:
+            shape_hint = parse_input_shapes(plan.data.input_shapes[:1], loaded.input_names)[0][1]
+        samples = load_samples(plan.data.calib, plan.data.image, shape_hint)
+    specs = _specs(plan, loaded, samples)
+    if samples is not None:
+        samples.conform(specs)
+        max_held = min(plan.data.max_held_out, max(1, len(samples) - 1))
+        calibration, held_out = samples.split(plan.data.held_out_fraction, plan.data.seed, max_held)
+        if len(calibration) > plan.data.max_calib_samples:
+            calibration = calibration.take(np.arange(plan.data.max_calib_samples))
+    else:
+        calibration, held_out = None, _random_samples(specs, plan.data.seed)
+        notes.append("no --calib data: accuracy is measured on random inputs and INT8 cannot be calibrated")
+    reference = run_reference(loaded.module, held_out, None)
+    output_names = list(reference)
+    if plan.task is not None and plan.task not in TASKS:
+        raise InputSpecError(f"--task {plan.task!r} is not one of {', '.join(TASKS)}")
+    task = plan.task or infer_task(specs, reference)
+    prepared = Prepared(loaded, specs, output_names, task, plan.task is None, calibration,
+                        held_out, reference, notes=notes)
+    if plan.data.eval_data:
+        evaluation = load_samples(plan.data.eval_data, plan.data.image,
+                                  tuple(specs[0].shape) if len(specs) == 1 else None)
+        evaluation.conform(specs)
+        if task == "classify" and evaluation.labels is None:
+            raise CalibrationError(f"--eval-data {plan.data.eval_data} has no 'labels' array")
+        prepared.evaluation = evaluation
+        prepared.eval_reference = run_reference(loaded.module, evaluation, output_names)
+    return prepared

@@ -1,0 +1,60 @@
+"""The table people read after a build or on ``optimize inspect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def accuracy_text(task: str, entry: dict[str, Any]) -> str:
+    accuracy = entry.get("accuracy")
+    if not accuracy:
+        return "-"
+    held = accuracy["held_out"]
+    if task == "classify":
+        text = f"top-1 agree {held['top1_agreement_pct']:.1f}%"
+        if "eval" in accuracy and "accuracy_pct" in accuracy["eval"]:
+            base = accuracy["eval_fp32_torch"]["accuracy_pct"]
+            text += f", acc {accuracy['eval']['accuracy_pct']:.2f}% (fp32 {base:.2f}%)"
+        return text
+    if task == "embed":
+        return f"cos {held['mean_cosine']:.4f}, nn agree {held['retrieval_agreement_pct']:.0f}%"
+    return f"max err {held['max_abs_error']:.3g}"
+
+
+def status_text(entry: dict[str, Any]) -> str:
+    status = entry["status"]
+    if status == "built":
+        recovery = entry.get("recovery")
+        return "built" + (f" ({len(recovery.get('kept_fp32', []))} kept FP32)" if recovery and
+                          recovery.get("kept_fp32") else "")
+    return f"{status}: {entry.get('reason', '')}"
+
+
+def targets_table(manifest: dict[str, Any]) -> str:
+    rows = [("target", "precision", "size", "accuracy vs FP32", "build s", "status")]
+    for name, entry in manifest["targets"].items():
+        precision = entry["precision"]
+        scheme = (entry.get("build_config") or {}).get("int8_scheme")
+        if scheme:
+            precision += f" ({scheme})"
+        build = entry.get("build_time_s")
+        rows.append((name, precision, human_size(entry.get("size_bytes")),
+                     accuracy_text(manifest["task"], entry),
+                     f"{build:.1f}" if build is not None else "-", status_text(entry)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    return "\n".join(lines)

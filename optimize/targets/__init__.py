@@ -1,0 +1,1 @@
+"""Inference backends: one module per backend, named by the registry, imported only when used."""

@@ -1,0 +1,163 @@
+"""OpenVINO targets: ``openvino-fp32`` and ``openvino-int8`` (quantized with NNCF).
+
+``openvino-fp32`` is saved with ``compress_to_fp16=False`` and compiled with an f32 inference
+precision hint, so it really is FP32 on disk and at run time.
+
+INT8 schemes: ``static`` (``nncf.quantize``: Q/DQ with NNCF's own placement; the transformer
+model type when the model is one), ``weights`` (``nncf.compress_weights``: int8 symmetric
+per-channel weights). NNCF's range estimators are min-max or quantile (``percentile``); it has no
+entropy calibration and OpenVINO has no dynamic scheme: both are errors, not substitutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from optimize.calibration import Samples
+from optimize.errors import BuildError
+from optimize.specs import TensorSpec
+from optimize.targets.base import BuildConfig, Engine, Runner, RunnerConfig
+
+ENGINE_FILES = ["model.xml", "model.bin"]
+
+
+def _read(onnx_path: Path):
+    import openvino as ov
+
+    return ov.Core().read_model(str(onnx_path))
+
+
+def _save(model: Any, out_dir: Path) -> None:
+    import openvino as ov
+
+    ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=False)
+
+
+def check_config(config: BuildConfig) -> None:
+    if config.precision == "int8":
+        if config.int8_scheme == "dynamic":
+            raise BuildError("openvino-int8 has no dynamic scheme; use --int8-scheme static or weights")
+        if config.int8_scheme == "static" and config.calib_method == "entropy":
+            raise BuildError("openvino-int8 (NNCF) has no entropy calibration; use --calib-method "
+                             "minmax or percentile")
+
+
+def build(onnx_path: Path, config: BuildConfig, calibration: Samples, out_dir: Path,
+          accuracy_control: "AccuracyControl | None" = None) -> Engine:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_config(config)
+    model = _read(onnx_path)
+    if config.precision == "fp32":
+        _save(model, out_dir)
+        return Engine(list(ENGINE_FILES), {"graph": "fp32", "weights_on_disk": "fp32"})
+    if config.precision != "int8":
+        raise BuildError(f"OpenVINO targets build fp32 or int8, not {config.precision}")
+    import nncf
+
+    nncf.set_log_level(40)
+    scheme = config.int8_scheme or "static"
+    if scheme == "weights":
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
+        _save(model, out_dir)
+        return Engine(list(ENGINE_FILES), {"scheme": "weights", "weights": "int8 symmetric per channel",
+                                           "activations": "fp32"})
+    dataset = nncf.Dataset(list(calibration.batches(1)))
+    model_type = nncf.ModelType.TRANSFORMER if config.model_kind == "transformer" else None
+    advanced = _advanced(config)
+    details: dict[str, Any] = {"scheme": "static", "model_type": config.model_kind,
+                               "calib_method": config.calib_method, "calib_samples": len(calibration),
+                               "preset": "performance (symmetric)"}
+    try:
+        if accuracy_control is None:
+            model = nncf.quantize(model, dataset, subset_size=len(calibration), model_type=model_type,
+                                  advanced_parameters=advanced)
+        else:
+            model = nncf.quantize_with_accuracy_control(
+                model, dataset, nncf.Dataset(accuracy_control.items), accuracy_control.validate,
+                max_drop=accuracy_control.max_drop, drop_type=nncf.DropType.ABSOLUTE,
+                subset_size=len(calibration), model_type=model_type,
+                advanced_quantization_parameters=advanced)
+            details["accuracy_control"] = {"max_drop": accuracy_control.max_drop,
+                                           "metric": accuracy_control.metric_name}
+    except Exception as exc:
+        raise BuildError(f"NNCF quantization failed: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    _save(model, out_dir)
+    return Engine(list(ENGINE_FILES), details)
+
+
+def _advanced(config: BuildConfig):
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    estimator = (RangeEstimatorParametersSet.QUANTILE if config.calib_method == "percentile"
+                 else RangeEstimatorParametersSet.MINMAX)
+    return AdvancedQuantizationParameters(activations_range_estimator_params=estimator)
+
+
+class AccuracyControl:
+    """NNCF's accuracy-controlled quantization: held-out items and a metric on them."""
+
+    def __init__(self, items: list[dict[str, np.ndarray]], metric: Callable[[list[dict[str, np.ndarray]]], float],
+                 max_drop: float, metric_name: str):
+        self.items, self._metric, self.max_drop, self.metric_name = items, metric, max_drop, metric_name
+
+    def validate(self, compiled_model: Any, items) -> float:
+        request = compiled_model.create_infer_request()
+        outputs = []
+        for item in items:
+            request.infer(item)
+            outputs.append({o.get_any_name(): request.get_tensor(o).data.copy()
+                            for o in compiled_model.outputs})
+        return self._metric(outputs)
+
+
+class OpenVinoRunner(Runner):
+    """A compiled OpenVINO model on the CPU with fixed threads and a performance hint."""
+
+    def __init__(self, engine_dir: Path, config: RunnerConfig = RunnerConfig(), precision: str = "f32"):
+        import openvino as ov
+
+        core = ov.Core()
+        properties = {"PERFORMANCE_HINT": config.performance_hint,
+                      "INFERENCE_PRECISION_HINT": precision}
+        if config.threads:
+            properties["INFERENCE_NUM_THREADS"] = config.threads
+        if config.performance_hint == "THROUGHPUT" and config.streams:
+            properties["NUM_STREAMS"] = config.streams
+        self._compiled = core.compile_model(str(Path(engine_dir) / "model.xml"), "CPU", properties)
+        self._request = self._compiled.create_infer_request()
+        self._config = config
+        self.inputs = [_spec(p) for p in self._compiled.inputs]
+        self.outputs = [_spec(p) for p in self._compiled.outputs]
+        self._ports = [(o.get_any_name(), o) for o in self._compiled.outputs]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._request.infer(feeds)
+        return {name: self._request.get_tensor(port).data.copy() for name, port in self._ports}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        keys = ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "INFERENCE_PRECISION_HINT")
+        return {"backend": "openvino", "device": "CPU",
+                **{k: str(self._compiled.get_property(k)) for k in keys}}
+
+    @property
+    def compiled_model(self) -> Any:
+        return self._compiled
+
+
+_OV_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int64", "i32": "int32",
+              "i8": "int8", "u8": "uint8", "boolean": "bool"}
+
+
+def _spec(port: Any) -> TensorSpec:
+    shape = port.get_partial_shape()
+    dims = tuple(d.get_length() if d.is_static else -1 for d in shape)
+    return TensorSpec(port.get_any_name(), dims, _OV_DTYPES.get(port.get_element_type().get_type_name(), "float32"))
+
+
+def load_runner(engine_dir: Path, config: RunnerConfig = RunnerConfig()) -> Runner:
+    return OpenVinoRunner(engine_dir, config)

@@ -1,0 +1,83 @@
+"""The closed list of target names, mapped to backends without importing them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import shutil
+from typing import Any
+
+from optimize.errors import OptimizeError, TargetUnavailable
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetInfo:
+    """A target name: which module builds and runs it, at which precision, needing what."""
+
+    name: str
+    module: str
+    precision: str
+    packages: tuple[str, ...]
+    extra: str
+    needs_gpu: bool = False
+
+
+TARGETS: dict[str, TargetInfo] = {t.name: t for t in (
+    TargetInfo("ort-fp32", "optimize.targets.onnxruntime", "fp32", ("onnxruntime",), "onnxruntime"),
+    TargetInfo("ort-int8", "optimize.targets.onnxruntime", "int8", ("onnxruntime",), "onnxruntime"),
+    TargetInfo("openvino-fp32", "optimize.targets.openvino", "fp32", ("openvino",), "openvino"),
+    TargetInfo("openvino-int8", "optimize.targets.openvino", "int8", ("openvino", "nncf"), "openvino"),
+    TargetInfo("trt-fp16", "optimize.targets.tensorrt", "fp16", ("tensorrt",), "tensorrt", True),
+    TargetInfo("trt-int8", "optimize.targets.tensorrt", "int8", ("tensorrt",), "tensorrt", True),
+)}
+
+SPECIAL = ("all", "auto")
+
+
+def get(name: str) -> TargetInfo:
+    if name not in TARGETS:
+        raise OptimizeError(f"unknown target {name!r}; choose from {', '.join([*TARGETS, *SPECIAL])}")
+    return TARGETS[name]
+
+
+def gpu_reason() -> str | None:
+    """None when an NVIDIA GPU is visible, else why not."""
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl"):
+        return None
+    if shutil.which("nvidia-smi"):
+        return None
+    return "no NVIDIA GPU on this machine"
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when this machine can build ``name``; else the reason (hardware or packages only)."""
+    info = get(name)
+    if info.needs_gpu:
+        reason = gpu_reason()
+        if reason:
+            return reason
+    for package in info.packages:
+        if importlib.util.find_spec(package) is None:
+            return f"package {package!r} is not installed: pip install 'optimize[{info.extra}]'"
+    return None
+
+
+def expand(names: list[str]) -> list[str]:
+    """Expand ``all``/``auto`` into every target name; check the others exist."""
+    out: list[str] = []
+    for name in names:
+        for part in name.split(","):
+            part = part.strip()
+            chosen = list(TARGETS) if part in SPECIAL else [get(part).name]
+            out.extend(n for n in chosen if n not in out)
+    return out
+
+
+def backend(name: str) -> Any:
+    """Import the backend module of target ``name``; a missing package says what to install."""
+    reason = unavailable_reason(name)
+    if reason:
+        raise TargetUnavailable(f"target {name} is unavailable: {reason}")
+    return importlib.import_module(get(name).module)
