@@ -18,8 +18,18 @@ from typing import Any, Callable
 RESULT = "result.json"
 
 
+def code_fingerprint() -> str:
+    """Hash of this package's sources: a changed pass or backend must not reuse old results."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def stage_key(config: dict[str, Any]) -> str:
-    text = json.dumps(config, sort_keys=True, default=str)
+    text = json.dumps({"code": code_fingerprint(), **config}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

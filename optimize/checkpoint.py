@@ -208,9 +208,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unsafe_global(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip().rstrip(".")[:160]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "Unsupported global" in line:
+            return line.rstrip(".")[:160]
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1].rstrip(".")[:160]
     return "non-tensor objects"
 
 

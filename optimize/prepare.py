@@ -37,12 +37,12 @@ class Prepared:
 def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
                   batch_size: int = 64) -> dict[str, np.ndarray]:
     """The original FP32 model's outputs on ``samples``: what every accuracy number is against."""
-    chunks: dict[str, list[np.ndarray]] = {}
+    chunks: list[list[np.ndarray]] = []
     for batch in samples.batches(batch_size):
-        outputs = torch_outputs(module, batch, output_names or output_names_for(64))
-        for name, value in outputs.items():
-            chunks.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in chunks.items()}
+        outputs = list(torch_outputs(module, batch, output_names_for(64)).values())
+        chunks.append(outputs)
+    names = output_names or output_names_for(len(chunks[0]))
+    return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
 
 def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None) -> list[TensorSpec]:

@@ -90,21 +90,34 @@ def output_names_for(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def _dynamic_shapes(specs: list[TensorSpec]) -> dict[str, dict[int, Any]]:
+def _dynamic_shapes(specs: list[TensorSpec]) -> tuple[dict[int, Any], ...]:
     import torch
 
-    dims: dict[str, Any] = {}
-    shapes = {}
-    for spec in specs:
-        axes = {}
-        for axis, name in enumerate(spec.axis_names):
-            if name:
-                if name not in dims:
-                    # torch.export specialises sizes 0 and 1; ask for >= 1 and trace with 2.
-                    dims[name] = torch.export.Dim(name, min=1, max=65536)
-                axes[axis] = dims[name]
-        shapes[spec.name] = axes
-    return shapes
+    # DYNAMIC lets torch.export infer each axis's range (a sequence axis is bounded by the
+    # position embeddings, say) and fails if the model specialises it to a constant.
+    # Positional, in input order: forward's argument names need not match the input names.
+    return tuple({axis: torch.export.Dim.DYNAMIC for axis, name in enumerate(spec.axis_names) if name}
+                 for spec in specs)
+
+
+def name_dynamic_axes(path: Path, specs: list[TensorSpec]) -> None:
+    """Rename the exporter's symbolic dims (s0, s1, ...) after our axis names, everywhere."""
+    import onnx
+
+    model = onnx.load(str(path))
+    renames: dict[str, str] = {}
+    for value in model.graph.input:
+        spec = next((s for s in specs if s.name == value.name), None)
+        if spec is None:
+            continue
+        for dim, name in zip(value.type.tensor_type.shape.dim, spec.axis_names):
+            if name and dim.dim_param:
+                renames[dim.dim_param] = name
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+    onnx.save(model, str(path))
 
 
 def export_program(module: Any, example: dict[str, np.ndarray], specs: list[TensorSpec]) -> Any:
@@ -138,6 +151,7 @@ def export_onnx(model: Any, example: dict[str, np.ndarray], specs: list[TensorSp
                                         output_names=output_names, opset_version=opset,
                                         dynamo=True, optimize=True, verbose=False)
             program.save(str(path), external_data=False)
+            name_dynamic_axes(path, specs)
         else:  # TorchScript: only the TorchScript-based exporter reads it.
             axes = {s.name: {a: n for a, n in enumerate(s.axis_names) if n} for s in specs}
             axes.update({n: {0: "batch"} for n in output_names})

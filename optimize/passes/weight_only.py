@@ -1,4 +1,4 @@
-"""Weight-only INT8 for ONNX: MatMul/Gemm weights stored as int8 + per-channel scale.
+"""Weight-only INT8 for ONNX: MatMul/Gemm weights and Gather tables (embeddings) as int8 + scales.
 
 Each constant weight becomes ``DequantizeLinear(w_int8, scale, axis)``; activations and compute
 stay FP32. Symmetric (zero point 0), one scale per output channel.
@@ -14,8 +14,6 @@ import numpy as np
 def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] = (),
                      min_elements: int = 1024) -> dict:
     import onnx
-    from onnx import helper, numpy_helper
-
     model = onnx.load(str(onnx_path))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -25,7 +23,14 @@ def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] =
             consumers[name] = consumers.get(name, 0) + 1
     new_nodes, quantized, kept = [], [], []
     for node in graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+        if node.op_type == "Gather" and node.name not in keep_fp32:
+            # Embedding tables: one scale per row (token), gathered after dequantization.
+            init = initializers.get(node.input[0])
+            if (init is not None and init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2
+                    and int(np.prod(init.dims)) >= min_elements and consumers.get(init.name, 0) == 1):
+                new_nodes.append(_dequantize(graph, init, axis=0))
+                quantized.append(node.name)
+        elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
             weight_name = node.input[1]
             init = initializers.get(weight_name)
             if node.name in keep_fp32:
@@ -33,21 +38,10 @@ def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] =
             elif (init is not None and init.data_type == onnx.TensorProto.FLOAT
                   and len(init.dims) == 2 and int(np.prod(init.dims)) >= min_elements
                   and consumers.get(weight_name, 0) == 1):
-                weight = numpy_helper.to_array(init)
                 trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
                 # Output channels: columns of a (K, N) MatMul weight, rows of a transposed Gemm B.
                 axis = 0 if (node.op_type == "Gemm" and trans_b) else 1
-                reduce_axis = 1 - axis
-                scale = np.abs(weight).max(axis=reduce_axis) / 127.0
-                scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-                shape = (-1, 1) if axis == 0 else (1, -1)
-                q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
-                graph.initializer.remove(init)
-                graph.initializer.extend([numpy_helper.from_array(q, weight_name + "_int8"),
-                                          numpy_helper.from_array(scale, weight_name + "_scale")])
-                new_nodes.append(helper.make_node(
-                    "DequantizeLinear", [weight_name + "_int8", weight_name + "_scale"],
-                    [weight_name], name=weight_name + "_dequantize", axis=axis))
+                new_nodes.append(_dequantize(graph, init, axis))
                 quantized.append(node.name)
         new_nodes.append(node)
     del graph.node[:]
@@ -56,5 +50,22 @@ def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] =
         raise ValueError("weight-only quantization needs opset 13 or newer (per-axis DequantizeLinear)")
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
-    return {"weights": "int8 symmetric per output channel", "activations": "fp32",
+    return {"weights": "int8 symmetric per output channel (embeddings per row)", "activations": "fp32",
             "quantized_nodes": len(quantized), "kept_fp32": kept}
+
+
+def _dequantize(graph, init, axis: int):
+    """Replace initializer ``init`` by int8 + scale and return the DequantizeLinear node."""
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.to_array(init)
+    scale = np.abs(weight).max(axis=1 - axis) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    shape = (-1, 1) if axis == 0 else (1, -1)
+    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    name = init.name
+    graph.initializer.remove(init)
+    graph.initializer.extend([numpy_helper.from_array(q, name + "_int8"),
+                              numpy_helper.from_array(scale, name + "_scale")])
+    return helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
+                            name=name + "_dequantize", axis=axis)

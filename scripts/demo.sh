@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install optimize for CPU into .venv, train the digits CNN on scikit-learn's real handwritten
+# digits, build every target this machine can run, and print the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[cpu]'
+  PYTHON=.venv/bin/python
+fi
+PYTHON=${PYTHON:-python3}
+WORK=${WORK:-work/demo}
+"$PYTHON" -m models.digits "$WORK"
+"$PYTHON" -m optimize build "$WORK/digits.pt" --arch models.digits:DigitsNet \
+  --calib "$WORK/digits_calib.npz" --eval-data "$WORK/digits_test.npz" --target all --out "$WORK/bundle"
+"$PYTHON" -m optimize inspect "$WORK/bundle"

@@ -1,0 +1,1 @@
+"""The serving side: loads a bundle and serves its Runner."""

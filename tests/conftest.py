@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "tiny_models.py"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the real ``optimize`` console entry point in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "optimize", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> dict:
+    import torch
+
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("tiny_models", TINY)
+    tiny = module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny.tiny_cnn()
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(folder / "calib.npz", x=x)
+    np.savez(folder / "eval.npz", x=x[:40], labels=labels[:40])
+    return {"folder": folder, "ckpt": folder / "tiny.pt", "calib": folder / "calib.npz",
+            "eval": folder / "eval.npz", "arch": f"{TINY}:tiny_cnn", "module": tiny, "model": model}

@@ -1,0 +1,130 @@
+"""Whole builds of a tiny CNN through the real CLI: bundle, manifest, cache, gate, atomicity."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+CPU_TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "bundle"
+    t = tiny_checkpoint
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--eval-data", t["eval"],
+                     "--target", "all", "--out", out)
+    return out, result
+
+
+def test_all_cpu_targets_built_and_trt_unavailable(built):
+    out, result = built
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in CPU_TARGETS:
+        entry = manifest["targets"][name]
+        assert entry["status"] == "built", (name, entry.get("reason"))
+        assert entry["size_bytes"] > 0 and (out / entry["folder"]).is_dir()
+        assert entry["gate"]["passed"] and entry["runner_settings"]["backend"]
+    for name in ("trt-fp16", "trt-int8"):
+        assert manifest["targets"][name]["status"] == "unavailable"
+        assert manifest["targets"][name]["reason"]
+    assert manifest["task"] == "classify" and manifest["task_inferred"]
+    assert manifest["inputs"][0]["shape"] == [-1, 3, 16, 16]
+    assert manifest["stages"]["export"]["parity"]["output"]["max_abs_error"] < 1e-4
+    assert manifest["targets"]["openvino-int8"]["build_config"]["int8_scheme"] == "static"
+    assert manifest["versions"]["onnxruntime"] and manifest["versions"]["openvino"]
+    assert (out / "program.pt2").is_file() and (out / "model.onnx").is_file()
+    held = np.load(out / "data" / "heldout.npz")
+    reference = np.load(out / "data" / "reference.npz")
+    assert len(held["x"]) == len(reference["output"]) == manifest["data"]["held_out_samples"]
+    for name in CPU_TARGETS:
+        assert name in result.stdout
+
+
+def test_openvino_fp32_is_fp32_on_disk(built):
+    import openvino as ov
+
+    out, _ = built
+    model = ov.Core().read_model(str(out / "targets" / "openvino-fp32" / "model.xml"))
+    types = {op.get_element_type().get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant"}
+    assert "f16" not in types and "f32" in types
+
+
+def test_bundle_runner_matches_reference(built):
+    from optimize.bundle import load_runner
+
+    out, _ = built
+    held = np.load(out / "data" / "heldout.npz")
+    reference = np.load(out / "data" / "reference.npz")["output"]
+    runner = load_runner(out, "ort-fp32")
+    got = runner.infer({"x": held["x"][:7]})["output"]
+    assert got.shape == (7, 5) and np.allclose(got, reference[:7], atol=1e-4)
+    assert runner.inputs[0].shape == (-1, 3, 16, 16)
+
+
+def test_inspect_prints_the_table(built):
+    out, _ = built
+    result = run_cli("inspect", out)
+    assert result.returncode == 0
+    assert "openvino-int8" in result.stdout and "unavailable: no NVIDIA GPU" in result.stdout
+
+
+def test_rerun_reuses_the_cache_and_a_changed_flag_rebuilds_only_that(built, tiny_checkpoint):
+    out, _ = built
+    t = tiny_checkpoint
+    cache = out.with_name(out.name + ".cache")
+    before = {p.name for p in cache.iterdir()}
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"],
+                     "--eval-data", t["eval"], "--target", "ort-int8", "--calib-method", "percentile",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    new = {p.name for p in cache.iterdir()} - before
+    assert len(new) == 1 and next(iter(new)).startswith("target-ort-int8-")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["targets"]) == ["ort-int8"]
+    assert manifest["targets"]["ort-int8"]["build_config"]["calib_method"] == "percentile"
+
+
+def test_gate_failure_fails_that_target_and_exits_nonzero(tiny_checkpoint, tmp_path):
+    t = tiny_checkpoint
+    out = tmp_path / "b"
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--task", "regress",
+                     "--max-accuracy-drop", "2e-5", "--no-recover", "--target", "ort-fp32,ort-int8",
+                     "--out", out)
+    assert result.returncode == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"]["ort-fp32"]["status"] == "built"
+    assert manifest["targets"]["ort-int8"]["status"] == "failed"
+    assert "accuracy gate: max abs error drop" in manifest["targets"]["ort-int8"]["reason"]
+
+
+def test_ort_recovery_keeps_sensitive_nodes_in_fp32(tiny_checkpoint, tmp_path):
+    t = tiny_checkpoint
+    out = tmp_path / "b"
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--task", "regress",
+                     "--max-accuracy-drop", "1e-3", "--target", "ort-int8", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["targets"]["ort-int8"]
+    assert "recovery" in entry, result.stderr
+    kept = entry["recovery"]["kept_fp32"]
+    assert kept and entry["build_config"]["keep_fp32"] == kept
+    assert "kept" in result.stderr
+
+
+def test_two_named_inputs_from_input_shape(tmp_path):
+    import torch
+
+    from tiny_models import TwoInputs
+
+    torch.save(TwoInputs().state_dict(), tmp_path / "two.pt")
+    result = run_cli("build", tmp_path / "two.pt", "--arch", "tests/tiny_models.py:TwoInputs",
+                     "--input-shape", "left:1x4", "--input-shape", "right:1x6", "--target", "ort-fp32",
+                     "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["left", "right"]
+    assert manifest["task"] == "regress"
+    assert "random inputs" in manifest["data"]["notes"][0]

@@ -1,0 +1,105 @@
+import pickle
+
+import pytest
+import torch
+
+from optimize.checkpoint import load_checkpoint, parse_arch_args
+from optimize.errors import CheckpointError
+
+
+class WritesAFile:
+    """Unpickling this runs ``open(path, 'w')``: a real code-execution payload."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_state_dict_with_arch(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint["ckpt"], tiny_checkpoint["arch"])
+    assert loaded.kind == "state-dict" and loaded.input_names == ["x"]
+    assert not loaded.module.training
+
+
+def test_arch_kwargs_reach_the_factory(tmp_path, tiny_checkpoint):
+    wide = tiny_checkpoint["module"].tiny_cnn(width=4)
+    torch.save(wide.state_dict(), tmp_path / "w4.pt")
+    loaded = load_checkpoint(tmp_path / "w4.pt", tiny_checkpoint["arch"], parse_arch_args(("width=4",)))
+    assert loaded.module.conv1.out_channels == 4
+
+
+def test_mismatched_state_dict_lists_keys_and_shapes(tmp_path, tiny_checkpoint):
+    state = tiny_checkpoint["model"].state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["head.bias"]
+    state["conv1.weight"] = torch.zeros(2, 3, 3, 3)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "bad.pt", tiny_checkpoint["arch"])
+    text = str(info.value)
+    assert "missing keys [head.bias]" in text
+    assert "unexpected keys [extra.weight]" in text
+    assert "conv1.weight: checkpoint (2, 3, 3, 3) vs model (8, 3, 3, 3)" in text
+
+
+def test_lightning_dict_with_prefix(tmp_path, tiny_checkpoint):
+    state = {f"model.{k}": v for k, v in tiny_checkpoint["model"].state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "lightning.ckpt")
+    loaded = load_checkpoint(tmp_path / "lightning.ckpt", tiny_checkpoint["arch"])
+    assert loaded.kind == "lightning"
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(loaded.module(x), tiny_checkpoint["model"](x))
+
+
+def test_torchscript_and_exported_program(tmp_path, tiny_checkpoint):
+    model = tiny_checkpoint["model"]
+    torch.jit.save(torch.jit.script(model), tmp_path / "m.ts")
+    program = torch.export.export(model, (torch.randn(2, 3, 16, 16),))
+    torch.export.save(program, tmp_path / "m.pt2")
+    x = torch.randn(2, 3, 16, 16)
+    for name, kind in (("m.ts", "torchscript"), ("m.pt2", "exported-program")):
+        loaded = load_checkpoint(tmp_path / name)
+        assert loaded.kind == kind and loaded.input_names == ["x"]
+        assert torch.allclose(loaded.module(x), model(x), atol=1e-6)
+
+
+def test_malicious_pickle_does_not_run_without_trust(tmp_path):
+    target = tmp_path / "pwned.txt"
+    torch.save({"weights": WritesAFile(target)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "evil.pt", "tests/tiny_models.py:tiny_cnn")
+    assert "--trust-checkpoint" in str(info.value)
+    assert not target.exists()
+
+
+def test_pickled_module_loads_only_with_trust(tmp_path):
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()), tmp_path / "full.pt")
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(tmp_path / "full.pt")
+    loaded = load_checkpoint(tmp_path / "full.pt", trust=True)
+    assert loaded.kind == "pickled-module"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "corrupt or not a PyTorch file"),
+    (b"PK\x03\x04 truncated zip", "corrupt or not a PyTorch file"),
+    (pickle.dumps([1, 2, 3]), "refusing to load it"),
+])
+def test_corrupt_files(tmp_path, content, message):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_missing_file_and_bad_arch(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="cannot import module 'no_such_module'"):
+        load_checkpoint(tiny_checkpoint["ckpt"], "no_such_module:Net")
+    with pytest.raises(CheckpointError, match="has no callable named 'Nope'"):
+        load_checkpoint(tiny_checkpoint["ckpt"], "tests/tiny_models.py:Nope")
+    with pytest.raises(CheckpointError, match="pass --arch"):
+        load_checkpoint(tiny_checkpoint["ckpt"])

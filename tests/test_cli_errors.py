@@ -1,0 +1,97 @@
+"""Bad input as a new user would give it: one clear line, non-zero exit, no bundle left behind."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from test_checkpoint import WritesAFile
+
+
+def _no_leftovers(folder, name="b"):
+    return [p.name for p in folder.iterdir() if p.name.startswith((name, f".{name}"))
+            and not p.name.endswith(".cache")]
+
+
+def _one_line_error(result):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    line = _one_line_error(run_cli("build", tmp_path / "missing.pt", "--out", tmp_path / "b"))
+    assert "does not exist" in line
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "c.pt").write_bytes(b"\x00garbage" * 10)
+    line = _one_line_error(run_cli("build", tmp_path / "c.pt", "--arch", "tests/tiny_models.py:tiny_cnn",
+                                   "--input-shape", "1x3x16x16", "--out", tmp_path / "b"))
+    assert "corrupt" in line
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_wrong_arch(tiny_checkpoint, tmp_path):
+    line = _one_line_error(run_cli("build", tiny_checkpoint["ckpt"], "--arch", "tests/tiny_models.py:TwoInputs",
+                                   "--input-shape", "1x3x16x16", "--out", tmp_path / "b"))
+    assert "does not fit --arch" in line and "missing keys" in line
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_wrong_shape(tiny_checkpoint, tmp_path):
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((20, 3, 16), np.float32))
+    line = _one_line_error(run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"],
+                                   "--calib", tmp_path / "wrong.npz", "--input-shape", "1x3x16x16",
+                                   "--out", tmp_path / "b"))
+    assert "has shape (20, 3, 16) but the model expects (N, 3, 16, 16)" in line
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_empty_calibration_folder(tiny_checkpoint, tmp_path):
+    (tmp_path / "images").mkdir()
+    line = _one_line_error(run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"],
+                                   "--calib", tmp_path / "images", "--input-shape", "1x3x16x16",
+                                   "--out", tmp_path / "b"))
+    assert "contains no images" in line
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    torch.save({"w": WritesAFile(marker)}, tmp_path / "evil.pt")
+    line = _one_line_error(run_cli("build", tmp_path / "evil.pt", "--arch", "tests/tiny_models.py:tiny_cnn",
+                                   "--input-shape", "1x3x16x16", "--out", tmp_path / "b"))
+    assert "--trust-checkpoint" in line
+    assert not marker.exists()
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_unknown_target_and_not_a_bundle(tmp_path):
+    line = _one_line_error(run_cli("build", tmp_path / "x.pt", "--target", "tpu-int4", "--out", tmp_path / "b"))
+    assert "unknown target 'tpu-int4'" in line
+    line = _one_line_error(run_cli("inspect", tmp_path))
+    assert "is not a bundle" in line
+
+
+def test_explicit_unavailable_target_exits_nonzero(tiny_checkpoint, tmp_path):
+    result = run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"],
+                     "--input-shape", "1x3x16x16", "--target", "trt-fp16", "--out", tmp_path / "b")
+    assert result.returncode == 1
+    assert "unavailable: no NVIDIA GPU" in result.stdout
+
+
+def test_failed_build_keeps_the_previous_bundle(tiny_checkpoint, tmp_path):
+    t = tiny_checkpoint
+    out = tmp_path / "b"
+    assert run_cli("build", t["ckpt"], "--arch", t["arch"], "--input-shape", "1x3x16x16",
+                   "--target", "ort-fp32", "--out", out).returncode == 0
+    before = (out / "manifest.json").read_text()
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((20, 3, 8, 8), np.float32))
+    _one_line_error(run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", tmp_path / "wrong.npz",
+                            "--input-shape", "1x3x16x16", "--out", out))
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -1,0 +1,79 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from optimize.errors import ExportError, ParityError
+from optimize.passes.export import FP32_EXPORT_TOLERANCE, compare_outputs, export_onnx, export_program
+from optimize.passes.weight_only import quantize_weights
+from optimize.specs import dynamic_spec
+
+
+@torch.library.custom_op("testlib::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.sin()
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class UsesMystery(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return mystery(self.inner(x))
+
+
+def test_parity_error_names_output_element_and_tolerance():
+    ref = {"logits": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)}
+    got = {"logits": np.array([[1.0, 2.0], [3.0, 4.5]], np.float32)}
+    with pytest.raises(ParityError) as info:
+        compare_outputs(ref, got, FP32_EXPORT_TOLERANCE, "ONNX export vs PyTorch")
+    assert "output 'logits'" in str(info.value) and "index (1, 1)" in str(info.value)
+    assert "atol 0.0001" in str(info.value)
+    report = compare_outputs(ref, ref, FP32_EXPORT_TOLERANCE, "same")
+    assert report["logits"]["max_abs_error"] == 0.0
+
+
+def test_dynamic_batch_and_sequence_axes(tmp_path, tiny_checkpoint):
+    spec = dynamic_spec("x", (2, 3, 16, 16), "float32", sequence=False)
+    example = {"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    program = export_program(tiny_checkpoint["model"], example, [spec])
+    export_onnx(program, example, [spec], ["output"], tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 16, 16]
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_unsupported_operator_names_op_and_module(tmp_path):
+    spec = dynamic_spec("x", (2, 4), "float32", sequence=False)
+    example = {"x": np.ones((2, 4), np.float32)}
+    program = export_program(UsesMystery().eval(), example, [spec])
+    with pytest.raises(ExportError) as info:
+        export_onnx(program, example, [spec], ["output"], tmp_path / "m.onnx")
+    assert "testlib" in str(info.value) and "mystery" in str(info.value)
+    assert "no ONNX translation" in str(info.value)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_weight_only_int8_keeps_outputs_close(tmp_path):
+    import onnxruntime as ort
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    spec = dynamic_spec("x", (2, 64), "float32", sequence=False)
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    export_onnx(export_program(model, {"x": x[:2]}, [spec]), {"x": x[:2]}, [spec], ["output"], tmp_path / "f.onnx")
+    details = quantize_weights(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    assert details["quantized_nodes"] == 2
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    int8 = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 2
+    fp32 = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, {"x": x})[0]
+    int8_out = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})[0]
+    cos = (fp32 * int8_out).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8_out, axis=1)
+    assert cos.min() > 0.999 and not np.array_equal(fp32, int8_out)

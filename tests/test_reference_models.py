@@ -1,0 +1,48 @@
+"""The reference models end to end (slow: minutes on two cores)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+CPU_TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
+
+
+def test_readme_demo_builds_all_cpu_targets_on_real_digits(tmp_path):
+    """The README's first command, minus the install (this interpreter already has it)."""
+    env = {**os.environ, "SKIP_INSTALL": "1", "PYTHON": sys.executable, "WORK": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    fp32 = manifest["targets"]["ort-fp32"]["accuracy"]["eval_fp32_torch"]["accuracy_pct"]
+    assert fp32 > 95
+    for name in CPU_TARGETS:
+        entry = manifest["targets"][name]
+        assert entry["status"] == "built", (name, entry.get("reason"))
+        # digits CNN: labelled test accuracy within 0.5 points of FP32.
+        assert entry["accuracy"]["eval"]["accuracy_pct"] >= fp32 - 0.5, name
+    assert "openvino-int8" in result.stdout and "labelled eval" in result.stdout
+
+
+def test_minilm_int8_keeps_embeddings(tmp_path):
+    from models.minilm import make_checkpoint
+
+    make_checkpoint(tmp_path)
+    out = tmp_path / "bundle"
+    result = run_cli("build", tmp_path / "minilm.pt", "--arch", "models.minilm:MiniLM",
+                     "--calib", tmp_path / "minilm_text.npz", "--target", ",".join(CPU_TARGETS),
+                     "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "embed" and manifest["model_kind"] == "transformer"
+    for name in ("ort-int8", "openvino-int8"):
+        held = manifest["targets"][name]["accuracy"]["held_out"]
+        assert held["mean_cosine"] >= 0.99, name
+        assert held["retrieval_agreement_pct"] >= 95, name
