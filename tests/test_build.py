@@ -128,3 +128,15 @@ def test_two_named_inputs_from_input_shape(tmp_path):
     assert [i["name"] for i in manifest["inputs"]] == ["left", "right"]
     assert manifest["task"] == "regress"
     assert "random inputs" in manifest["data"]["notes"][0]
+
+
+def test_openvino_recovery_uses_nncf_accuracy_control(tiny_checkpoint, tmp_path):
+    t = tiny_checkpoint
+    out = tmp_path / "b"
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--task", "regress",
+                     "--max-accuracy-drop", "1e-3", "--target", "openvino-int8", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["targets"]["openvino-int8"]
+    assert entry["recovery"]["method"] == "nncf.quantize_with_accuracy_control", result.stderr
+    assert entry["details"]["accuracy_control"]["max_drop"] == 1e-3
+    assert "accuracy control:" in result.stderr

@@ -46,3 +46,6 @@ def test_minilm_int8_keeps_embeddings(tmp_path):
         held = manifest["targets"][name]["accuracy"]["held_out"]
         assert held["mean_cosine"] >= 0.99, name
         assert held["retrieval_agreement_pct"] >= 95, name
+    # Weight-only INT8 on ONNX Runtime dequantizes once at load (QDQ fusions off), not per run.
+    settings = manifest["targets"]["ort-int8"]["runner_settings"]
+    assert settings["session_config"] == {"session.disable_quant_qdq": "1"}

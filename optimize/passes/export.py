@@ -8,6 +8,7 @@ samples; outputs must agree with PyTorch within ``Tolerance``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,8 @@ def export_onnx(model: Any, example: dict[str, np.ndarray], specs: list[TensorSp
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
     input_names = [s.name for s in specs]
+    # The exporter warns about every torchvision op it cannot register; none are used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         if isinstance(model, torch.export.ExportedProgram):
             program = torch.onnx.export(model, args, None, input_names=input_names,
