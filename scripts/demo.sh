@@ -9,7 +9,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   PYTHON=.venv/bin/python
 fi
 PYTHON=${PYTHON:-python3}
-WORK=${WORK:-work/demo}
+WORK=${WORK:-demo-output}
 "$PYTHON" -m models.digits "$WORK"
 "$PYTHON" -m optimize build "$WORK/digits.pt" --arch models.digits:DigitsNet \
   --calib "$WORK/digits_calib.npz" --eval-data "$WORK/digits_test.npz" --target all --out "$WORK/bundle"

@@ -101,19 +101,6 @@ def test_gate_failure_fails_that_target_and_exits_nonzero(tiny_checkpoint, tmp_p
     assert "accuracy gate: max abs error drop" in manifest["targets"]["ort-int8"]["reason"]
 
 
-def test_ort_recovery_keeps_sensitive_nodes_in_fp32(tiny_checkpoint, tmp_path):
-    t = tiny_checkpoint
-    out = tmp_path / "b"
-    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--task", "regress",
-                     "--max-accuracy-drop", "1e-3", "--target", "ort-int8", "--out", out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    entry = manifest["targets"]["ort-int8"]
-    assert "recovery" in entry, result.stderr
-    kept = entry["recovery"]["kept_fp32"]
-    assert kept and entry["build_config"]["keep_fp32"] == kept
-    assert "kept" in result.stderr
-
-
 def test_two_named_inputs_from_input_shape(tmp_path):
     import torch
 
@@ -130,13 +117,21 @@ def test_two_named_inputs_from_input_shape(tmp_path):
     assert "random inputs" in manifest["data"]["notes"][0]
 
 
-def test_openvino_recovery_uses_nncf_accuracy_control(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("target, method", [
+    ("ort-int8", "exclude most sensitive nodes"),
+    ("openvino-int8", "nncf.quantize_with_accuracy_control"),
+])
+def test_int8_recovery_when_the_budget_is_breached(tiny_checkpoint, tmp_path, target, method):
     t = tiny_checkpoint
     out = tmp_path / "b"
     result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--task", "regress",
-                     "--max-accuracy-drop", "1e-3", "--target", "openvino-int8", "--out", out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    entry = manifest["targets"]["openvino-int8"]
-    assert entry["recovery"]["method"] == "nncf.quantize_with_accuracy_control", result.stderr
-    assert entry["details"]["accuracy_control"]["max_drop"] == 1e-3
-    assert "accuracy control:" in result.stderr
+                     "--max-accuracy-drop", "1e-3", "--target", target, "--out", out)
+    entry = json.loads((out / "manifest.json").read_text())["targets"][target]
+    assert entry["recovery"]["method"] == method, result.stderr
+    if target == "ort-int8":
+        kept = entry["recovery"]["kept_fp32"]
+        assert kept and entry["build_config"]["keep_fp32"] == kept
+        assert "kept" in result.stderr
+    else:
+        assert entry["details"]["accuracy_control"]["max_drop"] == 1e-3
+        assert "accuracy control:" in result.stderr
