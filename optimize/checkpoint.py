@@ -2,7 +2,8 @@
 
 Accepted: TorchScript archives, ``torch.export`` programs (``.pt2``), a state_dict with an
 architecture given as ``module:factory`` or ``path/to/file.py:factory``, Lightning-style dicts
-holding a ``state_dict``, and a fully pickled module, which loads only with ``trust=True``
+holding a ``state_dict``, pruned checkpoints (a state_dict plus the changed layer widths, rebuilt
+from the original ``--arch``), and a fully pickled module, which loads only with ``trust=True``
 because unpickling can run arbitrary code. Everything else is read with ``weights_only=True``.
 """
 
@@ -27,7 +28,7 @@ class LoadedModel:
     """A model ready for export: the module, how it was stored, and where it came from."""
 
     module: Any  # torch.nn.Module or torch.jit.ScriptModule
-    kind: str  # torchscript | exported-program | state-dict | lightning | pickled-module
+    kind: str  # torchscript | exported-program | state-dict | pruned-state-dict | lightning | pickled-module
     sha256: str
     path: Path
     input_names: list[str]
@@ -154,7 +155,10 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
     if isinstance(obj, dict):
         kind_name = "state-dict"
         state = obj
-        if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        pruned = obj.get("pruned_architecture") if isinstance(obj.get("pruned_architecture"), dict) else None
+        if pruned is not None and isinstance(obj.get("state_dict"), dict):
+            kind_name, state = "pruned-state-dict", obj["state_dict"]
+        elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
             kind_name, state = "lightning", obj["state_dict"]
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
             bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
@@ -172,7 +176,17 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
             raise CheckpointError(f"--arch {arch}: calling the factory failed: {exc}") from exc
         if not isinstance(module, torch.nn.Module):
             raise CheckpointError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module")
-        _load_state(module, state, path, arch)
+        if pruned is not None:
+            from optimize.errors import PruneError
+            from optimize.passes.prune import rebuild_pruned
+
+            try:
+                rebuild_pruned(module, state, pruned)
+            except (PruneError, RuntimeError) as exc:
+                raise CheckpointError(f"pruned checkpoint {path} does not fit --arch {arch}: "
+                                      f"{_first_line(exc)}") from exc
+        else:
+            _load_state(module, state, path, arch)
         module.eval()
         return LoadedModel(module, kind_name, sha, path, forward_input_names(module))
 

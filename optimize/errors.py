@@ -46,3 +46,7 @@ class AccuracyGateError(OptimizeError):
 
 class BundleError(OptimizeError):
     """A bundle folder is missing, incomplete or would overwrite something that is not a bundle."""
+
+
+class PruneError(OptimizeError):
+    """The model cannot be pruned as asked (a layer torch-pruning cannot follow, a bad option)."""

@@ -1,4 +1,5 @@
-"""Run a ``BuildPlan``: prepare -> export (checked) -> per target: build, validate, gate -> bundle.
+"""Run a ``BuildPlan``: prepare -> prune (optional) -> export (checked) -> per target: build, validate,
+gate -> bundle.
 
 Every heavy stage goes through the ``StageCache`` beside the bundle, so a rerun redoes only what
 changed. The bundle is written atomically (see ``optimize.bundle``).
@@ -27,7 +28,7 @@ from optimize.checkpoint import file_sha256
 from optimize.errors import OptimizeError
 from optimize.passes import export as export_pass
 from optimize.plan import BuildPlan
-from optimize.prepare import Prepared, prepare
+from optimize.prepare import Prepared, evaluate_runner, prepare
 from optimize.targets import registry
 from optimize.targets.base import BuildConfig, engine_size
 from optimize import validate
@@ -91,25 +92,26 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _export_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache) -> tuple[Path, dict]:
+def _export_stage(prepared: Prepared, module: Any, source_key: dict[str, Any],
+                  parity_reference: dict[str, np.ndarray], cache: StageCache) -> tuple[Path, dict]:
+    """torch.export -> ONNX, checked against ``module`` (the pruned model when pruning ran)."""
     import torch
 
     loaded = prepared.loaded
-    key = {"stage": "export", "checkpoint": loaded.sha256, "arch": plan.source.arch,
-           "arch_kwargs": plan.source.arch_kwargs, "inputs": [s.to_json() for s in prepared.inputs],
+    key = {"stage": "export", **source_key, "inputs": [s.to_json() for s in prepared.inputs],
            "torch": torch.__version__, "version": 1}
     example = {k: v[:2] if len(v) >= 2 else np.concatenate([v, v]) for k, v in prepared.held_out.arrays.items()}
 
     def produce(folder: Path) -> dict:
         if loaded.kind == "torchscript":
-            program = loaded.module
+            program = module
         else:
             # A loaded .pt2 is re-exported too, so its axes become the dynamic ones asked for.
-            program = export_pass.export_program(loaded.module, example, prepared.inputs)
+            program = export_pass.export_program(module, example, prepared.inputs)
             export_pass.save_program(program, folder / "program.pt2")
         export_pass.export_onnx(program, example, prepared.inputs, prepared.output_names,
                                 folder / "model.onnx")
-        parity = _parity(folder / "model.onnx", prepared)
+        parity = _parity(folder / "model.onnx", prepared, parity_reference)
         return {"program": None if loaded.kind == "torchscript" else "program.pt2",
                 "onnx_sha256": file_sha256(folder / "model.onnx"), "parity": parity,
                 "tolerance": dataclasses.asdict(export_pass.FP32_EXPORT_TOLERANCE)}
@@ -117,15 +119,39 @@ def _export_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache) -> tup
     return cache.run("export", key, produce)
 
 
-def _parity(onnx_path: Path, prepared: Prepared) -> dict:
+def _parity(onnx_path: Path, prepared: Prepared, reference: dict[str, np.ndarray]) -> dict:
     from optimize.targets.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(onnx_path.parent)
     subset = prepared.held_out.take(np.arange(min(PARITY_SAMPLES, len(prepared.held_out))))
     got = runner.infer_all(subset.batches(8))
-    want = {k: v[:len(subset)] for k, v in prepared.reference.items()}
+    want = {k: v[:len(subset)] for k, v in reference.items()}
     return export_pass.compare_outputs(want, got, export_pass.FP32_EXPORT_TOLERANCE,
                                        "ONNX export vs PyTorch")
+
+
+def _model_stages(plan: BuildPlan, prepared: Prepared, cache: StageCache,
+                  say: Callable[[str], None]) -> tuple[dict[str, Any], Path, dict, Path | None]:
+    """Prune (when asked) then export; returns the stages' manifest entries and folders."""
+    loaded = prepared.loaded
+    source_key = {"checkpoint": loaded.sha256, "arch": plan.source.arch, "arch_kwargs": plan.source.arch_kwargs}
+    module, reference, stages, prune_dir = loaded.module, prepared.reference, {}, None
+    if plan.prune is not None:
+        from optimize.prepare import run_reference
+        from optimize.prune_stage import PRUNED_FILE, run_prune_stage
+
+        module, prune_dir, report = run_prune_stage(plan, prepared, cache, say)
+        stages["prune"] = {**report, "checkpoint": PRUNED_FILE}
+        source_key["pruned"] = file_sha256(prune_dir / PRUNED_FILE)
+        # The export is checked against the model it exports; accuracy stays against the original.
+        subset = prepared.held_out.take(np.arange(min(PARITY_SAMPLES, len(prepared.held_out))))
+        reference = run_reference(module, subset, prepared.output_names)
+    export_dir, export_result = _export_stage(prepared, module, source_key, reference, cache)
+    stages["export"] = {"program": export_result.get("program"), "onnx": "model.onnx",
+                        "onnx_sha256": export_result["onnx_sha256"], "parity": export_result["parity"],
+                        "tolerance": export_result["tolerance"],
+                        "checked_against": "pruned PyTorch model" if plan.prune else "PyTorch model"}
+    return stages, export_dir, export_result, prune_dir
 
 
 def _build_config(plan: BuildPlan, target: str, kind: str) -> BuildConfig:
@@ -136,25 +162,6 @@ def _build_config(plan: BuildPlan, target: str, kind: str) -> BuildConfig:
     return BuildConfig(precision=info.precision, int8_scheme=scheme,
                        calib_method=plan.quant.calib_method, per_channel=plan.quant.per_channel,
                        model_kind=kind, calib_batch_size=plan.quant.calib_batch_size)
-
-
-def evaluate_runner(runner: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:
-    """Accuracy of one engine on the held-out (and labelled evaluation) data, and the gate."""
-    first = prepared.output_names[0]
-    outputs = runner.infer_all(prepared.held_out.batches(32))
-    accuracy = {"held_out": validate.metrics(prepared.task, prepared.reference[first], outputs[first],
-                                             prepared.held_out.labels)}
-    baseline = None
-    if prepared.evaluation is not None:
-        outputs = runner.infer_all(prepared.evaluation.batches(32))
-        accuracy["eval"] = validate.metrics(prepared.task, prepared.eval_reference[first],
-                                            outputs[first], prepared.evaluation.labels)
-        baseline = validate.metrics(prepared.task, prepared.eval_reference[first],
-                                    prepared.eval_reference[first], prepared.evaluation.labels)
-        accuracy["eval_fp32_torch"] = baseline
-    measured = accuracy.get("eval", accuracy["held_out"])
-    verdict = validate.gate(prepared.task, measured, baseline, max_drop)
-    return {"accuracy": accuracy, "gate": verdict.to_json()}
 
 
 def _target_stage(plan: BuildPlan, target: str, prepared: Prepared, onnx_path: Path,
@@ -215,7 +222,7 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
             plan = dataclasses.replace(plan, max_accuracy_drop=validate.DEFAULT_MAX_DROP[prepared.task])
         say(f"task: {prepared.task}{' (inferred)' if prepared.task_inferred else ''}; "
             f"{len(prepared.held_out)} held-out samples")
-        export_dir, export_result = _export_stage(plan, prepared, cache)
+        stages, export_dir, export_result, prune_dir = _model_stages(plan, prepared, cache, say)
         onnx_path = export_dir / "model.onnx"
         kind = model_kind(onnx_path, prepared)
         entries = {}
@@ -233,16 +240,19 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
                                    "reason": f"internal error: {type(exc).__name__}: {exc}"}
             say(f"{target}: {entries[target]['status']}"
                 + (f" ({entries[target]['reason']})" if entries[target].get("reason") else ""))
-        manifest = _write_bundle(writer.root, plan, prepared, export_dir, export_result, kind, entries)
+        manifest = _write_bundle(writer.root, plan, prepared, export_dir, export_result, prune_dir,
+                                 stages, kind, entries)
         bundle = writer.commit()
     return BuildResult(bundle, manifest)
 
 
-def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: Path,
-                  export_result: dict, kind: str, entries: dict[str, dict]) -> dict:
+def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: Path, export_result: dict,
+                  prune_dir: Path | None, stages: dict[str, Any], kind: str, entries: dict[str, dict]) -> dict:
     shutil.copyfile(export_dir / "model.onnx", root / "model.onnx")
     if export_result.get("program"):
         shutil.copyfile(export_dir / "program.pt2", root / "program.pt2")
+    if prune_dir is not None:
+        shutil.copyfile(prune_dir / stages["prune"]["checkpoint"], root / stages["prune"]["checkpoint"])
     data = root / "data"
     data.mkdir()
     held = prepared.held_out
@@ -278,10 +288,7 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: P
                  "calibration_sha256": prepared.calibration.sha256 if prepared.calibration else None,
                  "eval_samples": len(prepared.evaluation) if prepared.evaluation else 0,
                  "image_preprocessing": plan.data.image.to_json(), "notes": prepared.notes},
-        "stages": {"export": {"program": export_result.get("program"), "onnx": "model.onnx",
-                              "onnx_sha256": export_result["onnx_sha256"],
-                              "parity": export_result["parity"],
-                              "tolerance": export_result["tolerance"]}},
+        "stages": stages,
         "targets": entries,
         "winner": None,
     }

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from optimize.calibration import ImageOptions
+from optimize.passes.distill import DistillConfig
+from optimize.passes.prune import PruneConfig
 from optimize.targets.base import RunnerConfig
 
 
@@ -36,6 +38,7 @@ class DataConfig:
     max_calib_samples: int = 1000
     seed: int = 0
     image: ImageOptions = ImageOptions()
+    train_data: str | None = None  # labelled data for recovery after pruning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,8 @@ class BuildPlan:
     name: str | None = None
     runner: RunnerConfig = RunnerConfig()
     use_cache: bool = True
+    prune: PruneConfig | None = None
+    distill: DistillConfig = DistillConfig()
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(dataclasses.asdict(self))

@@ -13,6 +13,7 @@ from optimize.errors import CalibrationError, InputSpecError
 from optimize.passes.export import output_names_for, torch_outputs
 from optimize.plan import BuildPlan
 from optimize.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
+from optimize import validate
 
 RANDOM_HELD_OUT = 64
 
@@ -126,3 +127,36 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
         prepared.evaluation = evaluation
         prepared.eval_reference = run_reference(loaded.module, evaluation, output_names)
     return prepared
+
+
+def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared,
+             max_drop: float | None) -> dict[str, Any]:
+    """Accuracy of a model (``run(samples) -> outputs``) on the held-out and evaluation data, and the gate.
+
+    Always against the original, unpruned FP32 model's outputs.
+    """
+    first = prepared.output_names[0]
+    outputs = run(prepared.held_out)
+    accuracy = {"held_out": validate.metrics(prepared.task, prepared.reference[first], outputs[first],
+                                             prepared.held_out.labels)}
+    baseline = None
+    if prepared.evaluation is not None:
+        outputs = run(prepared.evaluation)
+        accuracy["eval"] = validate.metrics(prepared.task, prepared.eval_reference[first],
+                                            outputs[first], prepared.evaluation.labels)
+        baseline = validate.metrics(prepared.task, prepared.eval_reference[first],
+                                    prepared.eval_reference[first], prepared.evaluation.labels)
+        accuracy["eval_fp32_torch"] = baseline
+    measured = accuracy.get("eval", accuracy["held_out"])
+    verdict = validate.gate(prepared.task, measured, baseline, max_drop)
+    return {"accuracy": accuracy, "gate": verdict.to_json()}
+
+
+def evaluate_runner(runner: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:
+    """``evaluate`` for an engine's ``Runner``."""
+    return evaluate(lambda samples: runner.infer_all(samples.batches(32)), prepared, max_drop)
+
+
+def evaluate_module(module: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:
+    """``evaluate`` for a PyTorch module (the pruned model before and after recovery)."""
+    return evaluate(lambda samples: run_reference(module, samples, prepared.output_names), prepared, max_drop)

@@ -36,7 +36,7 @@ def recover(plan, target: str, module: Any, config: BuildConfig, prepared, onnx_
 
 
 def _evaluate(plan, module: Any, folder: Path, prepared) -> tuple[dict, Any]:
-    from optimize.pipeline import evaluate_runner
+    from optimize.prepare import evaluate_runner
 
     runner = module.load_runner(folder, plan.runner)
     result = evaluate_runner(runner, prepared, plan.max_accuracy_drop)

@@ -46,3 +46,49 @@ def calibration_batches():
     rng = np.random.default_rng(1)
     for _ in range(4):
         yield {"x": rng.standard_normal((8, 3, 16, 16)).astype("float32")}
+
+
+class ChannelMix(nn.Module):
+    """A custom layer holding a raw parameter: torch-pruning cannot follow channels through it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(channels) + 0.1 * torch.randn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nchw,dc->ndhw", x, self.weight)
+
+
+class CustomLayerCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix = ChannelMix(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.mix(self.conv1(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+class TinyEncoder(nn.Module):
+    """A two-layer BERT with four heads per layer: token ids and mask -> pooled (N, 32)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=32)
+        config._attn_implementation = "eager"
+        self.encoder = BertModel(config, add_pooling_layer=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden.mean(1)
+
+
+def tiny_encoder() -> TinyEncoder:
+    torch.manual_seed(0)
+    return TinyEncoder().eval()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from optimize.cli.prune_options import prune_configs, prune_options
 from optimize.errors import InputSpecError
 
 
@@ -68,17 +69,20 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--threads", type=int, default=0, show_default=True, help="Inference threads (0: all physical cores).")
 @click.option("--name", help="Model name (default: the checkpoint's file name).")
 @click.option("--no-cache", is_flag=True, help="Do not reuse or write the stage cache.")
+@prune_options
 def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | None, arch_arg: tuple[str, ...],
             trust_checkpoint: bool, input_shapes: tuple[str, ...], calib: str | None, eval_data: str | None,
             held_out: float, max_held_out: int, max_calib_samples: int, seed: int, image_size: str | None,
             mean: str, std: str, grayscale: bool, task: str | None, int8_scheme: str | None,
             calib_method: str, per_channel: bool, no_recover: bool, max_accuracy_drop: float | None,
-            threads: int, name: str | None, no_cache: bool) -> None:
+            threads: int, name: str | None, no_cache: bool, **prune_flags) -> None:
     """Build engines from a PyTorch checkpoint into a bundle, gated on accuracy against FP32.
 
     \b
       optimize build digits.pt --arch models.digits:DigitsNet --calib digits_calib.npz \\
           --eval-data digits_test.npz --target all --out bundle/
+      optimize build digits.pt --arch models.digits:DigitsNet --calib digits_calib.npz \\
+          --prune 0.5 --target openvino-int8 --out pruned/
     """
     from optimize.calibration import ImageOptions
     from optimize.checkpoint import parse_arch_args
@@ -89,15 +93,17 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
 
     if not 0 < held_out < 1:
         raise InputSpecError(f"--held-out {held_out} must be between 0 and 1")
+    prune, distill = prune_configs(prune_flags)
     image = ImageOptions(size=_size(image_size), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                          grayscale=grayscale)
     plan = BuildPlan(
         source=SourceConfig(checkpoint, arch, parse_arch_args(arch_arg), trust_checkpoint),
         out=out, targets=targets,
-        data=DataConfig(input_shapes, calib, eval_data, held_out, max_held_out, max_calib_samples, seed, image),
+        data=DataConfig(input_shapes, calib, eval_data, held_out, max_held_out, max_calib_samples, seed, image,
+                        train_data=prune_flags["train_data"]),
         quant=QuantConfig(int8_scheme, calib_method, per_channel, recover_accuracy=not no_recover),
         task=task, max_accuracy_drop=max_accuracy_drop, name=name,
-        runner=RunnerConfig(threads=threads), use_cache=not no_cache)
+        runner=RunnerConfig(threads=threads), use_cache=not no_cache, prune=prune, distill=distill)
     result = run_build(plan, say=lambda text: click.echo(text, err=True))
     click.echo(targets_table(result.manifest))
     click.echo(f"bundle: {result.bundle}")

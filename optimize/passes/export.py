@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,12 @@ def export_onnx(model: Any, example: dict[str, np.ndarray], specs: list[TensorSp
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         if isinstance(model, torch.export.ExportedProgram):
-            program = torch.onnx.export(model, args, None, input_names=input_names,
-                                        output_names=output_names, opset_version=opset,
-                                        dynamo=True, optimize=True, verbose=False)
+            with warnings.catch_warnings():
+                # The exporter trips over torch's own pytree deprecation; nothing for users to act on.
+                warnings.filterwarnings("ignore", message=".*treespec.*", category=FutureWarning)
+                program = torch.onnx.export(model, args, None, input_names=input_names,
+                                            output_names=output_names, opset_version=opset,
+                                            dynamo=True, optimize=True, verbose=False)
             program.save(str(path), external_data=False)
             name_dynamic_axes(path, specs)
         else:  # TorchScript: only the TorchScript-based exporter reads it.

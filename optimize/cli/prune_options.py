@@ -1,0 +1,53 @@
+"""The pruning and recovery flags of ``optimize build``, and the configs they become."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+OPTIONS = [
+    click.option("--prune", "prune_ratio", type=float,
+                 help="Share of channels (CNNs) or attention heads (transformers) to remove, e.g. 0.5. "
+                      "The pruned model is recovered by distillation on the --calib data."),
+    click.option("--prune-granularity", type=click.Choice(["auto", "channels", "heads"]), default="auto",
+                 show_default=True, help="What to remove (auto: heads where attention is found, else channels)."),
+    click.option("--prune-scope", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+                 help="The same share in every layer, or ranked across all layers."),
+    click.option("--prune-importance", type=click.Choice(["magnitude", "taylor", "bn-scale"]),
+                 default="magnitude", show_default=True,
+                 help="How channels are ranked (taylor: weight x gradient of the task loss; "
+                      "bn-scale: BatchNorm scale)."),
+    click.option("--prune-round-to", type=int, help="Keep channel counts multiples of this (e.g. 8)."),
+    click.option("--prune-ignore", multiple=True,
+                 help="Module name to leave whole, with every channel it touches. Repeatable. "
+                      "The layer producing the model's output is always kept whole."),
+    click.option("--recover-steps", type=int, default=600, show_default=True,
+                 help="Distillation steps after pruning (0: no recovery, reported as such)."),
+    click.option("--recover-lr", type=float, help="Recovery learning rate (default 1e-3 CNN, 5e-5 transformer)."),
+    click.option("--recover-batch-size", type=int, default=32, show_default=True, help="Recovery batch size."),
+    click.option("--train-data", help="Labelled data (.npz with 'labels', or image class folders) added to "
+                                      "recovery with a cross-entropy term."),
+]
+
+
+def prune_options(command: Callable) -> Callable:
+    for option in reversed(OPTIONS):
+        command = option(command)
+    return command
+
+
+def prune_configs(options: dict[str, Any]) -> tuple[Any, Any]:
+    """``(PruneConfig or None, DistillConfig)`` from the parsed flags."""
+    from optimize.passes.distill import DistillConfig
+    from optimize.passes.prune import PruneConfig
+
+    distill = DistillConfig(steps=options["recover_steps"], batch_size=options["recover_batch_size"],
+                            lr=options["recover_lr"])
+    if options["prune_ratio"] is None:
+        return None, distill
+    config = PruneConfig(ratio=options["prune_ratio"], granularity=options["prune_granularity"],
+                         scope=options["prune_scope"], importance=options["prune_importance"],
+                         round_to=options["prune_round_to"], ignore=tuple(options["prune_ignore"]))
+    config.check()
+    return config, distill

@@ -1,0 +1,145 @@
+"""The prune stage of a build: prune a copy of the model, recover it by distillation, measure each step.
+
+Runs between ``prepare`` and export. Its cached folder holds ``pruned.pt`` (weights plus the
+changed layer widths) and the report; the pruned module is always rebuilt from that file, so a
+cached rerun and a fresh run export the same model. Accuracy is measured against the original,
+unpruned model at every step: the original itself, pruned, and recovered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from optimize.cache import StageCache
+from optimize.calibration import Samples, load_samples
+from optimize.errors import CalibrationError, PruneError
+from optimize.passes import distill as distill_pass
+from optimize.passes import prune as prune_pass
+from optimize.plan import BuildPlan
+from optimize.prepare import Prepared, evaluate_module, run_reference
+
+PRUNED_FILE = "pruned.pt"
+TAYLOR_BATCHES = 4
+
+
+def _tensors(samples: Samples, names: list[str], index: np.ndarray | slice) -> tuple:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(samples.arrays[n][index])) for n in names)
+
+
+def model_kind_of(module: Any, prepared: Prepared) -> str:
+    if any(np.dtype(s.dtype).kind in "iu" for s in prepared.inputs) or prune_pass.find_attention(module):
+        return "transformer"
+    return "cnn"
+
+
+def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
+    """Calibration data (unlabelled is fine) plus ``--train-data`` (labelled) when given."""
+    parts = [prepared.calibration] if prepared.calibration is not None else []
+    if plan.data.train_data:
+        train = load_samples(plan.data.train_data, plan.data.image,
+                             tuple(prepared.inputs[0].shape) if len(prepared.inputs) == 1 else None)
+        train.conform(prepared.inputs)
+        if prepared.task == "classify" and train.labels is None:
+            raise CalibrationError(f"--train-data {plan.data.train_data} has no 'labels' array")
+        parts.append(train)
+    if not parts:
+        return None
+    names = [s.name for s in prepared.inputs]
+    arrays = {n: np.concatenate([p.arrays[n] for p in parts]) for n in names}
+    labels = None
+    if any(p.labels is not None for p in parts):
+        labels = np.concatenate([p.labels if p.labels is not None else np.full(len(p), -1) for p in parts])
+    return Samples(arrays, labels, " + ".join(p.source for p in parts))
+
+
+def _taylor_batches(data: Samples | None, prepared: Prepared, loss: Callable) -> tuple[list, Callable]:
+    """Batches for Taylor importance and a loss that sees their labels (or pseudo-labels)."""
+    import torch
+
+    names = [s.name for s in prepared.inputs]
+    source = data if data is not None else prepared.held_out
+    batches, labels = [], []
+    for start in range(0, min(len(source), 32 * TAYLOR_BATCHES), 32):
+        batches.append(_tensors(source, names, slice(start, start + 32)))
+        chunk = None if source.labels is None else source.labels[start:start + 32]
+        labels.append(None if chunk is None or (chunk < 0).any() else torch.from_numpy(chunk.astype(np.int64)))
+    remaining = iter(labels)
+    return batches, lambda outputs: loss(outputs, next(remaining))
+
+
+def run_prune_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache,
+                    say: Callable[[str], None]) -> tuple[Any, Path, dict[str, Any]]:
+    """Returns the pruned (and recovered) module, its cache folder and the stage report."""
+    import torch
+
+    config = plan.prune
+    config.check()
+    loaded = prepared.loaded
+    if loaded.kind in ("torchscript", "exported-program"):
+        raise PruneError(f"--prune needs an eager PyTorch model (a state_dict with --arch, or a pickled "
+                         f"module); {loaded.path} is a {loaded.kind} graph, which torch-pruning cannot edit")
+    original = loaded.module
+    kind = model_kind_of(original, prepared)
+    data = recovery_data(plan, prepared)
+    distill_config = plan.distill
+    key = {"stage": "prune", "checkpoint": loaded.sha256, "arch": plan.source.arch,
+           "arch_kwargs": plan.source.arch_kwargs, "prune": config.to_json(), "distill": distill_config.to_json(),
+           "data": data.sha256 if data is not None else None, "task": prepared.task,
+           "inputs": [s.to_json() for s in prepared.inputs], "torch": torch.__version__, "version": 1}
+    names = [s.name for s in prepared.inputs]
+
+    def produce(folder: Path) -> dict[str, Any]:
+        example = _tensors(prepared.held_out, names, slice(0, 2))
+        grad_batches, loss = None, None
+        task_loss = distill_pass.task_loss(prepared.task)
+        if config.importance == "taylor" and task_loss is not None:
+            grad_batches, loss = _taylor_batches(data, prepared, task_loss)
+        say(f"pruning {config.ratio:.0%} of the {'heads' if kind == 'transformer' else 'channels'} "
+            f"({config.scope}, {config.importance} importance)")
+        outcome = prune_pass.prune_module(original, example, config, grad_batches, loss)
+        report = outcome.report
+        say(f"pruned: {prune_pass.ratio_text(report)}")
+        accuracy = {"original": evaluate_module(original, prepared, None)["accuracy"],
+                    "pruned": evaluate_module(outcome.module, prepared, None)["accuracy"]}
+        warnings: list[str] = []
+        recovery = None
+        if distill_config.steps > 0 and data is not None:
+            teacher = run_reference(original, data, prepared.output_names)
+            recovery = distill_pass.distill(outcome.module, data, teacher, names, prepared.task,
+                                            distill_config, kind)
+            accuracy["recovered"] = evaluate_module(outcome.module, prepared, None)["accuracy"]
+            shortage = distill_pass.too_little_data(len(data))
+            if shortage:
+                warnings.append(shortage)
+        else:
+            why = "--recover-steps 0" if distill_config.steps <= 0 else "no --calib or --train-data to learn from"
+            warnings.append(f"the pruned model was NOT recovered ({why}): expect a large accuracy drop")
+        prune_pass.save_pruned(original, outcome.module, folder / PRUNED_FILE)
+        return {**report, "model_kind": kind, "recovered": recovery is not None, "recovery": recovery,
+                "recovery_data": None if data is None else {"samples": len(data), "source": data.source},
+                "accuracy": accuracy, "warnings": warnings}
+
+    folder, result = cache.run("prune", key, produce)
+    saved = torch.load(folder / PRUNED_FILE, map_location="cpu", weights_only=True)
+    module = prune_pass.rebuild_pruned(prune_pass.fresh_copy(original), saved["state_dict"], saved["pruned_architecture"])
+    for line in _accuracy_lines(prepared.task, result["accuracy"]):
+        say(line)
+    for warning in result["warnings"]:
+        say(f"warning: {warning}")
+    return module, folder, result
+
+
+def _accuracy_lines(task: str, accuracy: dict[str, Any]) -> list[str]:
+    lines = []
+    for step in ("original", "pruned", "recovered"):
+        if step not in accuracy:
+            continue
+        measured = accuracy[step].get("eval", accuracy[step]["held_out"])
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in measured.items() if k != "max_abs_error")
+        lines.append(f"  {step:>9} (torch): {shown or measured}")
+    return lines

@@ -1,0 +1,160 @@
+"""Structured pruning and recovery on tiny models: real torch-pruning, real shapes, real errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from optimize.calibration import Samples
+from optimize.checkpoint import load_checkpoint
+from optimize.errors import CheckpointError, PruneError
+from optimize.passes.distill import DistillConfig, distill
+from optimize.passes.prune import PruneConfig, prune_module, rebuild_pruned, save_pruned
+from tiny_models import CustomLayerCNN, TinyCNN, tiny_cnn, tiny_encoder
+
+X = (torch.randn(2, 3, 16, 16),)
+
+
+def weights(module):
+    return {n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+def test_channel_pruning_shrinks_tensors_and_keeps_the_head():
+    model = tiny_cnn(width=16)
+    before = weights(model)
+    outcome = prune_module(model, X, PruneConfig(0.5))
+    after = weights(outcome.module)
+    assert after["conv1.weight"] == (8, 3, 3, 3) and after["conv2.weight"] == (16, 8, 3, 3)
+    assert after["head.weight"] == (5, 16)  # output width kept, inputs follow conv2
+    assert weights(model) == before  # the original is untouched
+    report = outcome.report
+    assert report["kept_whole"] == ["head"] and report["granularity"] == "channels"
+    assert report["macs_ratio"] >= 2 and report["params_after"] < report["params_before"]
+    conv2 = next(layer for layer in report["layers"] if layer["name"] == "conv2")
+    assert conv2["macs_after"] * 3 < conv2["macs_before"]
+    assert outcome.module(*X).shape == (2, 5)
+
+
+def test_round_to_global_scope_and_importance_choices():
+    model = tiny_cnn(width=16)
+    rounded = weights(prune_module(model, X, PruneConfig(0.3, round_to=4)).module)
+    assert rounded["conv1.weight"][0] % 4 == 0 and rounded["conv2.weight"][0] % 4 == 0
+    for config in (PruneConfig(0.5, scope="global"), PruneConfig(0.5, importance="bn-scale")):
+        assert prune_module(model, X, config).report["macs_after"] < prune_module(model, X, PruneConfig(0.1)).report["macs_before"]
+    loss = lambda out: torch.nn.functional.cross_entropy(out, out.argmax(1).detach())  # noqa: E731
+    taylor = prune_module(model, X, PruneConfig(0.5, importance="taylor"), [X], loss)
+    assert weights(taylor.module)["conv1.weight"][0] == 8
+    with pytest.raises(PruneError, match="taylor needs a loss"):
+        prune_module(model, X, PruneConfig(0.5, importance="taylor"))
+
+
+def test_bn_scale_without_batchnorm_and_bad_options_are_clear_errors():
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 2))
+    with pytest.raises(PruneError, match="needs BatchNorm"):
+        prune_module(plain, X, PruneConfig(0.5, importance="bn-scale"))
+    with pytest.raises(PruneError, match="between 0 and 1"):
+        prune_module(plain, X, PruneConfig(1.5))
+    with pytest.raises(PruneError, match="did you mean conv2"):
+        prune_module(tiny_cnn(), X, PruneConfig(0.5, ignore=("conv_2",)))
+
+
+def test_custom_layer_with_raw_parameters_names_the_module_and_the_fix():
+    torch.manual_seed(0)
+    model = CustomLayerCNN().eval()
+    with pytest.raises(PruneError) as caught:
+        prune_module(model, X, PruneConfig(0.5))
+    assert "'mix'" in str(caught.value) and "--prune-ignore mix" in str(caught.value)
+    kept = prune_module(model, X, PruneConfig(0.5, ignore=("mix",)))
+    after = weights(kept.module)
+    assert after["mix.weight"] == (16, 16) and after["conv1.weight"][0] == 16  # channels into mix kept
+    assert after["conv2.weight"][0] == 8  # the rest still pruned
+    assert kept.report["custom_parameters"] == ["mix.weight"]
+
+
+def test_attention_heads_are_removed_whole():
+    model = tiny_encoder()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    outcome = prune_module(model, (ids, mask), PruneConfig(0.5))
+    report = outcome.report
+    assert report["granularity"] == "heads"
+    for block, heads in report["heads"].items():
+        assert heads["before"] == 4 and heads["after"] == 2 and len(heads["removed"]) == 2
+    attention = outcome.module.encoder.encoder.layer[0].attention
+    assert attention.self.query.weight.shape == (16, 32) and attention.output.dense.weight.shape == (32, 16)
+    assert attention.self.num_attention_heads == 2
+    assert outcome.module(ids, mask).shape == (2, 32)
+    with pytest.raises(PruneError, match="attention models"):
+        prune_module(model, (ids, mask), PruneConfig(0.5, granularity="channels"))
+
+
+def test_pruned_checkpoint_rebuilds_from_the_original_class(tmp_path, tiny_checkpoint):
+    model = tiny_cnn()
+    outcome = prune_module(model, X, PruneConfig(0.5))
+    save_pruned(model, outcome.module, tmp_path / "pruned.pt")
+    saved = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    rebuilt = rebuild_pruned(TinyCNN(), saved["state_dict"], saved["pruned_architecture"])
+    assert torch.equal(rebuilt(*X), outcome.module(*X))
+    loaded = load_checkpoint(tmp_path / "pruned.pt", tiny_checkpoint["arch"])
+    assert loaded.kind == "pruned-state-dict" and torch.equal(loaded.module(*X), outcome.module(*X))
+    with pytest.raises(CheckpointError, match="pruned checkpoint"):
+        load_checkpoint(tmp_path / "pruned.pt", "tiny_models:tiny_encoder")
+
+
+def test_distillation_pulls_the_pruned_model_towards_the_original():
+    model = tiny_cnn(width=16)
+    pruned = prune_module(model, X, PruneConfig(0.5)).module
+    data = Samples({"x": np.random.default_rng(0).standard_normal((256, 3, 16, 16)).astype(np.float32)})
+    with torch.no_grad():
+        teacher = {"output": model(torch.from_numpy(data.arrays["x"])).numpy()}
+        before = float(torch.nn.functional.mse_loss(pruned(torch.from_numpy(data.arrays["x"])),
+                                                    torch.from_numpy(teacher["output"])))
+    summary = distill(pruned, data, teacher, ["x"], "classify", DistillConfig(steps=80), "cnn", progress=False)
+    with torch.no_grad():
+        after = float(torch.nn.functional.mse_loss(pruned(torch.from_numpy(data.arrays["x"])),
+                                                   torch.from_numpy(teacher["output"])))
+    assert summary["loss_last"] < summary["loss_first"] and after < before
+    assert not pruned.training and summary["samples"] == 256
+
+
+def test_build_with_prune_records_each_step_and_reloads(tmp_path, tiny_checkpoint):
+    t = tiny_checkpoint
+    out = tmp_path / "bundle"
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--eval-data", t["eval"],
+                     "--prune", "0.5", "--recover-steps", "40", "--target", "ort-fp32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    stage = manifest["stages"]["prune"]
+    assert stage["recovered"] and stage["recovery"]["steps"] == 40
+    assert set(stage["accuracy"]) == {"original", "pruned", "recovered"}
+    assert stage["macs_after"] < stage["macs_before"] / 2
+    assert any("only 96 samples" in w for w in stage["warnings"]) and "warning: recovery saw only" in result.stderr
+    assert manifest["stages"]["export"]["checked_against"] == "pruned PyTorch model"
+    assert manifest["stages"]["export"]["parity"]["output"]["max_abs_error"] < 1e-4
+    program = load_checkpoint(out / "program.pt2")
+    assert program.module.conv1.weight.shape[0] == 4
+    reloaded = load_checkpoint(out / "pruned.pt", t["arch"])
+    held = np.load(out / "data" / "heldout.npz")["x"][:4]
+    assert torch.allclose(program.module(torch.from_numpy(held)), reloaded.module(torch.from_numpy(held)), atol=1e-5)
+    # The gate still measures against the original, unpruned model.
+    reference = np.load(out / "data" / "reference.npz")["output"]
+    with torch.no_grad():
+        original = t["model"](torch.from_numpy(np.load(out / "data" / "heldout.npz")["x"])).numpy()
+    assert np.allclose(reference, original, atol=1e-5)
+
+
+def test_unrecovered_prune_is_reported_and_graphs_cannot_be_pruned(tmp_path, tiny_checkpoint):
+    t = tiny_checkpoint
+    out = tmp_path / "bundle"
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--prune", "0.5",
+                     "--recover-steps", "0", "--max-accuracy-drop", "100", "--target", "ort-fp32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    stage = json.loads((out / "manifest.json").read_text())["stages"]["prune"]
+    assert not stage["recovered"] and "NOT recovered" in stage["warnings"][0]
+    assert "NOT recovered" in result.stderr
+    failed = run_cli("build", out / "program.pt2", "--calib", t["calib"], "--prune", "0.5",
+                     "--target", "ort-fp32", "--out", tmp_path / "again")
+    assert failed.returncode == 2 and "--prune needs an eager PyTorch model" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "again").exists()
