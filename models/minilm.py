@@ -10,7 +10,8 @@ library modules, tokenised with the model's own tokenizer. The corpus hash is re
 
 ``python -m models.minilm OUT_DIR`` writes ``minilm.pt`` (state_dict), ``minilm_text.npz``
 (``input_ids``, ``attention_mask``), ``minilm_texts.json`` (the sentences and the corpus hash)
-and ``tokenizer/`` (the tokenizer files, for serving text).
+``minilm_extra_text.npz`` (more docstring paragraphs, disjoint from the corpus: unlabelled data
+for recovery after pruning) and ``tokenizer/`` (the tokenizer files, for serving text).
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ CORPUS_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "deci
                   "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
                   "unittest", "urllib.parse", "uuid", "zipfile")
 MAX_LENGTH = 64
+# More real English for recovery after pruning: every paragraph of these modules' docstrings,
+# none of which appears in ``corpus()``.
+EXTRA_MODULES = ("abc", "array", "ast", "base64", "bisect", "bz2", "calendar", "cmd", "code", "codecs",
+                 "concurrent.futures", "configparser", "contextlib", "copy", "dataclasses", "difflib",
+                 "dis", "doctest", "email.message", "enum", "fnmatch", "fractions", "ftplib", "getopt",
+                 "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.server",
+                 "imaplib", "importlib", "io", "ipaddress", "locale", "lzma", "mailbox", "mimetypes",
+                 "multiprocessing", "numbers", "operator", "optparse", "pdb", "pkgutil", "platform",
+                 "plistlib", "poplib", "pprint", "profile", "queue", "quopri", "sched", "secrets",
+                 "selectors", "shelve", "shlex", "signal", "smtplib", "socketserver", "ssl", "stat",
+                 "struct", "symtable", "sysconfig", "tokenize", "trace", "traceback", "types", "typing",
+                 "unicodedata", "urllib.request", "warnings", "wave", "weakref", "xml.dom.minidom",
+                 "xml.etree.ElementTree", "zipimport", "zoneinfo")
 
 
 def model_dir() -> Path:
@@ -93,6 +107,23 @@ def corpus(limit: int = 1200) -> list[str]:
     return texts[:limit]
 
 
+def extra_corpus() -> list[str]:
+    """Every docstring paragraph of ``EXTRA_MODULES`` (40-400 characters) not in ``corpus()``."""
+    seen = set(corpus())
+    texts: list[str] = []
+    for name in EXTRA_MODULES:
+        module = importlib.import_module(name)
+        members = [module] + [obj for _, obj in sorted(vars(module).items())
+                              if inspect.isfunction(obj) or inspect.isclass(obj)]
+        for obj in members:
+            for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
+                text = " ".join(paragraph.split())
+                if 40 <= len(text) <= 400 and not text.startswith(">>>") and text not in seen:
+                    seen.add(text)
+                    texts.append(text)
+    return texts
+
+
 def tokenizer():
     from transformers import AutoTokenizer
 
@@ -116,11 +147,14 @@ def make_checkpoint(out_dir: str | Path) -> dict:
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     (out / "minilm_texts.json").write_text(json.dumps({"corpus_sha256": digest, "modules": CORPUS_MODULES,
                                                        "max_length": MAX_LENGTH, "texts": texts}, indent=1))
+    extra = extra_corpus()
+    np.savez(out / "minilm_extra_text.npz", **tokenize(extra))
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copyfile(model_dir() / name, tok_dir / name)
-    return {"sentences": len(texts), "corpus_sha256": digest, "max_length": MAX_LENGTH}
+    return {"sentences": len(texts), "extra_sentences": len(extra), "corpus_sha256": digest,
+            "max_length": MAX_LENGTH}
 
 
 def main() -> None:

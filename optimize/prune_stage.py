@@ -112,10 +112,15 @@ def run_prune_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache,
             teacher = run_reference(original, data, prepared.output_names)
             recovery = distill_pass.distill(outcome.module, data, teacher, names, prepared.task,
                                             distill_config, kind)
-            accuracy["recovered"] = evaluate_module(outcome.module, prepared, None)["accuracy"]
+            recovered = evaluate_module(outcome.module, prepared, plan.max_accuracy_drop)
+            accuracy["recovered"] = recovered["accuracy"]
             shortage = distill_pass.too_little_data(len(data))
             if shortage:
                 warnings.append(shortage)
+            if not recovered["gate"]["passed"]:
+                warnings.append(f"after recovery the pruned model is still short of the original: "
+                                f"{recovered['gate']['message']}; more recovery data (used {len(data)}), "
+                                f"more --recover-steps or a smaller --prune ratio would help")
         else:
             why = "--recover-steps 0" if distill_config.steps <= 0 else "no --calib or --train-data to learn from"
             warnings.append(f"the pruned model was NOT recovered ({why}): expect a large accuracy drop")

@@ -24,7 +24,7 @@ OPTIONS = [
                       "The layer producing the model's output is always kept whole."),
     click.option("--recover-steps", type=int, default=600, show_default=True,
                  help="Distillation steps after pruning (0: no recovery, reported as such)."),
-    click.option("--recover-lr", type=float, help="Recovery learning rate (default 1e-3 CNN, 5e-5 transformer)."),
+    click.option("--recover-lr", type=float, help="Recovery learning rate (default 1e-3 CNN, 1e-4 transformer)."),
     click.option("--recover-batch-size", type=int, default=32, show_default=True, help="Recovery batch size."),
     click.option("--train-data", help="Labelled data (.npz with 'labels', or image class folders) added to "
                                       "recovery with a cross-entropy term."),
