@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install optimize for CPU into .venv, train the digits CNN on scikit-learn's real handwritten
-# digits, build every target this machine can run, and print the table.
+# digits, build every target this machine can run, print the table, then benchmark every engine
+# against torch eager (batch sweep, concurrency, open-loop arrivals) and name the winner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${SKIP_INSTALL:-}" ]; then
@@ -14,3 +15,4 @@ WORK=${WORK:-demo-output}
 "$PYTHON" -m optimize build "$WORK/digits.pt" --arch models.digits:DigitsNet \
   --calib "$WORK/digits_calib.npz" --eval-data "$WORK/digits_test.npz" --target all --out "$WORK/bundle"
 "$PYTHON" -m optimize inspect "$WORK/bundle"
+"$PYTHON" -m optimize bench "$WORK/bundle" --duration 2s

@@ -29,6 +29,15 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(tmp_path):
         # digits CNN: labelled test accuracy within 0.5 points of FP32.
         assert entry["accuracy"]["eval"]["accuracy_pct"] >= fp32 - 0.5, name
     assert "openvino-int8" in result.stdout and "labelled eval" in result.stdout
+    # It ends with the benchmark report and the winner.
+    assert "winner: " in result.stdout.splitlines()[-1]
+    report = json.loads((tmp_path / "bundle" / "bench" / "report.json").read_text())
+    assert set(report["engines"]) == {"torch-eager-fp32", *CPU_TARGETS}
+    assert manifest_winner(tmp_path / "bundle") in CPU_TARGETS
+
+
+def manifest_winner(bundle: Path) -> str:
+    return json.loads((bundle / "manifest.json").read_text())["winner"]["target"]
 
 
 def test_minilm_int8_keeps_embeddings(tmp_path):
@@ -49,3 +58,22 @@ def test_minilm_int8_keeps_embeddings(tmp_path):
     # Weight-only INT8 on ONNX Runtime dequantizes once at load (QDQ fusions off), not per run.
     settings = manifest["targets"]["ort-int8"]["runner_settings"]
     assert settings["session_config"] == {"session.disable_quant_qdq": "1"}
+
+
+def test_digits_half_pruned_recovers_within_a_point_then_int8(tmp_path):
+    from models.digits import make_checkpoint
+
+    make_checkpoint(tmp_path)
+    out = tmp_path / "bundle"
+    result = run_cli("build", tmp_path / "digits.pt", "--arch", "models.digits:DigitsNet",
+                     "--calib", tmp_path / "digits_calib.npz", "--eval-data", tmp_path / "digits_test.npz",
+                     "--prune", "0.5", "--target", "openvino-int8,ort-int8", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    stage = manifest["stages"]["prune"]
+    fp32 = stage["accuracy"]["original"]["eval"]["accuracy_pct"]
+    assert stage["macs_ratio"] >= 2 and stage["recovered"] and not stage["warnings"]
+    assert stage["accuracy"]["pruned"]["eval"]["accuracy_pct"] < fp32 - 20  # pruning alone breaks it
+    assert stage["accuracy"]["recovered"]["eval"]["accuracy_pct"] >= fp32 - 1.0
+    for name in ("openvino-int8", "ort-int8"):
+        assert manifest["targets"][name]["accuracy"]["eval"]["accuracy_pct"] >= fp32 - 1.5, name

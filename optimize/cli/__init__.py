@@ -11,6 +11,7 @@ from optimize import __version__
 from optimize.errors import OptimizeError
 
 COMMANDS = {
+    "bench": "optimize.cli.bench",
     "build": "optimize.cli.build",
     "inspect": "optimize.cli.inspect",
 }
@@ -42,5 +43,6 @@ def main() -> None:
 
     \b
       optimize build ckpt.pt --arch models.digits:DigitsNet --calib data.npz --target all --out bundle/
+      optimize bench bundle/ --latency-slo p99=20ms
       optimize inspect bundle/
     """

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from optimize.cli.bench import print_summary, selection_options
 from optimize.cli.prune_options import prune_configs, prune_options
 from optimize.errors import InputSpecError
 
@@ -28,6 +29,18 @@ def _size(text: str | None) -> tuple[int, int] | None:
         return height, width
     except ValueError:
         raise InputSpecError(f"--image-size {text!r} must be HEIGHTxWIDTH, e.g. 224x224")
+
+
+def _drop(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise InputSpecError(f"--max-accuracy-drop {text!r} must be a number of points, e.g. 1 or 1%")
+    if value < 0:
+        raise InputSpecError(f"--max-accuracy-drop {text!r} must not be negative")
+    return value
 
 
 @click.command("build")
@@ -63,20 +76,26 @@ def _size(text: str | None) -> tuple[int, int] | None:
               show_default=True, help="Activation range calibration for static INT8.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--no-recover", is_flag=True, help="Do not keep sensitive layers in FP32 when INT8 breaches the budget.")
-@click.option("--max-accuracy-drop", type=float,
-              help="Budget in percentage points (classify: accuracy or agreement; embed: 100*(1-cosine)); "
-                   "regress: max abs error. Default 1.0 for classify and embed.")
+@click.option("--max-accuracy-drop", "max_drop_text",
+              help="Budget in percentage points, e.g. 1 or 1% (classify: accuracy or agreement; embed: "
+                   "100*(1-cosine)); regress: max abs error. Default 1.0 for classify and embed.")
 @click.option("--threads", type=int, default=0, show_default=True, help="Inference threads (0: all physical cores).")
 @click.option("--name", help="Model name (default: the checkpoint's file name).")
 @click.option("--no-cache", is_flag=True, help="Do not reuse or write the stage cache.")
+@selection_options
 @prune_options
 def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | None, arch_arg: tuple[str, ...],
             trust_checkpoint: bool, input_shapes: tuple[str, ...], calib: str | None, eval_data: str | None,
             held_out: float, max_held_out: int, max_calib_samples: int, seed: int, image_size: str | None,
             mean: str, std: str, grayscale: bool, task: str | None, int8_scheme: str | None,
-            calib_method: str, per_channel: bool, no_recover: bool, max_accuracy_drop: float | None,
-            threads: int, name: str | None, no_cache: bool, **prune_flags) -> None:
+            calib_method: str, per_channel: bool, no_recover: bool, max_drop_text: str | None,
+            threads: int, name: str | None, no_cache: bool, load_text: str, latency_slo: str | None,
+            allow_slo_miss: bool, **prune_flags) -> None:
     """Build engines from a PyTorch checkpoint into a bundle, gated on accuracy against FP32.
+
+    With --target auto (or a --latency-slo) every available target is built, validated,
+    benchmarked at --load, and the fastest within the accuracy budget that meets the SLO is
+    recorded as the bundle's winner.
 
     \b
       optimize build digits.pt --arch models.digits:DigitsNet --calib digits_calib.npz \\
@@ -93,7 +112,13 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
 
     if not 0 < held_out < 1:
         raise InputSpecError(f"--held-out {held_out} must be between 0 and 1")
+    from optimize.select import parse_load, parse_slo
+
     prune, distill = prune_configs(prune_flags)
+    max_accuracy_drop = _drop(max_drop_text)
+    load = parse_load(load_text)
+    slo = parse_slo(latency_slo) if latency_slo else None
+    select_winner = slo is not None or any(t.strip() == "auto" for item in targets for t in item.split(","))
     image = ImageOptions(size=_size(image_size), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                          grayscale=grayscale)
     plan = BuildPlan(
@@ -111,5 +136,20 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
     unavailable = [n for n, e in result.manifest["targets"].items()
                    if e["status"] == "unavailable" and n in ",".join(explicit).split(",")]
     built = [n for n, e in result.manifest["targets"].items() if e["status"] == "built"]
-    if result.failed or unavailable or not built:
+    # With a winner to choose, a target that failed its gate is simply not a candidate.
+    if unavailable or not built or (result.failed and not select_winner):
         sys.exit(1)
+    if select_winner:
+        from optimize.bench.load import LoadPlan
+        from optimize.bench.run import BenchConfig, bench_bundle
+
+        plan = LoadPlan(batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(), duration_s=3.0)
+        report, decision, folder = bench_bundle(result.bundle, BenchConfig(plan=plan, cross_check=False), slo, load,
+                                                say=lambda text: click.echo(text, err=True))
+        print_summary(report)
+        click.echo(f"report: {folder / 'report.md'}")
+        if report["interrupted"]:
+            sys.exit(130)
+        click.echo(f"winner: {decision['reason']}")
+        if decision["target"] is None and not allow_slo_miss:
+            sys.exit(1)

@@ -1,0 +1,151 @@
+"""The benchmark report: JSON for machines, Markdown with plots for people, saved in the bundle.
+
+``bundle/bench/`` is written to a temporary sibling and swapped into place, so a reader never
+sees half a report; a stopped run still leaves a complete (marked interrupted) report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = "bench"
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(report: dict[str, Any], load: str = "batch=1") -> list[list[str]]:
+    rows = [["engine", "p50 ms", "p99 ms", "spread %", "throughput /s", "vs torch eager", "stable"]]
+    for name, engine in report["engines"].items():
+        point = next((p for p in engine["points"] if p["load"] == load), None)
+        if point is None:
+            continue
+        ratio = report.get("ratios_vs_torch", {}).get(name, {}).get(load)
+        rows.append([name, _fmt(point["p50_ms"]), _fmt(point["p99_ms"]), _fmt(point["spread_pct"], 1),
+                     _fmt(point["throughput_items_per_s"], 1), f"{ratio:.2f}x" if ratio else "-",
+                     "yes" if point["stable"] else "no"])
+    return rows
+
+
+def engine_rows(report: dict[str, Any], name: str) -> list[list[str]]:
+    rows = [["load", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms", "throughput /s", "spread %",
+             "late sends", "vs torch"]]
+    ratios = report.get("ratios_vs_torch", {}).get(name, {})
+    for p in report["engines"][name]["points"]:
+        late = f"{p['late_sends']} ({p['late_send_pct']:.1f}%)" if p["kind"] == "rate" else "-"
+        ratio = ratios.get(p["load"])
+        rows.append([p["load"], _fmt(p["p50_ms"]), _fmt(p["p90_ms"]), _fmt(p["p95_ms"]), _fmt(p["p99_ms"]),
+                     _fmt(p["max_ms"]), _fmt(p["throughput_items_per_s"], 1), _fmt(p["spread_pct"], 1), late,
+                     f"{ratio:.2f}x" if ratio else "-"])
+    return rows
+
+
+def plots(report: dict[str, Any], folder: Path) -> list[str]:
+    """Latency against batch size and p99 latency against throughput; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, engine in report["engines"].items():
+        points = [p for p in engine["points"] if p["kind"] == "batch"]
+        if points:
+            axis.plot([p["value"] for p in points], [p["p50_ms"] for p in points], marker="o", label=name)
+    axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency per request (ms)",
+             title="Latency against batch size")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "latency_vs_batch.png", dpi=110)
+    plt.close(figure)
+    written.append("latency_vs_batch.png")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, engine in report["engines"].items():
+        points = sorted((p for p in engine["points"] if p["kind"] in ("concurrency", "rate")),
+                        key=lambda p: p["throughput_items_per_s"])
+        if points:
+            axis.plot([p["throughput_items_per_s"] for p in points], [p["p99_ms"] for p in points],
+                      marker="o", label=name)
+    axis.set(yscale="log", xlabel="achieved throughput (requests/s)", ylabel="p99 latency (ms)",
+             title="Latency against throughput (closed and open loop)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "latency_vs_throughput.png", dpi=110)
+    plt.close(figure)
+    written.append("latency_vs_throughput.png")
+    return written
+
+
+def markdown(report: dict[str, Any], images: list[str]) -> str:
+    machine = report["machine"]
+    parts = [f"# Benchmark: {report['model_name']}\n",
+             f"{report['created']} on {machine['cpu']} ({machine['cores']} cores); threads "
+             f"{report['runner_config'].get('threads') or 'backend default'}; baseline: "
+             f"{report.get('baseline') or 'none'}."
+             + (" **Interrupted: partial results.**" if report.get("interrupted") else "") + "\n",
+             "## Batch 1, one caller\n", _table(summary_rows(report))]
+    winner = report.get("winner")
+    if winner:
+        parts += ["## Winner\n", f"{winner['reason']}\n"]
+    for image in images:
+        parts.append(f"![{image}]({image})\n")
+    for name in report["engines"]:
+        parts += [f"## {name}\n", _table(engine_rows(report, name))]
+    cross = report.get("cross_check") or {}
+    if cross:
+        parts.append("## Cross-check: OpenVINO benchmark_app (batch 1, sync, latency hint)\n")
+        if "skipped" in cross:
+            parts.append(cross["skipped"] + "\n")
+        for name, result in cross.items():
+            if isinstance(result, dict) and "benchmark_app_p50_ms" in result:
+                parts.append(f"- {name}: benchmark_app median {result['benchmark_app_p50_ms']:.3f} ms, ours "
+                             f"{_fmt(result['ours_p50_ms'], 3)} ms (ours / theirs "
+                             f"{_fmt(result['ours_over_benchmark_app'], 3)})\n")
+            elif isinstance(result, dict):
+                parts.append(f"- {name}: {result.get('error')}\n")
+    parts.append("\nLatencies of open-loop runs count from each request's scheduled time; late sends are "
+                 "requests that could not be issued on time.\n")
+    return "\n".join(parts)
+
+
+def write_report(bundle: Path, report: dict[str, Any]) -> Path:
+    """Save ``report.json``, ``report.md`` and the plots in ``bundle/bench/`` atomically."""
+    bundle = Path(bundle)
+    staging = Path(tempfile.mkdtemp(dir=bundle, prefix=f".{BENCH_DIR}.tmp-"))
+    try:
+        images = plots(report, staging)
+        (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (staging / "report.md").write_text(markdown(report, images))
+        final = bundle / BENCH_DIR
+        old = None
+        if final.exists():
+            old = bundle / f".{BENCH_DIR}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,208 @@
+"""``optimize bench``: every built target (and torch eager) under the loads of a ``LoadPlan``.
+
+Inputs are the bundle's held-out samples, tiled to each batch size. Targets are measured one after
+another with the same plan; torch eager FP32 from ``program.pt2`` is the baseline of every ratio.
+Rates for the open loop are, unless given, fractions of each engine's measured capacity, so one
+plan shows the knee on any machine. Ctrl-C stops cleanly: what was measured is kept and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from optimize.bench.load import LoadPlan, LoadPoint, batch_point, closed_loop, open_loop
+from optimize.bundle import read_manifest
+from optimize.errors import BundleError
+from optimize.specs import TensorSpec
+
+BASELINE = "torch-eager-fp32"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    plan: LoadPlan = LoadPlan()
+    targets: tuple[str, ...] = ()  # empty: every built target
+    torch_baseline: bool = True
+    cross_check: bool = True  # OpenVINO's benchmark_app on the same engine files, batch 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_json(), "targets": list(self.targets),
+                "torch_baseline": self.torch_baseline, "cross_check": self.cross_check}
+
+
+def tiled_feeds(held: dict[str, np.ndarray], inputs: list[TensorSpec], batch: int) -> dict[str, np.ndarray]:
+    """``batch`` held-out samples (repeated when there are fewer), contiguous, per input."""
+    count = len(next(iter(held.values())))
+    index = np.arange(batch) % count
+    return {s.name: np.ascontiguousarray(held[s.name][index]) for s in inputs}
+
+
+def engines_to_run(manifest: dict[str, Any], wanted: tuple[str, ...]) -> list[str]:
+    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
+    if not wanted:
+        return built
+    missing = [n for n in wanted if n not in built]
+    if missing:
+        raise BundleError(f"target(s) {', '.join(missing)} not built in this bundle; built: "
+                          f"{', '.join(built) or 'none'}")
+    return list(wanted)
+
+
+def load_points(plan: LoadPlan) -> list[tuple[str, float]]:
+    points = [("batch", float(b)) for b in plan.batch_sizes]
+    points += [("concurrency", float(c)) for c in plan.concurrency]
+    points += [("rate", float(r)) for r in plan.rates]
+    if not plan.rates:
+        points += [("rate-fraction", f) for f in plan.rate_fractions]
+    return points
+
+
+def capacity_rps(points: list[LoadPoint]) -> float:
+    """Requests (batch 1) per second this engine sustained in the closed-loop and batch-1 runs."""
+    best = [p.summary()["requests_per_s"] for p in points
+            if (p.kind == "concurrency") or (p.kind == "batch" and p.value == 1)]
+    return max(best, default=0.0)
+
+
+def bench_engine(runner: Any, held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
+                 tick: Callable[[str], None]) -> list[LoadPoint]:
+    """Every load of ``plan`` on one engine; stops early (keeping what was measured) when ``stop`` is set."""
+    feeds = {b: tiled_feeds(held, runner.inputs, b) for b in {1, *plan.batch_sizes}}
+    send = lambda batch: runner.infer(feeds[batch])  # noqa: E731
+    measured: list[LoadPoint] = []
+    try:
+        _run_points(send, plan, stop, tick, measured)
+    except KeyboardInterrupt:
+        stop.set()  # callers and senders see it and stop; the points already measured are kept
+    return measured
+
+
+def _run_points(send: Callable[[int], Any], plan: LoadPlan, stop: threading.Event,
+                tick: Callable[[str], None], measured: list[LoadPoint]) -> None:
+    for kind, value in load_points(plan):
+        if stop.is_set():
+            break
+        if kind == "batch":
+            point = batch_point(send, int(value), plan.measure)
+        elif kind == "concurrency":
+            point = closed_loop(send, int(value), plan.duration_s, plan.measure.tolerance, stop)
+        else:
+            rate = value if kind == "rate" else round(value * capacity_rps(measured), 1)
+            if rate <= 0:
+                continue
+            point = open_loop(send, rate, plan.duration_s, plan.arrivals, plan.seed, plan.max_in_flight,
+                              tolerance=plan.measure.tolerance, stop=stop)
+        measured.append(point)
+        tick(point.label)
+
+
+def ratios(engines: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per engine and load: torch eager p50 / engine p50 (above 1: faster than torch)."""
+    base = engines.get(BASELINE)
+    if not base:
+        return {}
+    base_p50 = {p["load"]: p["p50_ms"] for p in base["points"]}
+    out: dict[str, dict[str, float]] = {}
+    for name, engine in engines.items():
+        out[name] = {p["load"]: base_p50[p["load"]] / p["p50_ms"]
+                     for p in engine["points"] if p["load"] in base_p50 and p["p50_ms"] > 0}
+    return out
+
+
+def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = print,
+              progress: bool = True) -> dict[str, Any]:
+    """Measure, then return the report (``write_report`` saves it in the bundle)."""
+    from tqdm.auto import tqdm
+
+    from optimize.bundle import load_runner
+    from optimize.pipeline import library_versions, machine_info
+    from optimize.targets.base import RunnerConfig
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    names = engines_to_run(manifest, config.targets)
+    if not names:
+        raise BundleError(f"bundle {bundle} has no built target to benchmark")
+    held_file = np.load(bundle / "data" / "heldout.npz")
+    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+    held = {s.name: held_file[s.name] for s in inputs}
+    runner_config = RunnerConfig(**manifest["runner_config"])
+    order = ([BASELINE] if config.torch_baseline else []) + names
+    stop = threading.Event()
+    engines: dict[str, dict[str, Any]] = {}
+    steps = len(order) * len(load_points(config.plan))
+    bar = tqdm(total=steps, desc="benchmarking", unit="load", disable=not progress, leave=False)
+    try:
+        for name in order:
+            if name == BASELINE:
+                from optimize.bench.torch_runner import TorchProgramRunner
+
+                runner = TorchProgramRunner(bundle / "program.pt2", inputs,
+                                            [o["name"] for o in manifest["outputs"]], runner_config)
+            else:
+                runner = load_runner(bundle, name)
+            bar.set_description(f"benchmarking {name}")
+            points = bench_engine(runner, held, config.plan, stop, lambda label: bar.update(1))
+            if points:
+                engines[name] = {"settings": runner.settings, "points": [p.summary() for p in points],
+                                 "capacity_rps": capacity_rps(points)}
+            runner.close()
+            say(f"{name}: " + ", ".join(f"{p.label} p50 {p.percentile_ms(50):.2f} ms" for p in points[:3]))
+            if stop.is_set():
+                break
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        bar.close()
+    interrupted = stop.is_set()
+    if interrupted:
+        say("interrupted: keeping what was measured")
+    report = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "model_name": manifest["model_name"], "task": manifest["task"], "config": config.to_json(),
+              "baseline": BASELINE if config.torch_baseline else None, "engines": engines,
+              "ratios_vs_torch": ratios(engines), "interrupted": interrupted,
+              "machine": machine_info(), "versions": library_versions(),
+              "runner_config": manifest["runner_config"]}
+    if config.cross_check and not interrupted:
+        from optimize.bench.cross_check import openvino_benchmark_app
+
+        report["cross_check"] = openvino_benchmark_app(bundle, manifest, engines, say)
+    return report
+
+
+def plan_with_load(plan: LoadPlan, load: Any) -> LoadPlan:
+    """Make sure the load the winner is chosen at is measured."""
+    if load.kind == "batch" and int(load.value) not in plan.batch_sizes:
+        return dataclasses.replace(plan, batch_sizes=tuple(sorted({*plan.batch_sizes, int(load.value)})))
+    if load.kind == "concurrency" and int(load.value) not in plan.concurrency:
+        return dataclasses.replace(plan, concurrency=tuple(sorted({*plan.concurrency, int(load.value)})))
+    if load.kind == "rate" and load.value not in plan.rates:
+        return dataclasses.replace(plan, rates=tuple(sorted({*plan.rates, load.value})))
+    return plan
+
+
+def bench_bundle(bundle: Path, config: BenchConfig, slo: Any, load: Any, say: Callable[[str], None] = print,
+                 progress: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+    """Benchmark, pick the winner at ``load`` under ``slo``, save the report and the manifest's winner."""
+    from optimize.bench.report import write_report
+    from optimize.bundle import MANIFEST, write_json
+    from optimize.select import select
+
+    config = dataclasses.replace(config, plan=plan_with_load(config.plan, load))
+    report = run_bench(bundle, config, say, progress)
+    decision = None
+    if not report["interrupted"]:
+        manifest = read_manifest(bundle)
+        decision = select(manifest, report, slo, load)
+        report["winner"] = decision
+        manifest["winner"] = decision
+        manifest["bench"] = {"report": "bench/report.md", "created": report["created"]}
+        write_json(Path(bundle) / MANIFEST, manifest)
+    folder = write_report(bundle, report)
+    return report, decision, folder

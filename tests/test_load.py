@@ -1,0 +1,68 @@
+"""The load models against a real service with a known capacity: one worker, 5 ms per request.
+
+The service is a plain function holding a lock for 5 ms (a serial server of capacity 200/s), so
+each model's expected numbers are known and the assertions can fail when the logic is wrong.
+"""
+
+import threading
+import time
+
+import pytest
+
+from optimize.bench.load import arrival_times, batch_point, closed_loop, open_loop
+from optimize.bench.measure import MeasureConfig
+
+SERVICE_S = 0.005
+
+
+def serial_service():
+    lock = threading.Lock()
+
+    def send(batch: int) -> None:
+        with lock:
+            deadline = time.perf_counter() + SERVICE_S * batch
+            while time.perf_counter() < deadline:
+                time.sleep(0.0005)
+    return send
+
+
+def test_arrivals_are_seeded_and_at_the_rate():
+    poisson = arrival_times(200, 5.0, "poisson", seed=1)
+    assert 900 < len(poisson) < 1100 and (poisson == arrival_times(200, 5.0, "poisson", seed=1)).all()
+    constant = arrival_times(100, 2.0, "constant", seed=0)
+    assert len(constant) == 200 and constant[1] == pytest.approx(0.01)
+
+
+def test_batch_sweep_counts_items_per_request():
+    point = batch_point(serial_service(), 4, MeasureConfig(window_s=0.2, max_windows=4, time_limit_s=3))
+    summary = point.summary()
+    assert summary["load"] == "batch=4" and summary["items_per_request"] == 4
+    assert 15 < summary["p50_ms"] < 40
+    assert summary["throughput_items_per_s"] == pytest.approx(4000 / summary["p50_ms"] / 1, rel=0.5)
+
+
+def test_closed_loop_queues_behind_a_serial_service():
+    point = closed_loop(serial_service(), 3, duration_s=1.0)
+    summary = point.summary()
+    assert 30 < summary["requests_per_s"] < 215  # never above the capacity of 200/s
+    # Three callers always in flight: by Little's law the mean latency is 3 / throughput, about
+    # three service times (the lock is not fair, so the median alone proves little).
+    mean_s = sum(point.latencies_s) / len(point.latencies_s)
+    assert mean_s == pytest.approx(3 / summary["requests_per_s"], rel=0.2)
+    assert mean_s > 2 * SERVICE_S
+
+
+def test_open_loop_below_capacity_is_on_time():
+    summary = open_loop(serial_service(), 50, duration_s=1.5, seed=2).summary()
+    assert summary["late_send_pct"] < 10 and summary["unfinished"] == 0
+    assert summary["p50_ms"] < 12 and summary["scheduled"] > 50
+
+
+def test_open_loop_above_capacity_shows_growing_latency_and_late_sends():
+    summary = open_loop(serial_service(), 400, duration_s=1.5, max_in_flight=4, seed=3, drain_s=0.5).summary()
+    # Twice the capacity: the backlog grows for the whole run, and latency counts from the schedule.
+    assert summary["late_send_pct"] > 30
+    assert summary["p99_ms"] > 300 and summary["p99_ms"] > 10 * summary["p50_ms"] / 10
+    assert summary["requests_per_s"] < 230
+    windows = summary["window_p50_ms"]
+    assert windows[-1] > windows[0]
