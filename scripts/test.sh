@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install optimize with every CPU backend and the test tools into .venv, then run the tests.
-# Arguments go to pytest: `scripts/test.sh -m "not slow"` is the quick subset.
+# Arguments go to pytest: `scripts/test.sh -m "not slow and not service"` is the quick subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

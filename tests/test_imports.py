@@ -13,8 +13,9 @@ class Block:
 sys.meta_path.insert(0, Block())
 import optimize, optimize.cli, optimize.targets.registry as registry
 from optimize.pipeline import run_build  # the pipeline itself imports backends lazily too
+import serve.server, serve.app, optimize.bench.run
 from click.testing import CliRunner
-for args in (["--help"], ["build", "--help"], ["inspect", "--help"]):
+for args in (["--help"], ["build", "--help"], ["inspect", "--help"], ["bench", "--help"], ["serve", "--help"]):
     result = CliRunner().invoke(optimize.cli.main, args)
     assert result.exit_code == 0, (args, result.output)
     print(result.output.splitlines()[0])

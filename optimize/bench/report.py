@@ -73,12 +73,7 @@ def plots(report: dict[str, Any], folder: Path) -> list[str]:
             axis.plot([p["value"] for p in points], [p["p50_ms"] for p in points], marker="o", label=name)
     axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency per request (ms)",
              title="Latency against batch size")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(folder / "latency_vs_batch.png", dpi=110)
-    plt.close(figure)
-    written.append("latency_vs_batch.png")
+    written.append(_save(plt, figure, axis, folder / "latency_vs_batch.png"))
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, engine in report["engines"].items():
         points = sorted((p for p in engine["points"] if p["kind"] in ("concurrency", "rate")),
@@ -88,13 +83,17 @@ def plots(report: dict[str, Any], folder: Path) -> list[str]:
                       marker="o", label=name)
     axis.set(yscale="log", xlabel="achieved throughput (requests/s)", ylabel="p99 latency (ms)",
              title="Latency against throughput (closed and open loop)")
+    written.append(_save(plt, figure, axis, folder / "latency_vs_throughput.png"))
+    return written
+
+
+def _save(plt: Any, figure: Any, axis: Any, path: Path) -> str:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(folder / "latency_vs_throughput.png", dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append("latency_vs_throughput.png")
-    return written
+    return path.name
 
 
 def markdown(report: dict[str, Any], images: list[str]) -> str:

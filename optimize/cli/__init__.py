@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "optimize.cli.bench",
     "build": "optimize.cli.build",
     "inspect": "optimize.cli.inspect",
+    "serve": "optimize.cli.serve",
 }
 
 

@@ -37,15 +37,24 @@ def selection_options(command):
     return command
 
 
-def print_summary(report: dict) -> None:
+def bench_and_report(bundle: Path, config, slo, load, allow_slo_miss: bool) -> None:
+    """Benchmark, print the batch-1 table and the winner; exit 130 when stopped, 1 when the SLO is missed."""
     from optimize.bench.report import summary_rows
+    from optimize.bench.run import bench_bundle
 
+    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True))
     rows = summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+    click.echo(f"report: {folder / 'report.md'}")
+    if report["interrupted"]:
+        sys.exit(130)
+    click.echo(f"winner: {decision['reason']}")
+    if decision["target"] is None and not allow_slo_miss:
+        sys.exit(1)
 
 
 @click.command("bench")
@@ -76,7 +85,7 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
       optimize bench bundle/ --load rate=100 --latency-slo p99=20ms
     """
     from optimize.bench.load import LoadPlan
-    from optimize.bench.run import BenchConfig, bench_bundle
+    from optimize.bench.run import BenchConfig
     from optimize.select import parse_duration, parse_load, parse_slo
 
     if max_in_flight < 1:
@@ -89,11 +98,4 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
     config = BenchConfig(plan=plan, targets=wanted, torch_baseline=not no_torch, cross_check=not no_cross_check)
     slo = parse_slo(latency_slo) if latency_slo else None
     load = parse_load(load_text)
-    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True))
-    print_summary(report)
-    click.echo(f"report: {folder / 'report.md'}")
-    if report["interrupted"]:
-        sys.exit(130)
-    click.echo(f"winner: {decision['reason']}")
-    if decision["target"] is None and not allow_slo_miss:
-        sys.exit(1)
+    bench_and_report(bundle, config, slo, load, allow_slo_miss)

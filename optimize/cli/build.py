@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from optimize.cli.bench import print_summary, selection_options
+from optimize.cli.bench import bench_and_report, selection_options
 from optimize.cli.prune_options import prune_configs, prune_options
 from optimize.errors import InputSpecError
 
@@ -141,15 +141,7 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
         sys.exit(1)
     if select_winner:
         from optimize.bench.load import LoadPlan
-        from optimize.bench.run import BenchConfig, bench_bundle
+        from optimize.bench.run import BenchConfig
 
         plan = LoadPlan(batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(), duration_s=3.0)
-        report, decision, folder = bench_bundle(result.bundle, BenchConfig(plan=plan, cross_check=False), slo, load,
-                                                say=lambda text: click.echo(text, err=True))
-        print_summary(report)
-        click.echo(f"report: {folder / 'report.md'}")
-        if report["interrupted"]:
-            sys.exit(130)
-        click.echo(f"winner: {decision['reason']}")
-        if decision["target"] is None and not allow_slo_miss:
-            sys.exit(1)
+        bench_and_report(result.bundle, BenchConfig(plan=plan, cross_check=False), slo, load, allow_slo_miss)

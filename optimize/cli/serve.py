@@ -1,0 +1,49 @@
+"""``optimize serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from optimize.errors import InputSpecError
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", help="Target to serve (default: the bundle's winner, else its first built target).")
+@click.option("--model-name", help="Name served under /v2/models/ (default: the manifest's model name).")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Most rows per engine call (1: no batching).")
+@click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
+              help="How long a part-full batch may wait for company while engines are busy.")
+@click.option("--queue-capacity", type=int, default=64, show_default=True,
+              help="Requests waiting before new ones get 503 at once.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Engine instances fed by the batching loop.")
+@click.option("--max-body-mb", type=float, default=64, show_default=True, help="Largest request body (413 above).")
+@click.option("--drain-delay", type=float, default=5.0, show_default=True,
+              help="Seconds requests are still accepted after SIGTERM, with readiness false.")
+@click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds to finish queued work after SIGTERM.")
+def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
+            max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
+            grace: float) -> None:
+    """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
+
+    \b
+      optimize serve bundle/ --port 8000
+      curl localhost:8000/v2/models/digits        # metadata
+      curl localhost:8000/metrics                 # Prometheus
+    """
+    from serve.batching import BatchingConfig
+    from serve.server import ServeConfig, serve
+
+    for flag, value in (("--max-batch", max_batch), ("--queue-capacity", queue_capacity), ("--instances", instances)):
+        if value < 1:
+            raise InputSpecError(f"{flag} {value} must be at least 1")
+    if max_delay_ms < 0 or drain_delay < 0 or grace < 0 or max_body_mb <= 0:
+        raise InputSpecError("--max-delay-ms, --drain-delay and --grace must not be negative, --max-body-mb positive")
+    batching = BatchingConfig(max_batch=max_batch, max_delay_s=max_delay_ms / 1000, queue_capacity=queue_capacity,
+                              instances=instances)
+    serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=port, batching=batching,
+                      max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace))

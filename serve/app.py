@@ -1,0 +1,200 @@
+"""The HTTP side: Open Inference Protocol routes as a bare ASGI application.
+
+No web framework sits between the socket server and these handlers: on a small model the
+framework's own cost would be most of the latency. Routes (``{m}`` is the model name; every model
+route also answers under ``/versions/{v}``):
+
+    GET  /v2/health/live    /v2/health/ready    /v2    /metrics
+    GET  /v2/models/{m}     /v2/models/{m}/ready     /v2/models/{m}/config     /v2/models/{m}/stats
+    POST /v2/models/{m}/infer
+
+Caller mistakes are a 4xx with ``{"error": "..."}``; a full queue is a 503 at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+from optimize import __version__
+from serve.batching import Batcher, Overloaded
+from serve.metrics import CONTENT_TYPE, ServerMetrics
+from serve.model import ServedModel
+from serve.protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+JSON = b"application/json"
+
+
+class Stats:
+    """Counters for ``/v2/models/{m}/stats`` in the shape Triton's tooling reads (nanoseconds)."""
+
+    def __init__(self) -> None:
+        self.success = [0, 0]
+        self.fail = [0, 0]
+        self.last_inference_ms = 0
+
+    def record(self, ok: bool, seconds: float) -> None:
+        bucket = self.success if ok else self.fail
+        bucket[0] += 1
+        bucket[1] += int(seconds * 1e9)
+        if ok:
+            self.last_inference_ms = int(time.time() * 1000)
+
+
+class InferenceApp:
+    """ASGI callable serving one model through a ``Batcher``."""
+
+    def __init__(self, model: ServedModel, batcher: Batcher, metrics: ServerMetrics,
+                 max_body_bytes: int = 64 << 20, warmup: Callable[[], Awaitable[None]] | None = None,
+                 grace_s: float = 30.0):
+        self.model = model
+        self.warmup = warmup
+        self.grace_s = grace_s
+        self.batcher = batcher
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.ready = False
+        self.stats = Stats()
+        prefix = f"/v2/models/{model.name}"
+        self._model_prefixes = (prefix, f"{prefix}/versions/{model.version}")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        try:
+            if method == "POST" and path.endswith("/infer"):
+                await self._infer(scope, receive, send, path, started)
+                return
+            if method != "GET":
+                raise ProtocolError(f"{method} {path} is not a route of this server", 405)
+            await self._get(path, send)
+        except ProtocolError as exc:
+            await _respond(send, exc.status, _error(str(exc)))
+
+    async def _get(self, path: str, send: Callable) -> None:
+        if path == "/v2/health/live":
+            await _respond(send, 200, b'{"live":true}')
+        elif path == "/v2/health/ready":
+            await _respond(send, 200 if self.ready else 503, json.dumps({"ready": self.ready}).encode())
+        elif path == "/v2":
+            body = {"name": "optimize", "version": __version__, "extensions": EXTENSIONS}
+            await _respond(send, 200, json.dumps(body).encode())
+        elif path == "/metrics":
+            await _respond(send, 200, self.metrics.render(), CONTENT_TYPE.encode())
+        else:
+            route = self._model_route(path)
+            if route == "":
+                await _respond(send, 200, json.dumps(self.model.metadata()).encode())
+            elif route == "/ready":
+                await _respond(send, 200 if self.ready else 503, json.dumps({"ready": self.ready}).encode())
+            elif route == "/config":
+                await _respond(send, 200, json.dumps(self.model.config(self.batcher.config.to_json())).encode())
+            elif route == "/stats":
+                await _respond(send, 200, json.dumps(self._stats()).encode())
+            else:
+                raise ProtocolError(f"GET {path} is not a route of this server", 404)
+
+    def _model_route(self, path: str) -> str:
+        for prefix in sorted(self._model_prefixes, key=len, reverse=True):
+            if path == prefix or path.startswith(prefix + "/"):
+                return path[len(prefix):]
+        if path.startswith("/v2/models/"):
+            name = path[len("/v2/models/"):].split("/")[0]
+            raise ProtocolError(f"model '{name}' is not served here; this server serves '{self.model.name}' "
+                                f"version {self.model.version}", 404)
+        raise ProtocolError(f"{path} is not a route of this server", 404)
+
+    async def _infer(self, scope: dict, receive: Callable, send: Callable, path: str, started: float) -> None:
+        outcome = "client_error"
+        gauge = self.metrics.gauge_in_flight
+        gauge.inc()
+        try:
+            if self._model_route(path[:-len("/infer")]) != "":
+                raise ProtocolError(f"POST {path} is not a route of this server", 404)
+            headers = dict(scope["headers"])
+            body = await _read_body(receive, headers, self.max_body_bytes)
+            length = headers.get(HEADER_LENGTH.encode())
+            request = decode_request(body, length.decode() if length is not None else None)
+            feeds = self.model.check(request)
+            try:
+                outputs = await self.batcher.infer(feeds)
+            except Overloaded as exc:
+                outcome = "rejected"
+                raise ProtocolError(f"overloaded: {exc}; retry later", 503) from None
+            except Exception as exc:
+                outcome = "server_error"
+                raise ProtocolError(f"the engine failed: {type(exc).__name__}: {exc}", 500) from None
+            body, extra = encode_response(self.model.name, self.model.version, request,
+                                          self.model.select_outputs(request, outputs))
+            outcome = "ok"
+            await _respond(send, 200, body, JSON, extra)
+        except ProtocolError as exc:
+            await _respond(send, exc.status, _error(str(exc)))
+        finally:
+            gauge.dec()
+            elapsed = time.perf_counter() - started
+            self.metrics.finished(outcome, elapsed)
+            self.stats.record(outcome == "ok", elapsed)
+
+    def _stats(self) -> dict[str, Any]:
+        success, fail = self.stats.success, self.stats.fail
+        return {"model_stats": [{
+            "name": self.model.name, "version": self.model.version,
+            "last_inference": self.stats.last_inference_ms, "inference_count": success[0],
+            "execution_count": success[0],
+            "inference_stats": {"success": {"count": success[0], "ns": success[1]},
+                                "fail": {"count": fail[0], "ns": fail[1]}}}]}
+
+    async def _lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.batcher.start()
+                if self.warmup is not None:
+                    await self.warmup()  # the first calls of an engine are slow: not on a user's request
+                self.ready = True
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.ready = False
+                await self.batcher.drain(self.grace_s)
+                self.batcher.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _read_body(receive: Callable, headers: dict[bytes, bytes], limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"the body of {int(declared)} bytes is larger than the limit of {limit}", 413)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ProtocolError("the client went away before the body was complete", 400)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"the body is larger than the limit of {limit} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+async def _respond(send: Callable[[dict], Awaitable[None]], status: int, body: bytes,
+                   content_type: bytes = JSON, extra: dict[str, str] | None = None) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    for key, value in (extra or {}).items():
+        headers.append((key.lower().encode(), value.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,167 @@
+"""Dynamic batching: one loop per process groups queued requests and feeds N engine instances.
+
+A request waits in a bounded queue. Whenever an engine instance is free, the loop takes the oldest
+request and every queued request whose inputs stack with it (same dtypes and non-batch shapes), up
+to ``max_batch`` rows, and runs them as one batch in a worker thread, off the event loop. An idle
+server therefore dispatches a lone request at once; under load, batches form from what queued up
+while the engines were busy, and ``max_delay_s`` may hold a part-full batch a little longer for
+company. Requests that carry their own batch dimension count as that many rows. A full queue
+rejects at once (``Overloaded``), it never blocks the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+
+class Overloaded(Exception):
+    """The queue is full: answer 503 now rather than wait."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 8
+    max_delay_s: float = 0.0
+    queue_capacity: int = 64  # requests waiting, not counting those running
+    instances: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Item:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    signature: tuple
+    future: asyncio.Future
+    queued_at: float
+
+
+class BatchObserver:
+    """What the batcher reports (the metrics implement it); the default ignores everything."""
+
+    def queued(self, seconds: float) -> None: ...
+
+    def computed(self, seconds: float, rows: int) -> None: ...
+
+
+class Batcher:
+    """``await batcher.infer(feeds)`` -> outputs for exactly those rows."""
+
+    def __init__(self, runners: list[Any], config: BatchingConfig, observer: BatchObserver | None = None):
+        self.config = config
+        self._runners = runners
+        self._observer = observer or BatchObserver()
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._free: asyncio.Queue | None = None
+        self._wake: asyncio.Event | None = None
+        self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix="engine")
+        self._task: asyncio.Task | None = None
+        self._running = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy(self) -> int:
+        return self._running
+
+    def start(self) -> None:
+        self._free = asyncio.Queue()
+        for runner in self._runners:
+            self._free.put_nowait(runner)
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(self._pending) >= self.config.queue_capacity:
+            raise Overloaded(f"the queue is full ({self.config.queue_capacity} requests waiting)")
+        rows = len(next(iter(feeds.values())))
+        signature = tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items()))
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(feeds, rows, signature, future, time.perf_counter()))
+        self._wake.set()
+        return await future
+
+    def _take_batch(self) -> list[_Item]:
+        first = self._pending.popleft()
+        batch, rows, keep = [first], first.rows, collections.deque()
+        while self._pending and rows < self.config.max_batch:
+            item = self._pending.popleft()
+            if item.signature == first.signature and rows + item.rows <= self.config.max_batch:
+                batch.append(item)
+                rows += item.rows
+            else:
+                keep.append(item)
+        self._pending.extendleft(reversed(keep))
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            runner = await self._free.get()
+            if self.config.max_delay_s > 0 and self._running > 0:
+                rows = sum(i.rows for i in self._pending)
+                deadline = self._pending[0].queued_at + self.config.max_delay_s
+                while rows < self.config.max_batch and time.perf_counter() < deadline:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), deadline - time.perf_counter())
+                    except asyncio.TimeoutError:
+                        break
+                    rows = sum(i.rows for i in self._pending)
+            if not self._pending:
+                self._free.put_nowait(runner)
+                continue
+            batch = self._take_batch()
+            self._running += 1
+            asyncio.get_running_loop().create_task(self._run(runner, batch))
+
+    async def _run(self, runner: Any, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            self._observer.queued(started - item.queued_at)
+        try:
+            feeds = batch[0].feeds if len(batch) == 1 else {
+                name: np.concatenate([item.feeds[name] for item in batch]) for name in batch[0].feeds}
+            outputs = await asyncio.get_running_loop().run_in_executor(self._pool, runner.infer, feeds)
+            self._observer.computed(time.perf_counter() - started, sum(i.rows for i in batch))
+            offset = 0
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result({k: v[offset:offset + item.rows] for k, v in outputs.items()})
+                offset += item.rows
+        except Exception as exc:  # the engine failed: every request of the batch gets the error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self._running -= 1
+            self._free.put_nowait(runner)
+            self._wake.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or running; False if ``timeout_s`` ran out first."""
+        deadline = time.perf_counter() + timeout_s
+        while (self._pending or self._running) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        return not (self._pending or self._running)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for runner in self._runners:
+            runner.close()
+

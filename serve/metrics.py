@@ -1,0 +1,70 @@
+"""The server's Prometheus metrics, named as DESIGN.md's table says, on a registry of their own.
+
+Seconds for durations, ``_total`` for counters, histograms (they aggregate across replicas). Every
+series carries ``model`` and ``version``; ``model_info`` adds the target, precision and bundle.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from serve.batching import BatchObserver
+
+OUTCOMES = ("ok", "client_error", "rejected", "server_error")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# ``*_created`` series double the exposition and no dashboard or rule of ours reads them.
+disable_created_metrics()
+
+
+class ServerMetrics(BatchObserver):
+    """Every series of one served model; ``render()`` is the ``/metrics`` body."""
+
+    def __init__(self, model: str, version: str, target: str, precision: str, bundle: str,
+                 queue_capacity: int, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ("model", "version")
+        self.requests = Counter("inference_requests", "Inference requests by outcome.",
+                                (*labels, "outcome"), registry=self.registry)
+        self.duration = Histogram("inference_request_duration_seconds", "End-to-end request time in the server.",
+                                  labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue = Histogram("inference_queue_duration_seconds", "Time a request waited for an engine.",
+                               labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.compute = Histogram("inference_compute_duration_seconds", "Engine time per batch.",
+                                 labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch = Histogram("inference_batch_size", "Rows per engine call.", labels,
+                               buckets=BATCH_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("inference_requests_in_flight", "Requests being handled now.", labels,
+                               registry=self.registry)
+        self.capacity = Gauge("inference_queue_capacity", "Requests the queue holds before rejecting.", labels,
+                              registry=self.registry)
+        self.info = Gauge("model_info", "The model served (always 1).", (*labels, "target", "precision", "bundle"),
+                          registry=self.registry)
+        self._labels = {"model": model, "version": version}
+        for outcome in OUTCOMES:
+            self.requests.labels(**self._labels, outcome=outcome)
+        self.capacity.labels(**self._labels).set(queue_capacity)
+        self.info.labels(**self._labels, target=target, precision=precision, bundle=bundle).set(1)
+        self._duration = self.duration.labels(**self._labels)
+        self._queue = self.queue.labels(**self._labels)
+        self._compute = self.compute.labels(**self._labels)
+        self._batch = self.batch.labels(**self._labels)
+        self.gauge_in_flight = self.in_flight.labels(**self._labels)
+        self._outcomes = {o: self.requests.labels(**self._labels, outcome=o) for o in OUTCOMES}
+
+    def finished(self, outcome: str, seconds: float) -> None:
+        self._outcomes[outcome].inc()
+        if outcome == "ok":
+            self._duration.observe(seconds)
+
+    def queued(self, seconds: float) -> None:
+        self._queue.observe(seconds)
+
+    def computed(self, seconds: float, rows: int) -> None:
+        self._compute.observe(seconds)
+        self._batch.observe(rows)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,188 @@
+"""The Open Inference Protocol (KServe v2) on the wire: decoding requests, encoding responses.
+
+JSON tensors carry ``data`` as a flat (or nested) list in row-major order. The binary tensor
+extension puts a JSON header of ``Inference-Header-Content-Length`` bytes first, then the raw
+little-endian bytes of every input whose ``parameters.binary_data_size`` says so, in input order;
+outputs come back the same way when asked (``binary_data`` per output or ``binary_data_output``).
+Every mistake is a ``ProtocolError`` with a 4xx status and a message naming the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "inference-header-content-length"
+DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+             "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+             "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+NUMPY_TO_DATATYPE = {np.dtype(v).str: k for k, v in DATATYPES.items()}
+
+
+class ProtocolError(Exception):
+    """A malformed request: ``status`` is the 4xx to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray | list[str]]
+    datatypes: dict[str, str]
+    binary_outputs: dict[str, bool]
+    binary_default: bool
+    requested: list[str] | None
+
+
+def datatype_of(dtype: str | np.dtype) -> str:
+    text = np.dtype(dtype).str
+    if text not in NUMPY_TO_DATATYPE:
+        raise ValueError(f"no Open Inference Protocol datatype for {dtype}")
+    return NUMPY_TO_DATATYPE[text]
+
+
+def _json(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return value
+
+
+def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    return tuple(shape)
+
+
+def _bytes_elements(buffer: bytes, count: int, name: str) -> list[str]:
+    """BYTES in binary form: each element is a 4-byte little-endian length, then that many bytes."""
+    items, offset = [], 0
+    while offset < len(buffer):
+        if offset + 4 > len(buffer):
+            raise ProtocolError(f"input '{name}': BYTES data is truncated")
+        size = int.from_bytes(buffer[offset:offset + 4], "little")
+        offset += 4
+        if offset + size > len(buffer):
+            raise ProtocolError(f"input '{name}': BYTES data is truncated")
+        items.append(buffer[offset:offset + size].decode("utf-8", errors="replace"))
+        offset += size
+    if len(items) != count:
+        raise ProtocolError(f"input '{name}': {len(items)} BYTES elements but the shape holds {count}")
+    return items
+
+
+def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, Any]:
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+        raise ProtocolError("every entry of 'inputs' must be an object with a 'name'")
+    name = tensor["name"]
+    datatype = tensor.get("datatype")
+    if datatype != "BYTES" and datatype not in DATATYPES:
+        raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}; one of BOOL, INT8-64, "
+                            f"UINT8-64, FP16, FP32, FP64, BYTES")
+    shape = _shape(tensor, name)
+    count = int(np.prod(shape)) if shape else 1
+    if binary is not None:
+        if datatype == "BYTES":
+            return name, datatype, _bytes_elements(binary, count, name)
+        dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+        if len(binary) != count * dtype.itemsize:
+            raise ProtocolError(f"input '{name}': {len(binary)} bytes of binary data but shape {list(shape)} "
+                                f"of {datatype} needs {count * dtype.itemsize}")
+        return name, datatype, np.frombuffer(binary, dtype=dtype).reshape(shape)
+    if "data" not in tensor:
+        raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+    data = tensor["data"]
+    if datatype == "BYTES":
+        flat = np.asarray(data, dtype=object).reshape(-1).tolist() if isinstance(data, list) else [data]
+        if len(flat) != count or not all(isinstance(x, str) for x in flat):
+            raise ProtocolError(f"input '{name}': BYTES data must be {count} strings for shape {list(shape)}")
+        return name, datatype, flat
+    try:
+        array = np.asarray(data, dtype=DATATYPES[datatype])
+    except (TypeError, ValueError, OverflowError):
+        raise ProtocolError(f"input '{name}': 'data' is not a list of {datatype} numbers") from None
+    if array.size != count:
+        raise ProtocolError(f"input '{name}': 'data' has {array.size} elements but shape {list(shape)} "
+                            f"needs {count}")
+    return name, datatype, array.reshape(shape)
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a JSON or binary-extension infer request body."""
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+        if not 0 < split <= len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {split} is outside the body of {len(body)} bytes")
+        header, rest = _json(body[:split], "the inference header"), memoryview(body)[split:]
+    else:
+        header, rest = _json(body, "the request body"), memoryview(b"")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError("the request needs a non-empty 'inputs' list")
+    decoded: dict[str, Any] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for tensor in inputs:
+        size = ((tensor.get("parameters") or {}).get("binary_data_size")) if isinstance(tensor, dict) else None
+        chunk = None
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"input '{tensor.get('name')}': binary_data_size must be a non-negative integer")
+            if offset + size > len(rest):
+                raise ProtocolError(f"input '{tensor.get('name')}': binary data is truncated ({len(rest) - offset} "
+                                    f"bytes left, binary_data_size {size})")
+            chunk = bytes(rest[offset:offset + size])
+            offset += size
+        name, datatype, value = _decode_tensor(tensor, chunk)
+        if name in decoded:
+            raise ProtocolError(f"input '{name}' is given twice")
+        decoded[name], datatypes[name] = value, datatype
+    if offset != len(rest):
+        raise ProtocolError(f"{len(rest) - offset} bytes after the last binary input are not claimed by any "
+                            f"binary_data_size")
+    parameters = header.get("parameters") or {}
+    outputs = header.get("outputs")
+    requested, binary = None, {}
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+            raise ProtocolError("'outputs' must be a list of objects with a 'name'")
+        requested = [o["name"] for o in outputs]
+        binary = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", False)) for o in outputs}
+    request_id = header.get("id")
+    return InferRequest(str(request_id) if request_id is not None else None, decoded, datatypes, binary,
+                        bool(parameters.get("binary_data_output", False)), requested)
+
+
+def encode_response(model: str, version: str, request: InferRequest,
+                    outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and extra headers (the header length when any output is binary)."""
+    entries, chunks = [], []
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        if request.binary_outputs.get(name, request.binary_default):
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
+    if request.id is not None:
+        response["id"] = request.id
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not chunks:
+        return header, {}
+    return header + b"".join(chunks), {"Inference-Header-Content-Length": str(len(header))}

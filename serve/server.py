@@ -1,0 +1,104 @@
+"""Putting a bundle behind the HTTP endpoint: engines, batching, metrics, warm-up, graceful stop.
+
+``ServeConfig`` holds every choice; ``create_app`` builds the ASGI app (tests drive it in
+process), ``serve`` runs it with uvicorn. On SIGTERM readiness turns false at once, requests are
+still accepted for ``drain_delay_s`` (load balancers take seconds to notice), queued and running
+requests complete, and the process exits within ``grace_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimize.bundle import load_runner, read_manifest
+from optimize.errors import BundleError
+from optimize.specs import TensorSpec
+from serve.app import InferenceApp
+from serve.batching import Batcher, BatchingConfig
+from serve.metrics import ServerMetrics
+from serve.model import ServedModel, bundle_version
+
+WARMUP_CALLS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    bundle: Path
+    target: str | None = None  # None: the bundle's winner, else its first built target
+    model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    batching: BatchingConfig = BatchingConfig()
+    max_body_bytes: int = 64 << 20
+    drain_delay_s: float = 5.0
+    grace_s: float = 30.0
+
+
+def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) -> str:
+    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
+    if wanted:
+        if wanted not in built:
+            raise BundleError(f"target {wanted} is not built in {bundle}; built: {', '.join(built) or 'none'}")
+        return wanted
+    winner = (manifest.get("winner") or {}).get("target")
+    if winner in built:
+        return winner
+    if not built:
+        raise BundleError(f"bundle {bundle} has no built target to serve")
+    return built[0]
+
+
+def create_app(config: ServeConfig) -> InferenceApp:
+    bundle = Path(config.bundle)
+    manifest = read_manifest(bundle)
+    target = choose_target(manifest, config.target, bundle)
+    runners = [load_runner(bundle, target) for _ in range(max(1, config.batching.instances))]
+    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+    model = ServedModel(config.model_name or manifest["model_name"], bundle_version(bundle), target,
+                        manifest["targets"][target]["precision"], inputs, manifest["outputs"],
+                        config.batching.max_batch)
+    metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
+                            config.batching.queue_capacity)
+    batcher = Batcher(runners, config.batching, metrics)
+    held = np.load(bundle / "data" / "heldout.npz")
+    warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
+
+    async def warm() -> None:
+        for _ in range(WARMUP_CALLS * len(runners)):
+            await asyncio.gather(*(batcher.infer(dict(warmup)) for _ in runners))
+
+    return InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s)
+
+
+def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or Ctrl-C, then drain and stop."""
+    import uvicorn
+
+    app = create_app(config)
+
+    class DrainingServer(uvicorn.Server):
+        # Not uvicorn's own handler: it re-raises the signal after shutdown, so a clean drain
+        # would still end as "killed by SIGTERM" instead of exit 0.
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            elif app.ready and sig == signal.SIGTERM and config.drain_delay_s > 0:
+                app.ready = False  # load balancers stop sending; requests in the meantime are still served
+                asyncio.get_event_loop().call_later(config.drain_delay_s, self._stop)
+            else:
+                app.ready = False
+                self._stop()
+
+        def _stop(self) -> None:
+            self.should_exit = True
+
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           timeout_graceful_shutdown=int(config.grace_s), access_log=False,
+                                           lifespan="on", http="httptools", loop="uvloop"))
+    server.run()

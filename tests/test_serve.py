@@ -1,0 +1,228 @@
+"""``optimize serve`` as a real process on loopback: the protocol, tritonclient, errors, metrics, SIGTERM."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.service
+# The server runs with torch unimportable: serving needs only the engine's backend.
+NO_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "nncf", "onnxscript", "sklearn"}:
+            raise ImportError(f"{name} is not available when serving")
+sys.meta_path.insert(0, Block())
+from optimize.cli import main
+sys.exit(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+class Server:
+    def __init__(self, bundle, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-c", NO_TORCH, "serve", str(bundle), "--host", "127.0.0.1",
+                                         "--port", str(self.port), *map(str, args)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.process.stderr.read()
+            try:
+                if http("GET", self.url + "/v2/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become ready")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "bundle"
+    t = tiny_checkpoint
+    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target", "ort-fp32,openvino-fp32",
+                     "--name", "tiny", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    running = Server(bundle, "--target", "ort-fp32", "--max-body-mb", "1")
+    yield running
+    running.stop()
+
+
+def infer_body(x: np.ndarray, name: str = "x", datatype: str = "FP32") -> bytes:
+    return json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype,
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+
+
+def test_metadata_health_config_and_stats(server):
+    assert http("GET", server.url + "/v2/health/live")[0] == 200
+    status, body, _ = http("GET", server.url + "/v2")
+    assert status == 200 and "binary_tensor_data" in json.loads(body)["extensions"]
+    meta = json.loads(http("GET", server.url + "/v2/models/tiny")[1])
+    assert meta["platform"] == "ort-fp32" and meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 16, 16]}]
+    version = meta["versions"][0]
+    assert http("GET", f"{server.url}/v2/models/tiny/versions/{version}/ready")[0] == 200
+    config = json.loads(http("GET", server.url + "/v2/models/tiny/config")[1])
+    assert config["max_batch_size"] == 8 and config["input"][0]["dims"] == [3, 16, 16]
+    stats = json.loads(http("GET", server.url + "/v2/models/tiny/stats")[1])
+    assert stats["model_stats"][0]["name"] == "tiny"
+
+
+def test_tritonclient_json_and_binary_match_the_engine(server, bundle):
+    import tritonclient.http as triton
+
+    from optimize.bundle import load_runner
+
+    x = np.load(bundle / "data" / "heldout.npz")["x"][:3]
+    want = load_runner(bundle, "ort-fp32").infer({"x": x})["output"]
+    client = triton.InferenceServerClient(server.url[len("http://"):])
+    assert client.is_server_ready() and client.is_model_ready("tiny")
+    for binary in (False, True):
+        tensor = triton.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("tiny", [tensor], outputs=[triton.InferRequestedOutput("output", binary_data=binary)])
+        assert np.allclose(result.as_numpy("output"), want, atol=1e-5), binary
+
+
+@pytest.mark.parametrize("kind", ["model", "missing", "extra", "datatype", "shape", "length", "truncated",
+                                  "oversized", "json", "header", "batch"])
+def test_bad_requests_get_a_4xx_naming_the_problem(server, kind):
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    url = server.url + "/v2/models/tiny/infer"
+    headers = {}
+    body = infer_body(x)
+    if kind == "model":
+        url = server.url + "/v2/models/other/infer"
+    elif kind == "missing":
+        body = json.dumps({"inputs": []}).encode()
+    elif kind == "extra":
+        body = json.dumps({"inputs": json.loads(infer_body(x))["inputs"] * 1 + json.loads(infer_body(x, "y"))["inputs"]}).encode()
+    elif kind == "datatype":
+        body = infer_body(x.astype(np.int32), datatype="INT32")
+    elif kind == "shape":
+        body = infer_body(np.zeros((1, 3, 8, 8), np.float32))
+    elif kind == "length":
+        payload = json.loads(body)
+        payload["inputs"][0]["data"] = payload["inputs"][0]["data"][:-1]
+        body = json.dumps(payload).encode()
+    elif kind == "truncated":
+        header = json.dumps({"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        body = header + x.tobytes()[:100]
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+    elif kind == "oversized":
+        # Declared larger than the limit: answered at once, before the body is sent.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n\r\n" + b" " * 1000)
+            reply = b""
+            while b"larger than the limit" not in reply:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            reply = reply.decode()
+        status_line, _, rest = reply.partition("\r\n")
+        assert " 413 " in status_line and "larger than the limit" in rest
+        assert http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
+        return
+    elif kind == "json":
+        body = b"{not json"
+    elif kind == "header":
+        headers = {"Inference-Header-Content-Length": "99999999"}
+    elif kind == "batch":
+        body = infer_body(np.zeros((9, 3, 16, 16), np.float32))
+    status, raw, _ = http("POST", url, body, headers)
+    assert 400 <= status < 500, (kind, status, raw)
+    message = json.loads(raw)["error"]
+    expected = {"model": "not served here", "missing": "non-empty 'inputs'", "extra": "unknown input",
+                "datatype": "expects FP32", "shape": "expects [-1, 3, 16, 16]", "length": "needs 768",
+                "truncated": "truncated", "oversized": "larger than the limit", "json": "not valid JSON",
+                "header": "outside the body", "batch": "at most 8 rows"}[kind]
+    assert expected in message, (kind, message)
+    assert http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
+
+
+def test_metrics_count_outcomes_and_batches(server):
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    threads = [threading.Thread(target=lambda: [http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))
+                                                for _ in range(10)]) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    text = http("GET", server.url + "/metrics")[1].decode()
+    version = json.loads(http("GET", server.url + "/v2/models/tiny")[1])["versions"][0]
+    labels = f'model="tiny",version="{version}"'
+    ok = float(next(line.split()[-1] for line in text.splitlines()
+                    if line.startswith(f'inference_requests_total{{model="tiny",outcome="ok",version="{version}"}}')))
+    assert ok >= 80
+    assert f'inference_queue_capacity{{{labels}}} 64.0' in text
+    assert (f'model_info{{bundle="bundle",model="tiny",precision="fp32",target="ort-fp32",version="{version}"}} 1.0'
+            in text)
+    batches = float(next(line.split()[-1] for line in text.splitlines()
+                         if line.startswith(f'inference_batch_size_count{{{labels}}}')))
+    assert batches < ok  # eight callers at once: some requests shared an engine call
+    for name in ("inference_request_duration_seconds_bucket", "inference_queue_duration_seconds_count",
+                 "inference_compute_duration_seconds_sum", "inference_batch_size_bucket", "inference_requests_in_flight"):
+        assert name in text
+
+
+def test_overload_gets_prompt_503_and_sigterm_drains(bundle):
+    running = Server(bundle, "--target", "openvino-fp32", "--queue-capacity", "1", "--max-batch", "1",
+                     "--drain-delay", "1", "--grace", "10")
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    statuses = []
+
+    def hammer():
+        for _ in range(30):
+            started = time.perf_counter()
+            status = http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0]
+            statuses.append((status, time.perf_counter() - started))
+
+    threads = [threading.Thread(target=hammer) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {s for s, _ in statuses} <= {200, 503} and any(s == 200 for s, _ in statuses)
+    running.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert http("GET", running.url + "/v2/health/ready")[0] == 503  # readiness false at once
+    assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200  # still served while draining
+    assert running.process.wait(timeout=30) == 0
