@@ -226,3 +226,18 @@ def test_overload_gets_prompt_503_and_sigterm_drains(bundle):
     assert http("GET", running.url + "/v2/health/ready")[0] == 503  # readiness false at once
     assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200  # still served while draining
     assert running.process.wait(timeout=30) == 0
+
+
+def test_bench_drives_the_server_with_the_same_loads(server, bundle):
+    result = run_cli("bench", bundle, "--url", server.url, "--target", "ort-fp32", "--no-torch", "--no-cross-check",
+                     "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2", "--rate", "50")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((bundle / "bench" / "report.json").read_text())
+    assert set(report["engines"]) == {"ort-fp32", "server"}
+    loads = [p["load"] for p in report["engines"]["server"]["points"]]
+    assert loads == ["batch=1", "batch=4", "concurrency=1", "concurrency=2", "rate=50"]
+    assert report["engines"]["server"]["settings"]["platform"] == "ort-fp32"
+    added = report["server"]["added_latency"]["batch=1"]
+    assert added["p50_ms"] > 0 and report["server"]["client_overhead_ms"] > 0
+    assert "Server over its own engine" in (bundle / "bench" / "report.md").read_text()
+    assert json.loads((bundle / "manifest.json").read_text())["winner"]["target"] == "ort-fp32"

@@ -111,6 +111,15 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
         parts.append(f"![{image}]({image})\n")
     for name in report["engines"]:
         parts += [f"## {name}\n", _table(engine_rows(report, name))]
+    server = report.get("server")
+    if server:
+        parts.append(f"## Server over its own engine ({server['target']})\n")
+        client = server.get("client_overhead_ms")
+        rows = [["load", "added p50 ms", "added p99 ms"]]
+        rows += [[load, _fmt(v["p50_ms"], 3), _fmt(v["p99_ms"], 3)] for load, v in server["added_latency"].items()]
+        parts.append(_table(rows))
+        if client is not None:
+            parts.append(f"The client's own encode and decode cost {client:.3f} ms per request (included above).\n")
     cross = report.get("cross_check") or {}
     if cross:
         parts.append("## Cross-check: OpenVINO benchmark_app (batch 1, sync, latency hint)\n")

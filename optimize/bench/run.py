@@ -22,6 +22,7 @@ from optimize.errors import BundleError
 from optimize.specs import TensorSpec
 
 BASELINE = "torch-eager-fp32"
+SERVER = "server"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +31,12 @@ class BenchConfig:
     targets: tuple[str, ...] = ()  # empty: every built target
     torch_baseline: bool = True
     cross_check: bool = True  # OpenVINO's benchmark_app on the same engine files, batch 1
+    url: str | None = None  # also drive a running server with the same loads
+    model_name: str | None = None  # the server's model name (default: the manifest's)
 
     def to_json(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_json(), "targets": list(self.targets),
-                "torch_baseline": self.torch_baseline, "cross_check": self.cross_check}
+        return {"plan": self.plan.to_json(), "targets": list(self.targets), "torch_baseline": self.torch_baseline,
+                "cross_check": self.cross_check, "url": self.url, "model_name": self.model_name}
 
 
 def tiled_feeds(held: dict[str, np.ndarray], inputs: list[TensorSpec], batch: int) -> dict[str, np.ndarray]:
@@ -115,6 +118,21 @@ def ratios(engines: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def server_overhead(engines: dict[str, dict[str, Any]], client_ms: float | None) -> dict[str, Any]:
+    """What the server adds over its own engine in process, per load (p50 and p99, ms)."""
+    served = engines[SERVER]["settings"].get("platform")
+    engine = engines.get(served)
+    added: dict[str, Any] = {}
+    if engine:
+        mine = {p["load"]: p for p in engine["points"]}
+        for point in engines[SERVER]["points"]:
+            base = mine.get(point["load"])
+            if base:
+                added[point["load"]] = {"p50_ms": point["p50_ms"] - base["p50_ms"],
+                                        "p99_ms": point["p99_ms"] - base["p99_ms"]}
+    return {"target": served, "client_overhead_ms": client_ms, "added_latency": added}
+
+
 def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = print,
               progress: bool = True) -> dict[str, Any]:
     """Measure, then return the report (``write_report`` saves it in the bundle)."""
@@ -133,7 +151,8 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
     inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
     held = {s.name: held_file[s.name] for s in inputs}
     runner_config = RunnerConfig(**manifest["runner_config"])
-    order = ([BASELINE] if config.torch_baseline else []) + names
+    order = ([BASELINE] if config.torch_baseline else []) + names + ([SERVER] if config.url else [])
+    client_overhead = None
     stop = threading.Event()
     engines: dict[str, dict[str, Any]] = {}
     steps = len(order) * len(load_points(config.plan))
@@ -145,6 +164,12 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
 
                 runner = TorchProgramRunner(bundle / "program.pt2", inputs,
                                             [o["name"] for o in manifest["outputs"]], runner_config)
+            elif name == SERVER:
+                from optimize.bench.http_runner import HttpRunner
+
+                runner = HttpRunner(config.url, config.model_name or manifest["model_name"], inputs,
+                                    [o["name"] for o in manifest["outputs"]])
+                client_overhead = runner.client_overhead_ms(tiled_feeds(held, inputs, 1))
             else:
                 runner = load_runner(bundle, name)
             bar.set_description(f"benchmarking {name}")
@@ -167,6 +192,7 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
               "model_name": manifest["model_name"], "task": manifest["task"], "config": config.to_json(),
               "baseline": BASELINE if config.torch_baseline else None, "engines": engines,
               "ratios_vs_torch": ratios(engines), "interrupted": interrupted,
+              "server": server_overhead(engines, client_overhead) if SERVER in engines else None,
               "machine": machine_info(), "versions": library_versions(),
               "runner_config": manifest["runner_config"]}
     if config.cross_check and not interrupted:

@@ -68,11 +68,15 @@ def bench_and_report(bundle: Path, config, slo, load, allow_slo_miss: bool) -> N
               help="Open-loop arrival process.")
 @click.option("--max-in-flight", type=int, default=64, show_default=True, help="Open loop: most requests outstanding at once.")
 @selection_options
+@click.option("--url", help="Also drive a running server (optimize serve, Triton, KServe) with the same loads, "
+                            "e.g. http://127.0.0.1:8000; its added latency over the engine is reported.")
+@click.option("--model-name", help="The server's model name (default: the bundle's).")
 @click.option("--no-torch", is_flag=True, help="Skip the torch-eager FP32 baseline.")
 @click.option("--no-cross-check", is_flag=True, help="Skip OpenVINO's benchmark_app cross-check.")
 def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrency: str, rate: str | None,
             duration: str, arrivals: str, max_in_flight: int, load_text: str, latency_slo: str | None,
-            allow_slo_miss: bool, no_torch: bool, no_cross_check: bool) -> None:
+            allow_slo_miss: bool, url: str | None, model_name: str | None, no_torch: bool,
+            no_cross_check: bool) -> None:
     """Measure every built target under realistic loads; report and pick the winner.
 
     Latency percentiles (p50-p99, max) and throughput per batch size, concurrency and open-loop
@@ -95,7 +99,8 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
                     rates=_numbers(rate, "--rate", float), duration_s=parse_duration(duration),
                     arrivals=arrivals, max_in_flight=max_in_flight)
     wanted = tuple(t for item in targets for t in item.split(",") if t)
-    config = BenchConfig(plan=plan, targets=wanted, torch_baseline=not no_torch, cross_check=not no_cross_check)
+    config = BenchConfig(plan=plan, targets=wanted, torch_baseline=not no_torch, cross_check=not no_cross_check,
+                         url=url, model_name=model_name)
     slo = parse_slo(latency_slo) if latency_slo else None
     load = parse_load(load_text)
     bench_and_report(bundle, config, slo, load, allow_slo_miss)
