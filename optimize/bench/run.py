@@ -153,6 +153,12 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
     runner_config = RunnerConfig(**manifest["runner_config"])
     order = ([BASELINE] if config.torch_baseline else []) + names + ([SERVER] if config.url else [])
     client_overhead = None
+    server_runner = None
+    if config.url:  # fail before measuring anything when the server is not there
+        from optimize.bench.http_runner import HttpRunner
+
+        server_runner = HttpRunner(config.url, config.model_name or manifest["model_name"], inputs,
+                                   [o["name"] for o in manifest["outputs"]])
     stop = threading.Event()
     engines: dict[str, dict[str, Any]] = {}
     steps = len(order) * len(load_points(config.plan))
@@ -165,10 +171,7 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
                 runner = TorchProgramRunner(bundle / "program.pt2", inputs,
                                             [o["name"] for o in manifest["outputs"]], runner_config)
             elif name == SERVER:
-                from optimize.bench.http_runner import HttpRunner
-
-                runner = HttpRunner(config.url, config.model_name or manifest["model_name"], inputs,
-                                    [o["name"] for o in manifest["outputs"]])
+                runner = server_runner
                 client_overhead = runner.client_overhead_ms(tiled_feeds(held, inputs, 1))
             else:
                 runner = load_runner(bundle, name)
