@@ -57,6 +57,15 @@ def _json(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _parameters(owner: Any, what: str) -> dict[str, Any]:
+    value = owner.get("parameters") if isinstance(owner, dict) else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what}: 'parameters' must be an object")
+    return value
+
+
 def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -86,7 +95,7 @@ def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, Any]:
         raise ProtocolError("every entry of 'inputs' must be an object with a 'name'")
     name = tensor["name"]
     datatype = tensor.get("datatype")
-    if datatype != "BYTES" and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPES):
         raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}; one of BOOL, INT8-64, "
                             f"UINT8-64, FP16, FP32, FP64, BYTES")
     shape = _shape(tensor, name)
@@ -136,7 +145,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     datatypes: dict[str, str] = {}
     offset = 0
     for tensor in inputs:
-        size = ((tensor.get("parameters") or {}).get("binary_data_size")) if isinstance(tensor, dict) else None
+        size = _parameters(tensor, f"input '{tensor.get('name')}'" if isinstance(tensor, dict) else "input")\
+            .get("binary_data_size")
         chunk = None
         if size is not None:
             if not isinstance(size, int) or size < 0:
@@ -153,14 +163,14 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if offset != len(rest):
         raise ProtocolError(f"{len(rest) - offset} bytes after the last binary input are not claimed by any "
                             f"binary_data_size")
-    parameters = header.get("parameters") or {}
+    parameters = _parameters(header, "the request")
     outputs = header.get("outputs")
     requested, binary = None, {}
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise ProtocolError("'outputs' must be a list of objects with a 'name'")
         requested = [o["name"] for o in outputs]
-        binary = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", False)) for o in outputs}
+        binary = {o["name"]: bool(_parameters(o, f"output '{o['name']}'").get("binary_data", False)) for o in outputs}
     request_id = header.get("id")
     return InferRequest(str(request_id) if request_id is not None else None, decoded, datatypes, binary,
                         bool(parameters.get("binary_data_output", False)), requested)

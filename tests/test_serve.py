@@ -241,3 +241,66 @@ def test_bench_drives_the_server_with_the_same_loads(server, bundle):
     assert added["p50_ms"] > 0 and report["server"]["client_overhead_ms"] > 0
     assert "Server over its own engine" in (bundle / "bench" / "report.md").read_text()
     assert json.loads((bundle / "manifest.json").read_text())["winner"]["target"] == "ort-fp32"
+
+
+def mutations(rng: np.random.Generator, x: np.ndarray):
+    """A seeded stream of malformed infer requests: (body, headers), one category after another."""
+    good = json.loads(infer_body(x))
+    tensor = good["inputs"][0]
+    header = json.dumps({"inputs": [{**{k: v for k, v in tensor.items() if k != "data"},
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    raw = x.tobytes()
+    while True:
+        kind = int(rng.integers(0, 12))
+        body, headers = None, {}
+        if kind == 0:  # random bytes
+            body = rng.bytes(int(rng.integers(0, 300)))
+        elif kind == 1:  # truncated JSON
+            text = json.dumps(good).encode()
+            body = text[:int(rng.integers(0, len(text) - 1))]
+        elif kind == 2:  # wrong types for fields
+            field = ["name", "shape", "datatype", "data", "parameters"][int(rng.integers(0, 5))]
+            body = json.dumps({"inputs": [{**tensor, field: [None, {}, "x", -1, 1.5][int(rng.integers(0, 5))]}]}).encode()
+        elif kind == 3:  # shape with negative, huge or wrong rank
+            shape = [[-1, 3, 16, 16], [1, 3, 16], [10**12, 3, 16, 16], [1, 3, 16, 16, 1], []][int(rng.integers(0, 5))]
+            body = json.dumps({"inputs": [{**tensor, "shape": shape}]}).encode()
+        elif kind == 4:  # data of the wrong length
+            cut = int(rng.integers(1, 700))
+            body = json.dumps({"inputs": [{**tensor, "data": tensor["data"][:cut]}]}).encode()
+        elif kind == 5:  # unknown datatype or a mismatching one
+            body = json.dumps({"inputs": [{**tensor, "datatype": ["FP8", "INT64", "BYTES", "fp32"][int(rng.integers(0, 4))]}]}).encode()
+        elif kind == 6:  # binary body shorter or longer than declared
+            body = header + raw[:int(rng.integers(0, len(raw)))] if rng.random() < 0.5 else header + raw + b"x" * 7
+            headers = {"Inference-Header-Content-Length": str(len(header))}
+        elif kind == 7:  # header length that lies
+            body = header + raw
+            headers = {"Inference-Header-Content-Length": str([0, -5, len(body) + 1, 3, "abc"][int(rng.integers(0, 5))])}
+        elif kind == 8:  # top level not an object, or inputs not a list
+            body = json.dumps([[], "x", 3, {"inputs": {}}, {"inputs": "x"}][int(rng.integers(0, 5))]).encode()
+        elif kind == 9:  # non-numeric data
+            data = list(tensor["data"])
+            data[int(rng.integers(0, len(data)))] = ["a", None, [1, 2], {"v": 1}][int(rng.integers(0, 4))]
+            body = json.dumps({"inputs": [{**tensor, "data": data}]}).encode()
+        elif kind == 10:  # duplicated or extra inputs, unknown requested outputs
+            body = json.dumps({"inputs": [tensor, tensor]} if rng.random() < 0.5 else
+                              {"inputs": [tensor], "outputs": [{"name": "nope"}]}).encode()
+        else:  # unknown model or route
+            yield json.dumps(good).encode(), {}, "/v2/models/" + ["x", "tiny/versions/0", "tiny/../tiny"][int(rng.integers(0, 3))]
+            continue
+        yield body, headers, None
+
+
+def test_a_thousand_malformed_requests_get_4xx_and_the_server_keeps_serving(server):
+    rng = np.random.default_rng(7)
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    statuses = {}
+    stream = mutations(rng, x)
+    for _ in range(1000):
+        body, headers, route = next(stream)
+        url = server.url + (route + "/infer" if route else "/v2/models/tiny/infer")
+        status = http("POST", url, body, headers)[0]
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status < 500, (status, body[:200], headers)
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 950
+    assert http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
+    assert http("GET", server.url + "/v2/health/ready")[0] == 200
