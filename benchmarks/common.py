@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from optimize.bench.measure import MeasureConfig, interleaved
+from optimize.bench.report import markdown_table  # noqa: F401  (re-exported for the scripts)
 from optimize.pipeline import library_versions, machine_info
 
 
@@ -43,8 +44,3 @@ def write_results(path: Path, results: dict[str, Any], markdown: str) -> None:
     path.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown)
 
-
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines) + "\n"

@@ -90,6 +90,15 @@ def infer_task(specs: list[TensorSpec], reference: dict[str, np.ndarray]) -> str
     return "regress"
 
 
+def load_labelled(plan: BuildPlan, source: str, flag: str, specs: list[TensorSpec], task: str) -> Samples:
+    """A data file fitted to the model's inputs; classifiers need its labels."""
+    samples = load_samples(source, plan.data.image, tuple(specs[0].shape) if len(specs) == 1 else None)
+    samples.conform(specs)
+    if task == "classify" and samples.labels is None:
+        raise CalibrationError(f"{flag} {source} has no 'labels' array")
+    return samples
+
+
 def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
     source = plan.source
     loaded = load_checkpoint(source.checkpoint, source.arch, source.arch_kwargs, source.trust_checkpoint)
@@ -119,11 +128,7 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
     prepared = Prepared(loaded, specs, output_names, task, plan.task is None, calibration,
                         held_out, reference, notes=notes)
     if plan.data.eval_data:
-        evaluation = load_samples(plan.data.eval_data, plan.data.image,
-                                  tuple(specs[0].shape) if len(specs) == 1 else None)
-        evaluation.conform(specs)
-        if task == "classify" and evaluation.labels is None:
-            raise CalibrationError(f"--eval-data {plan.data.eval_data} has no 'labels' array")
+        evaluation = load_labelled(plan, plan.data.eval_data, "--eval-data", specs, task)
         prepared.evaluation = evaluation
         prepared.eval_reference = run_reference(loaded.module, evaluation, output_names)
     return prepared

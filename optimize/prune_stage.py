@@ -14,12 +14,12 @@ from typing import Any, Callable
 import numpy as np
 
 from optimize.cache import StageCache
-from optimize.calibration import Samples, load_samples
-from optimize.errors import CalibrationError, PruneError
+from optimize.calibration import Samples
+from optimize.errors import PruneError
 from optimize.passes import distill as distill_pass
 from optimize.passes import prune as prune_pass
 from optimize.plan import BuildPlan
-from optimize.prepare import Prepared, evaluate_module, run_reference
+from optimize.prepare import Prepared, evaluate_module, load_labelled, run_reference
 
 PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
@@ -41,12 +41,7 @@ def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
     """Calibration data (unlabelled is fine) plus ``--train-data`` (labelled) when given."""
     parts = [prepared.calibration] if prepared.calibration is not None else []
     if plan.data.train_data:
-        train = load_samples(plan.data.train_data, plan.data.image,
-                             tuple(prepared.inputs[0].shape) if len(prepared.inputs) == 1 else None)
-        train.conform(prepared.inputs)
-        if prepared.task == "classify" and train.labels is None:
-            raise CalibrationError(f"--train-data {plan.data.train_data} has no 'labels' array")
-        parts.append(train)
+        parts.append(load_labelled(plan, plan.data.train_data, "--train-data", prepared.inputs, prepared.task))
     if not parts:
         return None
     names = [s.name for s in prepared.inputs]

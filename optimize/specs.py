@@ -118,3 +118,18 @@ def parse_input_shapes(values: tuple[str, ...], forward_names: list[str]) -> lis
                 f"{', '.join(forward_names)}")
         parsed.append((name, shape, dtype))
     return parsed
+
+
+# Open Inference Protocol (KServe v2) datatype names, shared by the server and the bench client.
+OIP_DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+                 "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+                 "FP16": "float16", "FP32": "float32", "FP64": "float64"}
+_NUMPY_TO_OIP = {np.dtype(v).str: k for k, v in OIP_DATATYPES.items()}
+
+
+def oip_datatype(dtype: Any) -> str:
+    """The protocol's name for a numpy dtype (``float32`` -> ``FP32``)."""
+    text = np.dtype(dtype).str
+    if text not in _NUMPY_TO_OIP:
+        raise ValueError(f"no Open Inference Protocol datatype for {dtype}")
+    return _NUMPY_TO_OIP[text]

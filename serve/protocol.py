@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from optimize.specs import OIP_DATATYPES, oip_datatype
+
 HEADER_LENGTH = "inference-header-content-length"
-DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-             "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-             "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
-NUMPY_TO_DATATYPE = {np.dtype(v).str: k for k, v in DATATYPES.items()}
+DATATYPES = {name: np.dtype(numpy) for name, numpy in OIP_DATATYPES.items()}
 
 
 class ProtocolError(Exception):
@@ -40,11 +39,7 @@ class InferRequest:
     requested: list[str] | None
 
 
-def datatype_of(dtype: str | np.dtype) -> str:
-    text = np.dtype(dtype).str
-    if text not in NUMPY_TO_DATATYPE:
-        raise ValueError(f"no Open Inference Protocol datatype for {dtype}")
-    return NUMPY_TO_DATATYPE[text]
+datatype_of = oip_datatype
 
 
 def _json(raw: bytes, what: str) -> dict[str, Any]:

@@ -17,11 +17,8 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import BundleError
-from optimize.specs import TensorSpec
+from optimize.specs import OIP_DATATYPES, TensorSpec, oip_datatype
 
-DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
-             "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
-NUMPY = {v: k for k, v in DATATYPES.items()}
 
 
 class HttpRunner:
@@ -67,7 +64,7 @@ class HttpRunner:
         for spec in self.inputs:
             array = np.ascontiguousarray(feeds[spec.name])
             raw = array.tobytes()
-            tensors.append({"name": spec.name, "shape": list(array.shape), "datatype": DATATYPES[str(array.dtype)],
+            tensors.append({"name": spec.name, "shape": list(array.shape), "datatype": oip_datatype(array.dtype),
                             "parameters": {"binary_data_size": len(raw)}})
             chunks.append(raw)
         header = json.dumps({"inputs": tensors, "outputs": self._outputs}).encode()
@@ -79,7 +76,7 @@ class HttpRunner:
         offset, outputs = header_length or 0, {}
         for tensor in header["outputs"]:
             size = (tensor.get("parameters") or {}).get("binary_data_size")
-            dtype = np.dtype(NUMPY[tensor["datatype"]])
+            dtype = np.dtype(OIP_DATATYPES[tensor["datatype"]])
             if size is None:
                 outputs[tensor["name"]] = np.asarray(tensor["data"], dtype).reshape(tensor["shape"])
                 continue

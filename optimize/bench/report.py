@@ -24,7 +24,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _table(rows: list[list[str]]) -> str:
+def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(lines) + "\n"
@@ -103,21 +103,21 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
              f"{report['runner_config'].get('threads') or 'backend default'}; baseline: "
              f"{report.get('baseline') or 'none'}."
              + (" **Interrupted: partial results.**" if report.get("interrupted") else "") + "\n",
-             "## Batch 1, one caller\n", _table(summary_rows(report))]
+             "## Batch 1, one caller\n", markdown_table(summary_rows(report))]
     winner = report.get("winner")
     if winner:
         parts += ["## Winner\n", f"{winner['reason']}\n"]
     for image in images:
         parts.append(f"![{image}]({image})\n")
     for name in report["engines"]:
-        parts += [f"## {name}\n", _table(engine_rows(report, name))]
+        parts += [f"## {name}\n", markdown_table(engine_rows(report, name))]
     server = report.get("server")
     if server:
         parts.append(f"## Server over its own engine ({server['target']})\n")
         client = server.get("client_overhead_ms")
         rows = [["load", "added p50 ms", "added p99 ms"]]
         rows += [[load, _fmt(v["p50_ms"], 3), _fmt(v["p99_ms"], 3)] for load, v in server["added_latency"].items()]
-        parts.append(_table(rows))
+        parts.append(markdown_table(rows))
         if client is not None:
             parts.append(f"The client's own encode and decode cost {client:.3f} ms per request (included above).\n")
     cross = report.get("cross_check") or {}
