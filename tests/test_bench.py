@@ -29,6 +29,7 @@ def test_bench_measures_every_target_and_torch_and_picks_a_winner(bundle):
     for name, engine in report["engines"].items():
         loads = [p["load"] for p in engine["points"]]
         assert loads[:4] == ["batch=1", "batch=4", "concurrency=1", "concurrency=2"], name
+        assert engine["points"][0]["rounds"] == 3 and len(engine["points"][0]["round_p50_ms"]) == 3
         rates = [p for p in engine["points"] if p["kind"] == "rate"]
         assert len(rates) == 3 and rates[0]["offered_rate_per_s"] < rates[-1]["offered_rate_per_s"]
         for point in engine["points"]:
@@ -118,6 +119,7 @@ def test_build_target_auto_benchmarks_and_records_the_winner(tiny_checkpoint, tm
 
 
 def test_ctrl_c_keeps_what_was_measured(bundle):
+    import re
     import signal
     import subprocess
     import sys
@@ -129,7 +131,11 @@ def test_ctrl_c_keeps_what_was_measured(bundle):
     deadline = time.time() + 60
     report = bundle / "bench" / "report.json"
     before = report.stat().st_mtime if report.exists() else 0
-    time.sleep(12)  # past start-up, inside the closed-loop runs of the first engine
+    for line in process.stderr:  # the progress bar (its \r updates read as lines) past two loads
+        done = re.search(r"\| (\d+)/\d+ \[", line)
+        if done and int(done.group(1)) >= 2:
+            break
+    time.sleep(1)  # inside the first round's closed-loop runs
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=max(1, deadline - time.time()))
     assert process.returncode == 130, stderr[-2000:]

@@ -42,6 +42,7 @@ class LoadPoint:
     late_sends: int = 0
     unfinished: int = 0
     scheduled: int = 0
+    round_medians_s: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -49,11 +50,14 @@ class LoadPoint:
         return f"{unit}={self.value:g}"
 
     def percentile_ms(self, q: float) -> float:
+        if q == 50 and len(self.round_medians_s) > 1:  # the median round: one disturbed round cannot move it
+            return float(np.median(self.round_medians_s) * 1000)
         return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
 
     def summary(self) -> dict[str, Any]:
         done = len(self.latencies_s) - self.unfinished  # unanswered requests carry a lower bound only
-        medians = np.asarray(self.window_medians_s)
+        # Spread: across rounds where there were several (what a rerun would see), else across windows.
+        medians = np.asarray(self.round_medians_s if len(self.round_medians_s) > 1 else self.window_medians_s)
         spread = float((medians.max() - medians.min()) / np.median(medians) * 100) if len(medians) > 1 else 0.0
         out = {"load": self.label, "kind": self.kind, "value": self.value,
                "p50_ms": self.percentile_ms(50), "p90_ms": self.percentile_ms(90),
@@ -63,6 +67,7 @@ class LoadPoint:
                "throughput_items_per_s": done * self.items_per_request / self.wall_s if self.wall_s else 0.0,
                "requests_per_s": done / self.wall_s if self.wall_s else 0.0,
                "window_p50_ms": [m * 1000 for m in self.window_medians_s], "spread_pct": spread,
+               "round_p50_ms": [m * 1000 for m in self.round_medians_s], "rounds": max(1, len(self.round_medians_s)),
                "stable": self.stable, "errors": self.errors}
         if self.kind == "rate":
             out.update(offered_rate_per_s=self.value, scheduled=self.scheduled, late_sends=self.late_sends,
@@ -71,15 +76,33 @@ class LoadPoint:
         return out
 
 
+def merge_rounds(rounds: list[LoadPoint]) -> LoadPoint:
+    """One load measured in several rounds: every sample kept, p50 the median of the rounds' p50s."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    return dataclasses.replace(
+        first, latencies_s=[s for r in rounds for s in r.latencies_s], wall_s=sum(r.wall_s for r in rounds),
+        window_medians_s=[m for r in rounds for m in r.window_medians_s],
+        stable=all(r.stable for r in rounds), errors=sum(r.errors for r in rounds),
+        round_medians_s=[float(np.median(r.latencies_s)) if r.latencies_s else float("nan") for r in rounds])
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadPlan:
-    """Which loads to run. ``rates=()`` with ``rate_fractions`` derives rates from measured capacity."""
+    """Which loads to run. ``rates=()`` with ``rate_fractions`` derives rates from measured capacity.
+
+    The batch sweep and the closed loops run in ``rounds`` rounds, every engine in turn within a
+    round, so a disturbance on a shared machine hits one round of every engine alike instead of all
+    of one engine; their p50 is the median round. Each closed-loop round runs ``duration_s / rounds``.
+    """
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     concurrency: tuple[int, ...] = (1, 4)
     rates: tuple[float, ...] = ()
     rate_fractions: tuple[float, ...] = (0.5, 0.9, 1.5)
     duration_s: float = 4.0
+    rounds: int = 3
     arrivals: str = "poisson"  # poisson | constant
     max_in_flight: int = 64
     seed: int = 0

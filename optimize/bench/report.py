@@ -89,7 +89,8 @@ def plots(report: dict[str, Any], folder: Path) -> list[str]:
 
 def _save(plt: Any, figure: Any, axis: Any, path: Path) -> str:
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=7)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

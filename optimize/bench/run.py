@@ -1,7 +1,9 @@
 """``optimize bench``: every built target (and torch eager) under the loads of a ``LoadPlan``.
 
-Inputs are the bundle's held-out samples, tiled to each batch size. Targets are measured one after
-another with the same plan; torch eager FP32 from ``program.pt2`` is the baseline of every ratio.
+Inputs are the bundle's held-out samples, tiled to each batch size. Every engine runs the same plan;
+the batch sweep and closed loops are interleaved across engines in rounds (``LoadPlan.rounds``), so a
+noisy neighbour disturbs one round of each rather than all of one. Torch eager FP32 from
+``program.pt2`` is the baseline of every ratio.
 Rates for the open loop are, unless given, fractions of each engine's measured capacity, so one
 plan shows the knee on any machine. Ctrl-C stops cleanly: what was measured is kept and reported.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from optimize.bench.load import LoadPlan, LoadPoint, batch_point, closed_loop, open_loop
+from optimize.bench.load import LoadPlan, LoadPoint, batch_point, closed_loop, merge_rounds, open_loop
 from optimize.bundle import read_manifest
 from optimize.errors import BundleError
 from optimize.specs import TensorSpec
@@ -57,13 +59,16 @@ def engines_to_run(manifest: dict[str, Any], wanted: tuple[str, ...]) -> list[st
     return list(wanted)
 
 
-def load_points(plan: LoadPlan) -> list[tuple[str, float]]:
-    points = [("batch", float(b)) for b in plan.batch_sizes]
-    points += [("concurrency", float(c)) for c in plan.concurrency]
-    points += [("rate", float(r)) for r in plan.rates]
-    if not plan.rates:
-        points += [("rate-fraction", f) for f in plan.rate_fractions]
-    return points
+def steady_points(plan: LoadPlan) -> list[tuple[str, float]]:
+    """The loads measured in rounds: the batch sweep and the closed loops."""
+    return [("batch", float(b)) for b in plan.batch_sizes] + [("concurrency", float(c)) for c in plan.concurrency]
+
+
+def rate_points(plan: LoadPlan) -> list[tuple[str, float]]:
+    """The open loops, run once per engine after the rounds (fractions need the measured capacity)."""
+    if plan.rates:
+        return [("rate", float(r)) for r in plan.rates]
+    return [("rate-fraction", f) for f in plan.rate_fractions]
 
 
 def capacity_rps(points: list[LoadPoint]) -> float:
@@ -73,36 +78,56 @@ def capacity_rps(points: list[LoadPoint]) -> float:
     return max(best, default=0.0)
 
 
-def bench_engine(runner: Any, held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
-                 tick: Callable[[str], None]) -> list[LoadPoint]:
-    """Every load of ``plan`` on one engine; stops early (keeping what was measured) when ``stop`` is set."""
-    feeds = {b: tiled_feeds(held, runner.inputs, b) for b in {1, *plan.batch_sizes}}
-    send = lambda batch: runner.infer(feeds[batch])  # noqa: E731
-    measured: list[LoadPoint] = []
+def measure_point(send: Callable[[int], Any], kind: str, value: float, plan: LoadPlan, stop: threading.Event,
+                  measured: list[LoadPoint]) -> LoadPoint | None:
+    """One load; ``measured`` (this engine's merged points so far) gives the capacity for rate fractions."""
+    if kind == "batch":
+        return batch_point(send, int(value), plan.measure)
+    if kind == "concurrency":
+        duration = max(1.0, plan.duration_s / max(1, plan.rounds))
+        return closed_loop(send, int(value), duration, plan.measure.tolerance, stop)
+    rate = value if kind == "rate" else round(value * capacity_rps(measured), 1)
+    if rate <= 0:
+        return None
+    return open_loop(send, rate, plan.duration_s, plan.arrivals, plan.seed, plan.max_in_flight,
+                     tolerance=plan.measure.tolerance, stop=stop)
+
+
+def bench_engines(runners: dict[str, Any], held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
+                  tick: Callable[[str], None]) -> dict[str, list[LoadPoint]]:
+    """Every load of ``plan`` on every engine, interleaved by round; stops early (keeping what was
+    measured, whole rounds only) on Ctrl-C or when ``stop`` is set."""
+    sends = {}
+    for name, runner in runners.items():
+        feeds = {b: tiled_feeds(held, runner.inputs, b) for b in {1, *plan.batch_sizes}}
+        sends[name] = lambda batch, run=runner.infer, feeds=feeds: run(feeds[batch])
+    rounds: dict[str, dict[tuple[str, float], list[LoadPoint]]] = {name: {} for name in runners}
+    merged: dict[str, list[LoadPoint]] = {name: [] for name in runners}
     try:
-        _run_points(send, plan, stop, tick, measured)
+        for _ in range(max(1, plan.rounds)):
+            for name in runners:
+                for kind, value in steady_points(plan):
+                    if stop.is_set():
+                        raise KeyboardInterrupt
+                    point = measure_point(sends[name], kind, value, plan, stop, [])
+                    rounds[name].setdefault((kind, value), []).append(point)
+                    tick(point.label)
+        for name in runners:
+            merged[name] = [merge_rounds(points) for points in rounds[name].values()]
+            for kind, value in rate_points(plan):
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                point = measure_point(sends[name], kind, value, plan, stop, merged[name])
+                if point is not None:
+                    merged[name].append(point)
+                tick(point.label if point else kind)
     except KeyboardInterrupt:
-        stop.set()  # callers and senders see it and stop; the points already measured are kept
-    return measured
-
-
-def _run_points(send: Callable[[int], Any], plan: LoadPlan, stop: threading.Event,
-                tick: Callable[[str], None], measured: list[LoadPoint]) -> None:
-    for kind, value in load_points(plan):
-        if stop.is_set():
-            break
-        if kind == "batch":
-            point = batch_point(send, int(value), plan.measure)
-        elif kind == "concurrency":
-            point = closed_loop(send, int(value), plan.duration_s, plan.measure.tolerance, stop)
-        else:
-            rate = value if kind == "rate" else round(value * capacity_rps(measured), 1)
-            if rate <= 0:
-                continue
-            point = open_loop(send, rate, plan.duration_s, plan.arrivals, plan.seed, plan.max_in_flight,
-                              tolerance=plan.measure.tolerance, stop=stop)
-        measured.append(point)
-        tick(point.label)
+        stop.set()  # callers and senders see it and stop; what was measured is kept
+        complete = min((len(v) for r in rounds.values() for v in r.values()), default=0)
+        for name in runners:
+            if not merged[name]:  # still in the rounds: keep the rounds every load finished
+                merged[name] = [merge_rounds(points[:complete]) for points in rounds[name].values() if complete]
+    return {name: points for name, points in merged.items() if points}
 
 
 def ratios(engines: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -161,33 +186,36 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
                                    [o["name"] for o in manifest["outputs"]])
     stop = threading.Event()
     engines: dict[str, dict[str, Any]] = {}
-    steps = len(order) * len(load_points(config.plan))
-    bar = tqdm(total=steps, desc="benchmarking", unit="load", disable=not progress, leave=False)
+    steps = len(order) * (len(steady_points(config.plan)) * max(1, config.plan.rounds) + len(rate_points(config.plan)))
+    bar = None
+    runners: dict[str, Any] = {}
     try:
-        for name in order:
+        for name in order:  # every engine open at once: the rounds interleave them
             if name == BASELINE:
                 from optimize.bench.torch_runner import TorchProgramRunner
 
-                runner = TorchProgramRunner(bundle / "program.pt2", inputs,
-                                            [o["name"] for o in manifest["outputs"]], runner_config)
+                runners[name] = TorchProgramRunner(bundle / "program.pt2", inputs,
+                                                   [o["name"] for o in manifest["outputs"]], runner_config)
             elif name == SERVER:
-                runner = server_runner
-                client_overhead = runner.client_overhead_ms(tiled_feeds(held, inputs, 1))
+                runners[name] = server_runner
+                client_overhead = server_runner.client_overhead_ms(tiled_feeds(held, inputs, 1))
             else:
-                runner = load_runner(bundle, name)
-            bar.set_description(f"benchmarking {name}")
-            points = bench_engine(runner, held, config.plan, stop, lambda label: bar.update(1))
-            if points:
-                engines[name] = {"settings": runner.settings, "points": [p.summary() for p in points],
-                                 "capacity_rps": capacity_rps(points)}
-            runner.close()
-            say(f"{name}: " + ", ".join(f"{p.label} p50 {p.percentile_ms(50):.2f} ms" for p in points[:3]))
-            if stop.is_set():
-                break
+                runners[name] = load_runner(bundle, name)
+        say(f"measuring {', '.join(order)} in {max(1, config.plan.rounds)} round(s)")
+        bar = tqdm(total=steps, desc="benchmarking", unit="load", disable=not progress, leave=False)
+        measured = bench_engines(runners, held, config.plan, stop, lambda label: bar.update(1))
     except KeyboardInterrupt:
         stop.set()
+        measured = {}
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        for runner in runners.values():
+            runner.close()
+    for name, points in measured.items():
+        engines[name] = {"settings": runners[name].settings, "points": [p.summary() for p in points],
+                         "capacity_rps": capacity_rps(points)}
+        say(f"{name}: " + ", ".join(f"{p.label} p50 {p.percentile_ms(50):.2f} ms" for p in points[:3]))
     interrupted = stop.is_set()
     if interrupted:
         say("interrupted: keeping what was measured")

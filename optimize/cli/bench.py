@@ -67,6 +67,8 @@ def bench_and_report(bundle: Path, config, slo, load, allow_slo_miss: bool) -> N
 @click.option("--arrivals", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True,
               help="Open-loop arrival process.")
 @click.option("--max-in-flight", type=int, default=64, show_default=True, help="Open loop: most requests outstanding at once.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Batch sweep and closed loops run in rounds, engines interleaved; p50 is the median round.")
 @selection_options
 @click.option("--url", help="Also drive a running server (optimize serve, Triton, KServe) with the same loads, "
                             "e.g. http://127.0.0.1:8000; its added latency over the engine is reported.")
@@ -74,7 +76,7 @@ def bench_and_report(bundle: Path, config, slo, load, allow_slo_miss: bool) -> N
 @click.option("--no-torch", is_flag=True, help="Skip the torch-eager FP32 baseline.")
 @click.option("--no-cross-check", is_flag=True, help="Skip OpenVINO's benchmark_app cross-check.")
 def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrency: str, rate: str | None,
-            duration: str, arrivals: str, max_in_flight: int, load_text: str, latency_slo: str | None,
+            duration: str, arrivals: str, max_in_flight: int, rounds: int, load_text: str, latency_slo: str | None,
             allow_slo_miss: bool, url: str | None, model_name: str | None, no_torch: bool,
             no_cross_check: bool) -> None:
     """Measure every built target under realistic loads; report and pick the winner.
@@ -97,7 +99,7 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
     plan = LoadPlan(batch_sizes=_numbers(batch_sizes, "--batch-sizes"),
                     concurrency=_numbers(concurrency, "--concurrency"),
                     rates=_numbers(rate, "--rate", float), duration_s=parse_duration(duration),
-                    arrivals=arrivals, max_in_flight=max_in_flight)
+                    arrivals=arrivals, max_in_flight=max_in_flight, rounds=rounds)
     wanted = tuple(t for item in targets for t in item.split(",") if t)
     config = BenchConfig(plan=plan, targets=wanted, torch_baseline=not no_torch, cross_check=not no_cross_check,
                          url=url, model_name=model_name)
