@@ -20,7 +20,6 @@ from optimize.errors import BundleError
 from optimize.specs import OIP_DATATYPES, TensorSpec, oip_datatype
 
 
-
 class HttpRunner:
     """``infer(feeds)`` as ``POST /v2/models/{model}/infer`` with binary tensors."""
 
@@ -87,19 +86,29 @@ class HttpRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         body, header_length = self.encode(feeds)
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
-        connection = self._connection()
+        reused = getattr(self._local, "connection", None) is not None
         try:
-            connection.request("POST", self.path, body, headers)
-            response = connection.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException):
-            connection.close()
-            self._local.connection = None
-            raise
+            response, data = self._post(body, headers)
+        except (ConnectionError, http.client.RemoteDisconnected):
+            if not reused:
+                raise
+            # The server closed an idle keep-alive connection (uvicorn does after 5 s): reconnect once.
+            response, data = self._post(body, headers)
         if response.status != 200:
             raise RuntimeError(f"server answered {response.status}: {data[:200]!r}")
         length = response.getheader("Inference-Header-Content-Length")
         return self.decode(data, int(length) if length else None)
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
+        connection = self._connection()
+        try:
+            connection.request("POST", self.path, body, headers)
+            response = connection.getresponse()
+            return response, response.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            self._local.connection = None
+            raise
 
     def client_overhead_ms(self, feeds: dict[str, np.ndarray], calls: int = 2000) -> float:
         """Median time to encode a request and decode an answer of the same size, without the network."""
