@@ -39,6 +39,7 @@ class DataConfig:
     seed: int = 0
     image: ImageOptions = ImageOptions()
     train_data: str | None = None  # labelled data for recovery after pruning
+    tokenizer: str | None = None  # tokenizer.json (or its folder) kept in the bundle for text input
 
 
 @dataclasses.dataclass(frozen=True)

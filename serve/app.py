@@ -4,7 +4,7 @@ No web framework sits between the socket server and these handlers: on a small m
 framework's own cost would be most of the latency. Routes (``{m}`` is the model name; every model
 route also answers under ``/versions/{v}``):
 
-    GET  /v2/health/live    /v2/health/ready    /v2    /metrics
+    GET  /v2/health/live    /v2/health/ready    /v2    /metrics    /openapi.json
     GET  /v2/models/{m}     /v2/models/{m}/ready     /v2/models/{m}/config     /v2/models/{m}/stats
     POST /v2/models/{m}/infer
 
@@ -21,6 +21,7 @@ from optimize import __version__
 from serve.batching import Batcher, Overloaded
 from serve.metrics import CONTENT_TYPE, ServerMetrics
 from serve.model import ServedModel
+from serve.openapi import openapi
 from serve.protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
@@ -57,6 +58,7 @@ class InferenceApp:
         self.max_body_bytes = max_body_bytes
         self.ready = False
         self.stats = Stats()
+        self._openapi = json.dumps(openapi(model)).encode()
         prefix = f"/v2/models/{model.name}"
         self._model_prefixes = (prefix, f"{prefix}/versions/{model.version}")
 
@@ -88,6 +90,8 @@ class InferenceApp:
             await _respond(send, 200, json.dumps(body).encode())
         elif path == "/metrics":
             await _respond(send, 200, self.metrics.render(), CONTENT_TYPE.encode())
+        elif path == "/openapi.json":
+            await _respond(send, 200, self._openapi)
         else:
             route = self._model_route(path)
             if route == "":

@@ -2,6 +2,8 @@
 
 The name is the manifest's model name (or ``--model-name``); the version is the bundle's short
 hash, so two builds of the same model never answer as one. The target is the model's ``platform``.
+A token model built with a tokenizer takes one BYTES input (``text``, shape [-1, 1]: one string
+per row) and tokenizes it here; its token inputs are still accepted as they are.
 """
 
 from __future__ import annotations
@@ -31,36 +33,52 @@ class ServedModel:
     inputs: list[TensorSpec]
     outputs: list[dict[str, Any]]
     max_batch: int
+    text: Any = None  # optimize.text.TextEncoder for a token model built with a tokenizer
+
+    def signatures(self) -> list[list[dict[str, Any]]]:
+        """The input sets this server accepts, each a list of {name, datatype, shape (-1: any)}.
+
+        The one table both the request check below and the OpenAPI description are made from.
+        The first is what the metadata lists; a text model also takes its token inputs as they are.
+        """
+        tokens = [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)} for s in self.inputs]
+        if self.text is None:
+            return [tokens]
+        return [[{"name": self.text.input, "datatype": "BYTES", "shape": [-1, 1]}], tokens]
 
     def check(self, request: InferRequest) -> dict[str, np.ndarray]:
         """The feeds for the engine, or a ``ProtocolError`` naming the input and what is wrong."""
-        expected = {s.name: s for s in self.inputs}
-        missing = [n for n in expected if n not in request.inputs]
+        given = set(request.inputs)
+        signatures = self.signatures()
+        signature = max(signatures, key=lambda sig: len(given & {i["name"] for i in sig}))
+        expected = [i["name"] for i in signature]
+        takes = " or ".join(str([i["name"] for i in sig]) for sig in signatures)
+        missing = [n for n in expected if n not in given]
         extra = [n for n in request.inputs if n not in expected]
         if missing:
-            raise ProtocolError(f"missing input(s) {missing}; the model takes {list(expected)}")
+            raise ProtocolError(f"missing input(s) {missing}; the model takes {takes}")
         if extra:
-            raise ProtocolError(f"unknown input(s) {extra}; the model takes {list(expected)}")
-        feeds = {}
-        for name, spec in expected.items():
-            value = request.inputs[name]
-            want = datatype_of(spec.dtype)
+            raise ProtocolError(f"unknown input(s) {extra}; the model takes {takes}")
+        rows = set()
+        for rule in signature:
+            name, want, shape = rule["name"], rule["datatype"], request.shapes[rule["name"]]
             if request.datatypes[name] != want:
                 raise ProtocolError(f"input '{name}' is {request.datatypes[name]} but the model expects {want}")
-            array = np.asarray(value)
-            if array.ndim != len(spec.shape) or any(d not in (-1, got) for d, got in zip(spec.shape, array.shape)):
-                raise ProtocolError(f"input '{name}' has shape {list(array.shape)} but the model expects "
-                                    f"{list(spec.shape)} (-1: any size)")
-            if array.shape[0] == 0:
+            if len(shape) != len(rule["shape"]) or any(d not in (-1, got) for d, got in zip(rule["shape"], shape)):
+                raise ProtocolError(f"input '{name}' has shape {list(shape)} but the model expects "
+                                    f"{rule['shape']} (-1: any size)")
+            if shape[0] == 0:
                 raise ProtocolError(f"input '{name}' has an empty batch")
-            if array.shape[0] > self.max_batch:
-                raise ProtocolError(f"input '{name}' has a batch of {array.shape[0]}; this server takes at most "
+            if shape[0] > self.max_batch:
+                raise ProtocolError(f"input '{name}' has a batch of {shape[0]}; this server takes at most "
                                     f"{self.max_batch} rows per request")
-            feeds[name] = np.ascontiguousarray(array, dtype=DATATYPES[want])
-        rows = {a.shape[0] for a in feeds.values()}
+            rows.add(shape[0])
         if len(rows) > 1:
             raise ProtocolError(f"inputs disagree on the batch size: {sorted(rows)}")
-        return feeds
+        if signature[0]["datatype"] == "BYTES":
+            return self.text.encode(request.inputs[self.text.input])
+        return {n: np.ascontiguousarray(request.inputs[n], dtype=DATATYPES[r["datatype"]])
+                for n, r in ((r["name"], r) for r in signature)}
 
     def select_outputs(self, request: InferRequest, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if request.requested is None:
@@ -72,8 +90,7 @@ class ServedModel:
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": [self.version], "platform": self.target,
-                "inputs": [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
-                           for s in self.inputs],
+                "inputs": self.signatures()[0],
                 "outputs": [{"name": o["name"], "datatype": datatype_of(o["dtype"]), "shape": list(o["shape"])}
                             for o in self.outputs]}
 
@@ -83,8 +100,8 @@ class ServedModel:
             return list(shape[1:])
         return {"name": self.name, "platform": self.target, "backend": self.target.split("-")[0],
                 "max_batch_size": self.max_batch,
-                "input": [{"name": s.name, "data_type": "TYPE_" + datatype_of(s.dtype), "dims": dims(list(s.shape))}
-                          for s in self.inputs],
+                "input": [{"name": i["name"], "data_type": "TYPE_" + ("STRING" if i["datatype"] == "BYTES" else i["datatype"]),
+                           "dims": dims(i["shape"])} for i in self.signatures()[0]],
                 "output": [{"name": o["name"], "data_type": "TYPE_" + datatype_of(o["dtype"]),
                             "dims": dims(list(o["shape"]))} for o in self.outputs],
                 "dynamic_batching": {"max_queue_delay_microseconds": int(batching["max_delay_s"] * 1e6),

@@ -34,6 +34,7 @@ class InferRequest:
     id: str | None
     inputs: dict[str, np.ndarray | list[str]]
     datatypes: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
     binary_outputs: dict[str, bool]
     binary_default: bool
     requested: list[str] | None
@@ -85,7 +86,7 @@ def _bytes_elements(buffer: bytes, count: int, name: str) -> list[str]:
     return items
 
 
-def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, Any]:
+def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, tuple[int, ...], Any]:
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise ProtocolError("every entry of 'inputs' must be an object with a 'name'")
     name = tensor["name"]
@@ -97,12 +98,12 @@ def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, Any]:
     count = int(np.prod(shape)) if shape else 1
     if binary is not None:
         if datatype == "BYTES":
-            return name, datatype, _bytes_elements(binary, count, name)
+            return name, datatype, shape, _bytes_elements(binary, count, name)
         dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
         if len(binary) != count * dtype.itemsize:
             raise ProtocolError(f"input '{name}': {len(binary)} bytes of binary data but shape {list(shape)} "
                                 f"of {datatype} needs {count * dtype.itemsize}")
-        return name, datatype, np.frombuffer(binary, dtype=dtype).reshape(shape)
+        return name, datatype, shape, np.frombuffer(binary, dtype=dtype).reshape(shape)
     if "data" not in tensor:
         raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
     data = tensor["data"]
@@ -110,7 +111,7 @@ def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, Any]:
         flat = np.asarray(data, dtype=object).reshape(-1).tolist() if isinstance(data, list) else [data]
         if len(flat) != count or not all(isinstance(x, str) for x in flat):
             raise ProtocolError(f"input '{name}': BYTES data must be {count} strings for shape {list(shape)}")
-        return name, datatype, flat
+        return name, datatype, shape, flat
     try:
         array = np.asarray(data, dtype=DATATYPES[datatype])
     except (TypeError, ValueError, OverflowError):
@@ -118,7 +119,7 @@ def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, Any]:
     if array.size != count:
         raise ProtocolError(f"input '{name}': 'data' has {array.size} elements but shape {list(shape)} "
                             f"needs {count}")
-    return name, datatype, array.reshape(shape)
+    return name, datatype, shape, array.reshape(shape)
 
 
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -138,6 +139,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         raise ProtocolError("the request needs a non-empty 'inputs' list")
     decoded: dict[str, Any] = {}
     datatypes: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     offset = 0
     for tensor in inputs:
         size = _parameters(tensor, f"input '{tensor.get('name')}'" if isinstance(tensor, dict) else "input")\
@@ -151,10 +153,10 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
                                     f"bytes left, binary_data_size {size})")
             chunk = bytes(rest[offset:offset + size])
             offset += size
-        name, datatype, value = _decode_tensor(tensor, chunk)
+        name, datatype, shape, value = _decode_tensor(tensor, chunk)
         if name in decoded:
             raise ProtocolError(f"input '{name}' is given twice")
-        decoded[name], datatypes[name] = value, datatype
+        decoded[name], datatypes[name], shapes[name] = value, datatype, shape
     if offset != len(rest):
         raise ProtocolError(f"{len(rest) - offset} bytes after the last binary input are not claimed by any "
                             f"binary_data_size")
@@ -167,7 +169,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         requested = [o["name"] for o in outputs]
         binary = {o["name"]: bool(_parameters(o, f"output '{o['name']}'").get("binary_data", False)) for o in outputs}
     request_id = header.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, decoded, datatypes, binary,
+    return InferRequest(str(request_id) if request_id is not None else None, decoded, datatypes, shapes, binary,
                         bool(parameters.get("binary_data_output", False)), requested)
 
 

@@ -120,6 +120,42 @@ def test_tritonclient_json_and_binary_match_the_engine(server, bundle):
         assert np.allclose(result.as_numpy("output"), want, atol=1e-5), binary
 
 
+def test_openapi_and_the_server_agree_on_what_is_valid(server):
+    from jsonschema import Draft202012Validator
+    from openapi_spec_validator import validate
+
+    document = json.loads(http("GET", server.url + "/openapi.json")[1])
+    validate(document)  # a valid OpenAPI 3.1 document
+    assert "/v2/models/tiny/infer" in document["paths"]
+    schema = Draft202012Validator({"$ref": "#/components/schemas/infer_request", "components": document["components"]})
+    x = np.zeros((2, 3, 16, 16), np.float32).reshape(-1).tolist()
+
+    def tensor(**changes):
+        return {"name": "x", "shape": [2, 3, 16, 16], "datatype": "FP32", "data": x, **changes}
+
+    good = [{"inputs": [tensor()]}, {"inputs": [tensor(data=[[v] for v in x])], "outputs": [{"name": "output"}]}]
+    bad = {"wrong name": {"inputs": [tensor(name="y")]}, "no inputs": {"inputs": []},
+           "extra input": {"inputs": [tensor(), tensor(name="z")]}, "same input twice": {"inputs": [tensor(), tensor()]},
+           "wrong datatype": {"inputs": [tensor(datatype="FP64")]},
+           "wrong rank": {"inputs": [tensor(shape=[2, 3, 16], data=x[:2 * 3 * 16])]},
+           "wrong fixed axis": {"inputs": [tensor(shape=[2, 3, 8, 32])]},
+           "batch above max": {"inputs": [tensor(shape=[9, 3, 16, 16], data=[0.0] * 9 * 768)]},
+           "empty batch": {"inputs": [tensor(shape=[0, 3, 16, 16], data=[])]},
+           "strings for FP32": {"inputs": [tensor(data=["a"] * len(x))]},
+           "no data": {"inputs": [{k: v for k, v in tensor().items() if k != "data"}]},
+           "unknown output": {"inputs": [tensor()], "outputs": [{"name": "logits"}]}}
+    url = server.url + "/v2/models/tiny/infer"
+    for request in good:
+        assert schema.is_valid(request)
+        assert http("POST", url, json.dumps(request).encode())[0] == 200
+    for kind, request in bad.items():
+        assert not schema.is_valid(request), kind
+        assert http("POST", url, json.dumps(request).encode())[0] == 400, kind
+    # What JSON Schema cannot say (element count against the shape) the server still checks.
+    short = {"inputs": [tensor(data=x[:-1])]}
+    assert schema.is_valid(short) and http("POST", url, json.dumps(short).encode())[0] == 400
+
+
 @pytest.mark.parametrize("kind", ["model", "missing", "extra", "datatype", "shape", "length", "truncated",
                                   "oversized", "json", "header", "batch"])
 def test_bad_requests_get_a_4xx_naming_the_problem(server, kind):

@@ -67,6 +67,8 @@ def _drop(text: str | None) -> float | None:
 @click.option("--mean", default="0.485,0.456,0.406", show_default=True, help="Per-channel mean after scaling to [0,1].")
 @click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Per-channel std after scaling to [0,1].")
 @click.option("--grayscale", is_flag=True, help="Read images as one grey channel.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="Token models: the tokenizer.json (or its folder) to keep in the bundle, so the server takes text.")
 @click.option("--task", type=click.Choice(["classify", "embed", "regress"]),
               help="How accuracy is measured (inferred when omitted: token inputs -> embed, "
                    "2-D multi-column output -> classify, else regress).")
@@ -87,7 +89,7 @@ def _drop(text: str | None) -> float | None:
 def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | None, arch_arg: tuple[str, ...],
             trust_checkpoint: bool, input_shapes: tuple[str, ...], calib: str | None, eval_data: str | None,
             held_out: float, max_held_out: int, max_calib_samples: int, seed: int, image_size: str | None,
-            mean: str, std: str, grayscale: bool, task: str | None, int8_scheme: str | None,
+            mean: str, std: str, grayscale: bool, tokenizer: Path | None, task: str | None, int8_scheme: str | None,
             calib_method: str, per_channel: bool, no_recover: bool, max_drop_text: str | None,
             threads: int, name: str | None, no_cache: bool, load_text: str, latency_slo: str | None,
             allow_slo_miss: bool, **prune_flags) -> None:
@@ -125,7 +127,7 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
         source=SourceConfig(checkpoint, arch, parse_arch_args(arch_arg), trust_checkpoint),
         out=out, targets=targets,
         data=DataConfig(input_shapes, calib, eval_data, held_out, max_held_out, max_calib_samples, seed, image,
-                        train_data=prune_flags["train_data"]),
+                        train_data=prune_flags["train_data"], tokenizer=str(tokenizer) if tokenizer else None),
         quant=QuantConfig(int8_scheme, calib_method, per_channel, recover_accuracy=not no_recover),
         task=task, max_accuracy_drop=max_accuracy_drop, name=name,
         runner=RunnerConfig(threads=threads), use_cache=not no_cache, prune=prune, distill=distill)

@@ -1,0 +1,125 @@
+"""The OpenAPI 3.1 description of what this server serves, at ``GET /openapi.json``.
+
+Made from ``ServedModel.signatures()``, the same table the request check uses: the input names,
+datatypes and shapes (batch from 1 to the server's max batch, fixed axes as constants) are JSON
+Schema here and Python checks there, so the two cannot disagree on what a valid request is. What
+JSON Schema cannot say (``data`` holding as many elements as the shape; the binary extension's
+byte counts) is written in the descriptions and checked by the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.model import ServedModel
+from serve.protocol import datatype_of
+
+JSON_TYPES = {"BOOL": {"type": "boolean"}, "BYTES": {"type": "string"}, "FP16": {"type": "number"},
+              "FP32": {"type": "number"}, "FP64": {"type": "number"}}
+
+
+def _element(datatype: str) -> dict[str, Any]:
+    return JSON_TYPES.get(datatype, {"type": "integer"})
+
+
+def _nested(datatype: str) -> dict[str, Any]:
+    """``data``: a flat list in row-major order, or nested lists (any depth) of the element type."""
+    return {"type": "array", "items": {"anyOf": [_element(datatype), {"$ref": f"#/components/schemas/data_{datatype}"}]}}
+
+
+def input_schema(rule: dict[str, Any], max_batch: int) -> dict[str, Any]:
+    dims = [{"type": "integer", "minimum": 1, "maximum": max_batch}]
+    dims += [{"type": "integer", "minimum": 0} if d == -1 else {"const": d} for d in rule["shape"][1:]]
+    return {
+        "type": "object", "required": ["name", "shape", "datatype"],
+        "description": f"'{rule['name']}': {rule['datatype']} of shape {rule['shape']} (-1: any size; the first "
+                       f"axis is the batch, at most {max_batch}). Either 'data' holds the elements, as many as "
+                       f"the shape, or parameters.binary_data_size gives their byte count in the binary part.",
+        "properties": {
+            "name": {"const": rule["name"]},
+            "datatype": {"const": rule["datatype"]},
+            "shape": {"type": "array", "prefixItems": dims, "items": False,
+                      "minItems": len(dims), "maxItems": len(dims)},
+            "data": {"$ref": f"#/components/schemas/data_{rule['datatype']}"},
+            "parameters": {"type": "object", "properties": {
+                "binary_data_size": {"type": "integer", "minimum": 0}}},
+        },
+        "anyOf": [{"required": ["data"]}, {"required": ["parameters"],
+                                           "properties": {"parameters": {"required": ["binary_data_size"]}}}],
+    }
+
+
+def request_schema(model: ServedModel) -> dict[str, Any]:
+    """One input set of ``signatures()``: exactly those inputs, each once, in any order."""
+    sets = []
+    for signature in model.signatures():
+        names = [r["name"] for r in signature]
+        sets.append({
+            "type": "object", "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "inputs": {"type": "array", "minItems": len(names), "maxItems": len(names),
+                           "items": {"oneOf": [input_schema(r, model.max_batch) for r in signature]},
+                           "allOf": [{"contains": {"properties": {"name": {"const": n}}, "required": ["name"]}}
+                                     for n in names]},
+                "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"enum": [o["name"] for o in model.outputs]},
+                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}},
+                "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+            },
+        })
+    return sets[0] if len(sets) == 1 else {"oneOf": sets}
+
+
+def openapi(model: ServedModel) -> dict[str, Any]:
+    datatypes = sorted({r["datatype"] for sig in model.signatures() for r in sig}
+                       | {datatype_of(o["dtype"]) for o in model.outputs})
+    base = f"/v2/models/{model.name}"
+    json_ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    error = {"description": "The caller's mistake, named",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/error"}}}}
+
+    def get(summary: str, *extra: tuple[str, dict]) -> dict[str, Any]:
+        return {"get": {"summary": summary, "responses": {"200": json_ok, **dict(extra)}}}
+
+    not_ready = ("503", {"description": "Not ready (warming up or draining)"})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": f"{model.name} ({model.target}, {model.precision})", "version": model.version,
+                 "description": "Open Inference Protocol (KServe v2) with the binary tensor extension."},
+        "paths": {
+            "/v2/health/live": get("Process is up"),
+            "/v2/health/ready": get("Ready to serve", not_ready),
+            "/v2": get("Server metadata and extensions"),
+            base: get("Model metadata: inputs and outputs", ("404", error)),
+            f"{base}/ready": get("Model ready", not_ready),
+            f"{base}/config": get("Model configuration (Triton's layout)"),
+            f"{base}/stats": get("Inference statistics (Triton's layout)"),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+                "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            f"{base}/infer": {"post": {
+                "summary": "Inference",
+                "description": "JSON tensors, or the binary extension: a JSON header of Inference-Header-Content-"
+                               "Length bytes (this schema) followed by the raw little-endian tensors.",
+                "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                                "schema": {"type": "integer", "minimum": 1}}],
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/infer_request"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"200": {"description": "Outputs", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/infer_response"}}}},
+                              "400": error, "404": error, "413": error,
+                              "503": {"description": "Queue full or not ready: retry later", "content": {
+                                  "application/json": {"schema": {"$ref": "#/components/schemas/error"}}}}}}},
+        },
+        "components": {"schemas": {
+            "infer_request": request_schema(model),
+            "infer_response": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+                "model_name": {"const": model.name}, "model_version": {"const": model.version},
+                "id": {"type": "string"},
+                "outputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"]}}}},
+            "error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            **{f"data_{d}": _nested(d) for d in datatypes},
+        }},
+    }
+

@@ -1,0 +1,138 @@
+"""Text input: the tokenizer kept in the bundle, checked at build, used by the server for BYTES."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import TINY, run_cli
+from optimize.errors import InputSpecError
+from optimize.specs import TensorSpec
+from optimize.text import TextEncoder, text_section
+
+LENGTH = 16
+TOKENS = [TensorSpec("input_ids", (-1, -1), "int64"), TensorSpec("attention_mask", (-1, -1), "int64")]
+
+
+def sentences() -> list[str]:
+    """Real English: paragraphs of a few standard-library docstrings."""
+    import csv
+    import json as json_module
+    import textwrap
+    import zipfile
+
+    text = " ".join(m.__doc__ for m in (json_module, csv, textwrap, zipfile))
+    return [s.strip() for s in re.split(r"[.\n]\s*\n?", text) if len(s.split()) >= 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A real word-level tokenizer (the ``tokenizers`` library) with 64 tokens, the tiny encoder's vocabulary."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    counts = Counter(w for s in sentences() for w in re.findall(r"\w+", s.lower()))
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, (w, _) in enumerate(counts.most_common(62))}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def encode_padded(path, texts):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(LENGTH)
+    tokenizer.enable_padding(length=LENGTH, pad_id=0, pad_token="[PAD]")
+    encodings = tokenizer.encode_batch(texts)
+    return (np.array([e.ids for e in encodings], np.int64), np.array([e.attention_mask for e in encodings], np.int64))
+
+
+def test_encoder_pads_to_the_built_length_like_the_tokenizer_itself(tokenizer_file, tmp_path):
+    ids, mask = encode_padded(tokenizer_file, sentences()[:20])
+    section = text_section(tokenizer_file, TOKENS, {"input_ids": ids, "attention_mask": mask}, tmp_path)
+    assert section["max_length"] == LENGTH and section["pad_id"] == 0
+    assert section["fields"] == {"input_ids": "ids", "attention_mask": "attention_mask"}
+    assert (tmp_path / section["tokenizer"]).read_bytes() == tokenizer_file.read_bytes()
+    encoder = TextEncoder(tmp_path, section, TOKENS)
+    texts = sentences()[:5] + ["", "a " * 40]  # empty and over-long strings too
+    feeds = encoder.encode(texts)
+    want_ids, want_mask = encode_padded(tokenizer_file, texts)
+    assert feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].shape == (7, LENGTH)
+    assert (feeds["input_ids"] == want_ids).all() and (feeds["attention_mask"] == want_mask).all()
+
+
+def test_tokenizer_errors_name_what_is_wrong(tokenizer_file, tmp_path):
+    ids = np.zeros((4, LENGTH), np.int64)
+    with pytest.raises(InputSpecError, match="not token inputs"):
+        text_section(tokenizer_file, [TensorSpec("x", (-1, 3, 16, 16))], {"x": ids}, tmp_path)
+    with pytest.raises(InputSpecError, match="2-D integer"):
+        text_section(tokenizer_file, [TensorSpec("input_ids", (-1, -1), "float32")], {"input_ids": ids}, tmp_path)
+    with pytest.raises(InputSpecError, match="token id 500"):
+        text_section(tokenizer_file, TOKENS[:1], {"input_ids": ids + 500}, tmp_path)
+    with pytest.raises(InputSpecError, match="no tokenizer.json"):
+        text_section(tmp_path / "nowhere", TOKENS[:1], {"input_ids": ids}, tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model": ')
+    with pytest.raises(InputSpecError, match="not a readable tokenizer.json"):
+        text_section(broken, TOKENS[:1], {"input_ids": ids}, tmp_path)
+
+
+@pytest.mark.service
+def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp_path):
+    import torch
+    import tritonclient.http as triton
+
+    from optimize.bundle import load_runner, read_manifest
+    from test_serve import Server, http
+    from tiny_models import tiny_encoder
+
+    torch.save(tiny_encoder().state_dict(), tmp_path / "encoder.pt")
+    ids, mask = encode_padded(tokenizer_file, sentences())
+    np.savez(tmp_path / "text.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "bundle"
+    result = run_cli("build", tmp_path / "encoder.pt", "--arch", f"{TINY}:tiny_encoder", "--calib", tmp_path / "text.npz",
+                     "--tokenizer", tokenizer_file, "--target", "ort-fp32", "--name", "words", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    assert manifest["text"]["tokenizer"] == "tokenizer/tokenizer.json"
+
+    server = Server(out)
+    try:
+        meta = json.loads(http("GET", server.url + "/v2/models/words")[1])
+        assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1, 1]}]
+        config = json.loads(http("GET", server.url + "/v2/models/words/config")[1])
+        assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [1]}]
+        texts = sentences()[:3]
+        feeds = TextEncoder.from_manifest(out, manifest).encode(texts)
+        want = load_runner(out, "ort-fp32").infer(feeds)["output"]
+        client = triton.InferenceServerClient(server.url[len("http://"):])
+        for binary in (False, True):
+            tensor = triton.InferInput("text", [len(texts), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1), binary_data=binary)
+            got = client.infer("words", [tensor]).as_numpy("output")
+            assert np.allclose(got, want, atol=1e-5), binary
+        # The token inputs are still taken as they are; text with the wrong type is a clear 400.
+        tokens = client.infer("words", [_tensor(triton, "input_ids", feeds), _tensor(triton, "attention_mask", feeds)])
+        assert np.allclose(tokens.as_numpy("output"), want, atol=1e-5)
+        body = json.dumps({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}).encode()
+        status, answer, _ = http("POST", server.url + "/v2/models/words/infer", body)
+        assert status == 400 and "expects BYTES" in json.loads(answer)["error"]
+        body = json.dumps({"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]}).encode()
+        status, answer, _ = http("POST", server.url + "/v2/models/words/infer", body)
+        assert status == 400 and "[-1, 1]" in json.loads(answer)["error"]
+    finally:
+        server.stop()
+
+
+def _tensor(triton, name, feeds):
+    tensor = triton.InferInput(name, list(feeds[name].shape), "INT64")
+    tensor.set_data_from_numpy(feeds[name])
+    return tensor
