@@ -41,7 +41,22 @@ def write_json(path: Path, data: Any) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
+    Path(tmp).chmod(0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def staging_folder(parent: Path, prefix: str) -> Path:
+    """A fresh temporary folder beside its final place, with the permissions a plain ``mkdir``
+    would give (``mkdtemp`` makes it private: a bundle must stay readable by the user that serves it)."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    folder.chmod(0o777 & ~_umask())
+    return folder
 
 
 class BundleWriter:
@@ -54,7 +69,7 @@ class BundleWriter:
                 raise BundleError(f"--out {self.out} exists and is not a bundle; choose another path "
                                   f"or remove it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        self.root = staging_folder(self.out.parent, f".{self.out.name}.tmp-")
 
     def commit(self) -> Path:
         old = None

@@ -222,6 +222,11 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
             plan = dataclasses.replace(plan, max_accuracy_drop=validate.DEFAULT_MAX_DROP[prepared.task])
         say(f"task: {prepared.task}{' (inferred)' if prepared.task_inferred else ''}; "
             f"{len(prepared.held_out)} held-out samples")
+        text = None
+        if plan.data.tokenizer:  # checked before any long stage; serving then takes strings
+            from optimize.text import text_section
+
+            text = text_section(Path(plan.data.tokenizer), prepared.inputs, prepared.held_out.arrays, writer.root)
         stages, export_dir, export_result, prune_dir = _model_stages(plan, prepared, cache, say)
         onnx_path = export_dir / "model.onnx"
         kind = model_kind(onnx_path, prepared)
@@ -241,13 +246,29 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
             say(f"{target}: {entries[target]['status']}"
                 + (f" ({entries[target]['reason']})" if entries[target].get("reason") else ""))
         manifest = _write_bundle(writer.root, plan, prepared, export_dir, export_result, prune_dir,
-                                 stages, kind, entries)
+                                 stages, kind, entries, text)
         bundle = writer.commit()
     return BuildResult(bundle, manifest)
 
 
+def _drift_profile(root: Path, plan: BuildPlan, target: str, folder: Path, prepared: Prepared,
+                   text: dict[str, Any] | None) -> dict[str, Any]:
+    """The target's drift reference, from the held-out data through the engine files just written."""
+    from optimize.drift.profile import build_profile
+
+    runner = registry.backend(target).load_runner(folder, plan.runner)
+    try:
+        outputs = [{"name": n, "shape": [-1, *prepared.reference[n].shape[1:]]} for n in prepared.output_names]
+        profile = build_profile(target, runner, prepared.held_out.arrays, [s.to_json() for s in prepared.inputs],
+                                outputs, prepared.task, pad_id=text["pad_id"] if text else 0)
+    finally:
+        runner.close()
+    return {**profile.save(root), "features": profile.names, "window": profile.window, "alpha": profile.alpha}
+
+
 def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: Path, export_result: dict,
-                  prune_dir: Path | None, stages: dict[str, Any], kind: str, entries: dict[str, dict]) -> dict:
+                  prune_dir: Path | None, stages: dict[str, Any], kind: str, entries: dict[str, dict],
+                  text: dict[str, Any] | None = None) -> dict:
     shutil.copyfile(export_dir / "model.onnx", root / "model.onnx")
     if export_result.get("program"):
         shutil.copyfile(export_dir / "program.pt2", root / "program.pt2")
@@ -269,6 +290,7 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: P
             destination.mkdir(parents=True)
             for file in entry["files"]:
                 shutil.copyfile(Path(cache_folder) / file, destination / file)
+            entry["drift"] = _drift_profile(root, plan, name, destination, prepared, text)
     loaded = prepared.loaded
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -289,6 +311,7 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: P
                  "eval_samples": len(prepared.evaluation) if prepared.evaluation else 0,
                  "image_preprocessing": plan.data.image.to_json(), "notes": prepared.notes},
         "stages": stages,
+        "text": text,
         "targets": entries,
         "winner": None,
     }

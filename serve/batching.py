@@ -57,6 +57,8 @@ class BatchObserver:
 
     def computed(self, seconds: float, rows: int) -> None: ...
 
+    def served(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None: ...
+
 
 class Batcher:
     """``await batcher.infer(feeds)`` -> outputs for exactly those rows."""
@@ -149,6 +151,7 @@ class Batcher:
             elapsed = time.perf_counter() - started
             self._typical_compute_s = 0.8 * self._typical_compute_s + 0.2 * elapsed
             self._observer.computed(elapsed, sum(i.rows for i in batch))
+            self._observer.served(feeds, outputs)
             offset = 0
             for item in batch:
                 if not item.future.done():

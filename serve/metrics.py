@@ -6,6 +6,10 @@ series carries ``model`` and ``version``; ``model_info`` adds the target, precis
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -15,6 +19,7 @@ OUTCOMES = ("ok", "client_error", "rejected", "server_error")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+log = logging.getLogger("serve")
 # ``*_created`` series double the exposition and no dashboard or rule of ours reads them.
 disable_created_metrics()
 
@@ -53,6 +58,8 @@ class ServerMetrics(BatchObserver):
         self._batch = self.batch.labels(**self._labels)
         self.gauge_in_flight = self.in_flight.labels(**self._labels)
         self._outcomes = {o: self.requests.labels(**self._labels, outcome=o) for o in OUTCOMES}
+        self.monitor: Any = None
+        self.monitor_errors = 0
 
     def finished(self, outcome: str, seconds: float) -> None:
         self._outcomes[outcome].inc()
@@ -65,6 +72,20 @@ class ServerMetrics(BatchObserver):
     def computed(self, seconds: float, rows: int) -> None:
         self._compute.observe(seconds)
         self._batch.observe(rows)
+
+    def attach(self, monitor: Any) -> None:
+        """Feed served batches to a drift monitor and export its series (made at scrape time)."""
+        self.monitor = monitor
+        self.registry.register(monitor)
+
+    def served(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.observe(feeds, outputs)
+            except Exception as exc:  # monitoring must never fail a request
+                self.monitor_errors += 1
+                if self.monitor_errors == 1:
+                    log.warning("drift monitor failed (requests are unaffected): %s: %s", type(exc).__name__, exc)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,12 +17,15 @@ from typing import Any
 import numpy as np
 
 from optimize.bundle import load_runner, read_manifest
+from optimize.drift.profile import DRIFT_DIR, Profile
 from optimize.errors import BundleError
 from optimize.specs import TensorSpec
+from optimize.text import TextEncoder
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
 from serve.model import ServedModel, bundle_version
+from serve.monitor import DriftMonitor
 
 WARMUP_CALLS = 3
 
@@ -38,6 +41,9 @@ class ServeConfig:
     max_body_bytes: int = 64 << 20
     drain_delay_s: float = 5.0
     grace_s: float = 30.0
+    drift: bool = True
+    drift_window: int | None = None  # None: the profile's (20 samples)
+    drift_alpha: float | None = None  # None: the profile's (0.01)
 
 
 def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) -> str:
@@ -62,16 +68,24 @@ def create_app(config: ServeConfig) -> InferenceApp:
     inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
     model = ServedModel(config.model_name or manifest["model_name"], bundle_version(bundle), target,
                         manifest["targets"][target]["precision"], inputs, manifest["outputs"],
-                        config.batching.max_batch)
+                        config.batching.max_batch, TextEncoder.from_manifest(bundle, manifest))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
+    if config.drift and (bundle / DRIFT_DIR / f"{target}.json").is_file():
+        monitor = DriftMonitor(Profile.load(bundle, target), model.name, model.version, config.drift_window,
+                               config.drift_alpha)
+        metrics.attach(monitor)
     batcher = Batcher(runners, config.batching, metrics)
     held = np.load(bundle / "data" / "heldout.npz")
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
 
     async def warm() -> None:
-        for _ in range(WARMUP_CALLS * len(runners)):
-            await asyncio.gather(*(batcher.infer(dict(warmup)) for _ in runners))
+        monitor, metrics.monitor = metrics.monitor, None  # warm-up is not traffic to watch
+        try:
+            for _ in range(WARMUP_CALLS * len(runners)):
+                await asyncio.gather(*(batcher.infer(dict(warmup)) for _ in runners))
+        finally:
+            metrics.monitor = monitor
 
     return InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from optimize.bundle import staging_folder
 
 BENCH_DIR = "bench"
 
@@ -141,7 +142,7 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
 def write_report(bundle: Path, report: dict[str, Any]) -> Path:
     """Save ``report.json``, ``report.md`` and the plots in ``bundle/bench/`` atomically."""
     bundle = Path(bundle)
-    staging = Path(tempfile.mkdtemp(dir=bundle, prefix=f".{BENCH_DIR}.tmp-"))
+    staging = staging_folder(Path(bundle), f".{BENCH_DIR}.tmp-")
     try:
         images = plots(report, staging)
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -13,6 +13,7 @@ from optimize.errors import OptimizeError
 COMMANDS = {
     "bench": "optimize.cli.bench",
     "build": "optimize.cli.build",
+    "drift": "optimize.cli.drift",
     "inspect": "optimize.cli.inspect",
     "serve": "optimize.cli.serve",
 }

@@ -25,9 +25,14 @@ from optimize.errors import InputSpecError
 @click.option("--drain-delay", type=float, default=5.0, show_default=True,
               help="Seconds requests are still accepted after SIGTERM, with readiness false.")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds to finish queued work after SIGTERM.")
+@click.option("--drift-window", type=click.IntRange(5, 100000), default=20, show_default=True,
+              help="Samples per drift-test window (tumbling).")
+@click.option("--drift-alpha", type=click.FloatRange(0.0001, 0.5), default=0.01, show_default=True,
+              help="False-alarm rate per window on unshifted traffic.")
+@click.option("--no-drift", is_flag=True, help="Do not monitor drift.")
 def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
-            grace: float) -> None:
+            grace: float, drift_window: int, drift_alpha: float, no_drift: bool) -> None:
     """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
 
     \b
@@ -46,4 +51,5 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
     batching = BatchingConfig(max_batch=max_batch, max_delay_s=max_delay_ms / 1000, queue_capacity=queue_capacity,
                               instances=instances)
     serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=port, batching=batching,
-                      max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace))
+                      max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace,
+                      drift=not no_drift, drift_window=drift_window, drift_alpha=drift_alpha))

@@ -1,0 +1,33 @@
+# The serving image: `optimize serve` on a bundle mounted at /bundle, CPU runtimes, no PyTorch.
+#
+#   docker build -t my-model .
+#   docker run -p 8000:8000 -v $PWD/bundle:/bundle:ro my-model
+#
+# BASE_IMAGE is any Debian-like image with python3 (3.11+) and its venv module; the default is the
+# public slim Python image. Wheels placed in docker/wheels/ are installed without an index (for
+# builds without network access); otherwise the index pip is configured with is used.
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY docker/ /src/docker/
+RUN python3 -m venv /opt/serve \
+ && if ls /src/docker/wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /src/docker/wheels; fi \
+ && /opt/serve/bin/pip install "$@" -r /src/docker/requirements-serve.txt
+COPY pyproject.toml README.md /src/
+COPY optimize/ /src/optimize/
+COPY serve/ /src/serve/
+RUN if ls /src/docker/wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /src/docker/wheels; fi \
+ && /opt/serve/bin/pip install "$@" --no-deps /src \
+ && ! /opt/serve/bin/python -c "import torch" 2>/dev/null
+
+FROM ${BASE_IMAGE}
+COPY --from=build /opt/serve /opt/serve
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin serve
+USER 10001:10001
+ENV PATH=/opt/serve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["optimize", "serve", "/bundle", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,114 @@
+"""``optimize drift``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from optimize.errors import InputSpecError
+
+DRIFT_EXIT = 3
+
+
+def _target(bundle: Path, wanted: str | None) -> str:
+    from optimize.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
+    if wanted:
+        if wanted not in built:
+            raise InputSpecError(f"--target {wanted} is not built in {bundle}; built: {', '.join(built) or 'none'}")
+        return wanted
+    winner = (manifest.get("winner") or {}).get("target")
+    if winner in built:
+        return winner
+    if not built:
+        raise InputSpecError(f"bundle {bundle} has no built target")
+    return built[0]
+
+
+def _feeds(bundle: Path, source: str) -> dict:
+    """The model's inputs from DATA: .npz/.npy/images as for --calib, or a .txt of one text per line."""
+    from optimize.bundle import read_manifest
+    from optimize.calibration import load_samples
+    from optimize.specs import TensorSpec
+
+    manifest = read_manifest(bundle)
+    if source.endswith(".txt"):
+        from optimize.text import TextEncoder
+
+        encoder = TextEncoder.from_manifest(bundle, manifest)
+        if encoder is None:
+            raise InputSpecError(f"{source}: text input needs a bundle built with --tokenizer")
+        lines = [line for line in Path(source).read_text().splitlines() if line.strip()]
+        return encoder.encode(lines)
+    specs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+    return load_samples(source).conform(specs).arrays
+
+
+def _print(report: dict) -> None:
+    whole = report["whole"]
+    if "windows" in report:
+        click.echo(f"{report['samples']} samples, {report['windows']} windows of {report['window']}: "
+                   f"{report['alarms']} alarmed ({report['alarm_rate']:.1%}; designed false-alarm rate "
+                   f"{report['alpha']:.1%})" + (f", first at window {report['first_alarm_window']}"
+                                                 if report["first_alarm_window"] is not None else ""))
+    else:
+        click.echo(f"{report['source']}: {report['samples']} samples in one window")
+    click.echo(f"{'all samples at once' if 'windows' in report else 'fleet test'}: p = {whole['p_value']:.4f} "
+               f"(adjusted across features) -> {'DRIFT' if whole['alarm'] else 'no drift'}")
+    rows = sorted(whole["features"].items(), key=lambda kv: kv[1]["p_value"])
+    width = max(len(n) for n, _ in rows)
+    for name, values in rows:
+        alarms = f"  alarmed in {report['feature_alarms'][name]} window(s)" if "feature_alarms" in report else ""
+        click.echo(f"  {name.ljust(width)}  chi2 {values['statistic']:9.2f}  p {values['p_value']:.4f}{alarms}")
+
+
+@click.command("drift")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", required=False)
+@click.option("--target", help="Whose profile (default: the winner, else the first built target).")
+@click.option("--window", type=click.IntRange(5, 1_000_000), help="Samples per window (default: the profile's, 20).")
+@click.option("--alpha", type=click.FloatRange(0.0001, 0.5), help="False-alarm rate per window (default 0.01).")
+@click.option("--metrics", "metrics_urls", multiple=True,
+              help="A replica's /metrics URL (repeat): test the counts the fleet gathered over --interval.")
+@click.option("--interval", default="30s", show_default=True, help="With --metrics: how long to gather.")
+@click.option("--prometheus", help="A Prometheus server: test the counts summed across replicas over --range.")
+@click.option("--range", "range_text", default="5m", show_default=True, help="With --prometheus: the interval.")
+@click.option("--model-name", help="The served model name to select in metrics (default: any).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def command(bundle: Path, data: str | None, target: str | None, window: int | None, alpha: float | None,
+            metrics_urls: tuple[str, ...], interval: str, prometheus: str | None, range_text: str,
+            model_name: str | None, as_json: bool) -> None:
+    """Test data, or what a fleet of servers saw, for drift against the bundle's reference profile.
+
+    Exit 0: no drift; 3: drift (the test of all samples at once, or the fleet test, alarmed); 1-2: errors.
+    Per-window alarms are reported too; at the designed rate some windows alarm on unshifted data.
+
+    \b
+      optimize drift bundle/ new_data.npz
+      optimize drift bundle/ new_texts.txt                # a text model built with --tokenizer
+      optimize drift bundle/ --metrics http://a:8000 --metrics http://b:8000 --interval 60s
+      optimize drift bundle/ --prometheus http://prometheus:9090 --range 15m
+    """
+    from optimize.drift import offline
+    from optimize.select import parse_duration
+
+    sources = sum(bool(x) for x in (data, metrics_urls, prometheus))
+    if sources != 1:
+        raise InputSpecError("give exactly one of: DATA, --metrics URL(s), --prometheus URL")
+    name = _target(bundle, target)
+    if data:
+        report = offline.scan(bundle, name, _feeds(bundle, data), window, alpha)
+    elif metrics_urls:
+        report = offline.fleet_from_metrics(bundle, name, list(metrics_urls), parse_duration(interval), model_name, alpha)
+    else:
+        report = offline.fleet_from_prometheus(bundle, name, prometheus, range_text, model_name, alpha)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        _print(report)
+    sys.exit(DRIFT_EXIT if report["drift"] else 0)

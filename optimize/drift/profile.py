@@ -1,0 +1,109 @@
+"""The reference profile of one target, made at build time and kept in the bundle.
+
+``build_profile`` runs the held-out inputs through the target's own Runner (so an INT8 engine is
+compared with INT8 outputs and quantization itself is never flagged), computes the features, sets
+the bin edges from their quantiles and keeps every reference sample's bin indices: enough to
+calibrate the window test for any window size, in the server or fleet-wide in ``optimize drift``.
+
+Saved as ``drift/<target>.json`` (features, extractor spec, settings) and ``drift/<target>.npz``
+(the reference's bin indices and, for embeddings, the mean embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimize.drift.features import Extractor, Feature
+from optimize.drift.stats import WindowTest
+from optimize.errors import BundleError
+
+DRIFT_DIR = "drift"
+DEFAULT_WINDOW = 20
+DEFAULT_ALPHA = 0.01
+
+
+@dataclasses.dataclass
+class Profile:
+    target: str
+    extractor: Extractor
+    features: list[Feature]
+    reference_bins: np.ndarray  # (N, F) bin indices of the reference samples
+    mean_embedding: np.ndarray | None
+    window: int = DEFAULT_WINDOW
+    alpha: float = DEFAULT_ALPHA
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def bins(self, values: np.ndarray) -> np.ndarray:
+        """(n, F) feature values to bin indices."""
+        out = np.empty(values.shape, np.int64)
+        for i, feature in enumerate(self.features):
+            column = values[:, i]
+            if feature.kind == "categorical":
+                out[:, i] = np.clip(column.astype(np.int64), 0, feature.categories - 1)
+            else:
+                out[:, i] = np.searchsorted(np.asarray(feature.edges), column, side="right")
+        return out
+
+    def sample_bins(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.bins(self.extractor.values(feeds, outputs, self.mean_embedding))
+
+    def window_test(self, alpha: float | None = None) -> WindowTest:
+        return WindowTest(self.features, self.reference_bins, self.alpha if alpha is None else alpha)
+
+    def save(self, bundle: Path) -> dict[str, str]:
+        folder = Path(bundle) / DRIFT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"target": self.target, "extractor": self.extractor.spec, "features": [f.to_json() for f in self.features],
+                "window": self.window, "alpha": self.alpha, "reference_samples": int(len(self.reference_bins))}
+        (folder / f"{self.target}.json").write_text(json.dumps(meta, indent=1) + "\n")
+        arrays = {"reference_bins": self.reference_bins.astype(np.int16)}
+        if self.mean_embedding is not None:
+            arrays["mean_embedding"] = self.mean_embedding
+        np.savez(folder / f"{self.target}.npz", **arrays)
+        return {"profile": f"{DRIFT_DIR}/{self.target}.json", "reference": f"{DRIFT_DIR}/{self.target}.npz"}
+
+    @classmethod
+    def load(cls, bundle: Path, target: str) -> "Profile":
+        folder = Path(bundle) / DRIFT_DIR
+        meta_file, array_file = folder / f"{target}.json", folder / f"{target}.npz"
+        if not meta_file.is_file() or not array_file.is_file():
+            raise BundleError(f"bundle {bundle} has no drift profile for {target} ({meta_file} missing); "
+                              f"rebuild it with this version")
+        meta = json.loads(meta_file.read_text())
+        arrays = np.load(array_file)
+        return cls(meta["target"], Extractor(meta["extractor"]), [Feature.from_json(f) for f in meta["features"]],
+                   arrays["reference_bins"].astype(np.int64),
+                   arrays["mean_embedding"] if "mean_embedding" in arrays.files else None,
+                   int(meta["window"]), float(meta["alpha"]))
+
+
+def build_profile(target: str, runner: Any, held: dict[str, np.ndarray], inputs: list[dict[str, Any]],
+                  outputs: list[dict[str, Any]], task: str, pad_id: int = 0,
+                  batch_size: int = 32) -> Profile:
+    """The reference profile of ``target`` from the held-out inputs, through its own Runner."""
+    extractor = Extractor.plan(inputs, outputs, task, pad_id)
+    count = len(next(iter(held.values())))
+    results: list[dict[str, np.ndarray]] = []
+    for start in range(0, count, batch_size):
+        batch = {s["name"]: np.ascontiguousarray(held[s["name"]][start:start + batch_size]) for s in inputs}
+        results.append(runner.infer(batch))
+    produced = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+    mean_embedding = None
+    if any(o["method"] == "embedding" for o in extractor.spec["outputs"]):
+        first = produced[extractor.spec["outputs"][0]["name"]].reshape(count, -1).astype(np.float32)
+        unit = first / np.maximum(np.linalg.norm(first, axis=1, keepdims=True), 1e-12)
+        mean = unit.mean(axis=0)
+        mean_embedding = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    values = extractor.values({s["name"]: held[s["name"]] for s in inputs}, produced, mean_embedding)
+    features = extractor.features(values)
+    profile = Profile(target, extractor, features, np.zeros((0, len(features)), np.int64), mean_embedding)
+    profile.reference_bins = profile.bins(values)
+    return profile
