@@ -139,19 +139,28 @@ def minilm(work: Path, args: argparse.Namespace) -> dict:
     encoder = TextEncoder.from_manifest(bundle, read_manifest(bundle))
     runner = load_runner(bundle, "ort-fp32")
     rng = np.random.default_rng(3)
+    # Unshifted: the corpus texts the build did not hold out (same split, same seed), disjoint from
+    # the reference. A mild real shift: other docstring paragraphs (longer, from other modules).
+    from optimize.calibration import Samples
+
+    text = np.load(work / "minilm_text.npz")
+    unshifted, _ = Samples({k: text[k] for k in text.files}).split(0.5, seed=0, max_held_out=600)
     held_texts = set(corpus())
     prose = [t for t in extra_corpus() if t not in held_texts][:400]
     code = code_identifiers(400, rng)
     test = profile.window_test(args.alpha)
-    out = {"reference_samples": int(len(profile.reference_bins)), "threshold": test.threshold(args.window)}
-    for kind, texts in (("english (unshifted)", prose), ("code identifiers", code)):
-        feeds = encoder.encode(texts)
+    out = {"reference_samples": int(len(profile.reference_bins)), "threshold": test.threshold(args.window),
+           "unshifted_samples": len(unshifted)}
+    for kind, feeds in (("corpus, not held out (unshifted)", unshifted.arrays),
+                        ("other docstring paragraphs", encoder.encode(prose)),
+                        ("code identifiers", encoder.encode(code))):
+        texts = next(iter(feeds.values()))
         bins = np.concatenate([profile.sample_bins({k: v[s:s + 32] for k, v in feeds.items()},
                                                    runner.infer({k: v[s:s + 32] for k, v in feeds.items()}))
                                for s in range(0, len(texts), 32)])
         got = windows_of(bins, test, args.window, args.windows, rng)
         out[kind] = {"alarm_rate": float(np.mean([r.alarm for r in got])),
-                     "delay_requests": delay(bins, test, args.window, rng) if "code" in kind else None,
+                     "delay_requests": delay(bins, test, args.window, rng) if "unshifted" not in kind else None,
                      "top_feature": profile.names[int(np.argmin(np.mean([r.p_values for r in got], axis=0)))]}
         print(kind, out[kind])
     runner.close()
@@ -178,14 +187,14 @@ def cost(bundle: Path, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         monitor.observe({"x": x}, outputs)
         samples.append(time.perf_counter() - start)
-    per_call_us = float(np.median(samples) * 1e6)
+    per_call_us = float(np.mean(samples) * 1e6)  # the mean: window tests and binning are amortised over requests
     servers = {"on": ServerProcess(bundle, "ort-fp32"), "off": ServerProcess(bundle, "ort-fp32", "--no-drift")}
     rates: dict[str, list[float]] = {"on": [], "off": []}
     try:
         clients = {k: client_for(bundle, s.url) for k, s in servers.items()}
         for _ in range(args.rounds):
             for k, (client, feeds) in clients.items():
-                rates[k].append(closed_loop(lambda b, c=client, f=feeds: c.infer(f), 4, 4.0).summary()["requests_per_s"])
+                rates[k].append(closed_loop(lambda b, c=client, f=feeds: c.infer(f), 4, 3.0).summary()["requests_per_s"])
     finally:
         for server in servers.values():
             server.stop()
@@ -201,7 +210,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--reference", type=int, default=250)
     parser.add_argument("--alpha", type=float, default=0.01)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -235,9 +244,11 @@ def main() -> None:
                + markdown_table([["traffic", "alarm rate", "delay (requests)", "strongest feature"],
                                  *[[k, f"{m[k]['alarm_rate'] * 100:.1f}%", "-" if m[k]["delay_requests"] is None
                                     else f"{m[k]['delay_requests']:g}", m[k]["top_feature"]]
-                                   for k in ("english (unshifted)", "code identifiers")]]))
+                                   for k in ("corpus, not held out (unshifted)", "other docstring paragraphs",
+                                             "code identifiers")]]))
     c = result["cost"]
-    md += (f"\n## Cost\n\n`observe` per single-request batch: {c['observe_us_per_request']:.1f} us (median of 2000).\n"
+    md += (f"\n## Cost\n\n`observe` per single-request batch: {c['observe_us_per_request']:.1f} us (mean of 2000, "
+           f"with the binning and the window test of every 20th request).\n"
            f"Server throughput at concurrency 4, monitoring on / off, per round: "
            + ", ".join(f"{r:.3f}" for r in c["on_over_off"]) + f" (median {c['on_over_off_median']:.3f}).\n")
     write_results(Path(args.out) / "drift", {**result, "args": vars(args), "environment": environment()}, md)

@@ -1,10 +1,11 @@
 """Drift monitoring in the server: live bin counts over tumbling windows, tested against the profile.
 
-Every engine batch adds its samples' bin indices (``Profile.sample_bins``: a few vectorised numpy
-operations, microseconds) to the current window; when the window holds ``window`` samples it is
-tested (``WindowTest``, calibrated once at start-up for that size) and a new one begins. Nothing
-is done per metric on the request path: the Prometheus series are produced from the monitor's
-arrays when ``/metrics`` is scraped.
+Every engine batch is kept (a reference to its arrays, nothing copied) until a window's worth of
+samples has arrived; then the features and bins of all of them are computed at once
+(``Profile.sample_bins``: a few vectorised numpy operations whose fixed cost is shared by the
+window's requests), the window is tested (``WindowTest``, calibrated once at start-up for that
+size) and a new one begins. Nothing is done per metric on the request path: the Prometheus series
+are produced from the monitor's arrays when ``/metrics`` is scraped.
 
 Series (``model``, ``version`` on all; ``feature`` and ``bin`` where said):
 - ``drift_samples_total``, ``drift_windows_total``, ``drift_alarms_total`` (counters);
@@ -43,9 +44,30 @@ class DriftMonitor:
         self.alarms = 0
         self.feature_alarms = np.zeros(features, np.int64)
         self.last: Any = None
+        spec = profile.extractor.spec
+        self._inputs = [i["name"] for i in spec["inputs"]] + (["attention_mask"] if any(
+            i["method"] == "tokens" for i in spec["inputs"]) else [])
+        self._outputs = [o["name"] for o in spec["outputs"]]
+        self._pending: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
 
     def observe(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        bins = self.profile.sample_bins(feeds, outputs)
+        self._pending.append(({n: feeds[n] for n in self._inputs if n in feeds}, {n: outputs[n] for n in self._outputs}))
+        self._pending_rows += len(next(iter(outputs.values())))
+        if self.filled + self._pending_rows >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        """Bin every kept sample, closing each window that fills."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        try:
+            feeds = {n: np.concatenate([f[n] for f, _ in pending]) for n in pending[0][0]}
+            outputs = {n: np.concatenate([o[n] for _, o in pending]) for n in pending[0][1]}
+            bins = self.profile.sample_bins(feeds, outputs)
+        except ValueError:  # batches of different shapes (token inputs of several lengths): one at a time
+            bins = np.concatenate([self.profile.sample_bins(f, o) for f, o in pending])
         start = 0
         while start < len(bins):
             take = min(len(bins) - start, self.window - self.filled)
@@ -68,6 +90,7 @@ class DriftMonitor:
         self.filled = 0
 
     def collect(self) -> Iterator[Any]:
+        self.flush()  # a scrape sees every sample served so far
         keys, values = list(self.labels), list(self.labels.values())
         names = self.profile.names
 

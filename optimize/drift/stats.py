@@ -4,15 +4,15 @@ For a window of ``n`` samples, each feature's statistic is Pearson's chi-square 
 bin counts against the reference's bin frequencies (smoothed by half a count per bin). At windows
 of 20 the chi-square distribution is a poor guide (two or three samples per bin), and the
 reference itself is a sample with noise of its own, so nothing is taken from tables: the null
-distribution is simulated by cross-fitting. The reference is split into ``folds``; for each fold,
-frequencies come from the other folds and windows of ``n`` are drawn from the fold itself, so the
-simulated windows never meet the frequencies they are tested against, exactly as live traffic
-never meets the reference. This gives each feature's p-value (its statistic's rank among the
-simulated ones) and, across features, the min-p correction of Westfall and Young: the window's
-p-value is the share of simulated windows whose smallest feature p-value is at least as small.
-An alarm is raised when that is at most ``alpha``, so on unshifted traffic at most ``alpha`` of
-windows alarm, whatever the number of features and their correlation (a Bonferroni bound that
-does not pay for correlated features).
+distribution is simulated by the bootstrap. Each simulated window pairs a resampled reference of
+the reference's own size (its frequencies carry the same sampling noise the real reference does)
+with a window of ``n`` rows drawn from the reference, both from the reference's empirical
+distribution, whole rows at a time so the features keep their correlation. This gives each
+feature's p-value (its statistic's rank among the simulated ones) and, across features, the min-p
+correction of Westfall and Young: the window's p-value is the share of simulated windows whose
+smallest feature p-value is at least as small. An alarm is raised when that is at most ``alpha``,
+so on unshifted traffic at most ``alpha`` of windows alarm, whatever the number of features and
+their correlation (a Bonferroni bound that does not pay for correlated features).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import numpy as np
 
 from optimize.drift.features import Feature
 
-FOLDS = 5
 NULL_WINDOWS = 4000
 CHUNK_ELEMENTS = 4_000_000
 
@@ -47,7 +46,7 @@ class WindowResult:
 
 class WindowTest:
     def __init__(self, features: list[Feature], reference_bins: np.ndarray, alpha: float = 0.01,
-                 folds: int = FOLDS, null_windows: int = NULL_WINDOWS, seed: int = 0):
+                 null_windows: int = NULL_WINDOWS, seed: int = 0):
         self.features = features
         self.alpha = float(alpha)
         self.reference_bins = np.asarray(reference_bins, dtype=np.int64)
@@ -55,7 +54,6 @@ class WindowTest:
         self.valid = np.zeros((len(features), self.width), bool)
         for i, f in enumerate(features):
             self.valid[i, :f.bins] = True
-        self.folds = max(2, min(folds, len(self.reference_bins) // 10))
         self.null_windows = null_windows
         self.seed = seed
         self.frequencies = self._frequencies(self.reference_bins)
@@ -80,23 +78,21 @@ class WindowTest:
     def _calibrate(self, n: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Simulated null statistics (sorted per feature), min-p values (sorted) and the threshold."""
         rng = np.random.default_rng(self.seed)
-        order = rng.permutation(len(self.reference_bins))
-        parts = np.array_split(order, self.folds)
-        per_fold = -(-self.null_windows // self.folds)
-        features = len(self.features)
-        chunk = max(1, CHUNK_ELEMENTS // (n * features))  # windows per step, bounding memory for large n
+        size, features = len(self.reference_bins), len(self.features)
+        chunk = max(1, CHUNK_ELEMENTS // ((n + size) * features))  # windows per step, bounding memory
         simulated = []
-        for k, part in enumerate(parts):
-            rest = np.concatenate([p for j, p in enumerate(parts) if j != k])
-            frequencies = self._frequencies(self.reference_bins[rest])
-            fold = self.reference_bins[part]
-            for done in range(0, per_fold, chunk):
-                windows = min(chunk, per_fold - done)
-                picks = fold[rng.integers(0, len(part), size=(windows, n))]  # (windows, n, F)
-                flat = picks + np.arange(features) * self.width
-                flat += (np.arange(windows) * features * self.width)[:, None, None]
-                counts = np.bincount(flat.ravel(), minlength=windows * features * self.width)
-                simulated.append(self.statistics(counts.reshape(windows, features, self.width), n, frequencies))
+        for done in range(0, self.null_windows, chunk):
+            windows = min(chunk, self.null_windows - done)
+            offsets = (np.arange(windows) * features * self.width)[:, None, None]
+            base = np.arange(features) * self.width
+            reference = self.reference_bins[rng.integers(0, size, size=(windows, size))] + base + offsets
+            window = self.reference_bins[rng.integers(0, size, size=(windows, n))] + base + offsets
+            shape = (windows, features, self.width)
+            ref_counts = np.bincount(reference.ravel(), minlength=windows * features * self.width).reshape(shape)
+            counts = np.bincount(window.ravel(), minlength=windows * features * self.width).reshape(shape)
+            smoothed = ref_counts + 0.5 * self.valid
+            frequencies = smoothed / smoothed.sum(axis=-1, keepdims=True)
+            simulated.append(self.statistics(counts, n, frequencies))
         null = np.concatenate(simulated)  # (W, F)
         ranked = np.sort(null, axis=0)
         min_p = np.sort(self._p_values(ranked, null).min(axis=1))
