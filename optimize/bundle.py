@@ -121,3 +121,18 @@ def load_runner(bundle: Path, target: str):
         raise BundleError(f"target {target} is not built in {bundle}; built: {', '.join(built) or 'none'}")
     module = registry.backend(target)
     return module.load_runner(Path(bundle) / entry["folder"], RunnerConfig(**manifest["runner_config"]))
+
+
+def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) -> str:
+    """The target to serve or watch: ``wanted``, else the winner, else the first built one."""
+    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
+    if wanted:
+        if wanted not in built:
+            raise BundleError(f"target {wanted} is not built in {bundle}; built: {', '.join(built) or 'none'}")
+        return wanted
+    winner = (manifest.get("winner") or {}).get("target")
+    if winner in built:
+        return winner
+    if not built:
+        raise BundleError(f"bundle {bundle} has no built target")
+    return built[0]

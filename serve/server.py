@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from optimize.bundle import load_runner, read_manifest
+from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
-from optimize.errors import BundleError
 from optimize.specs import TensorSpec
 from optimize.text import TextEncoder
 from serve.app import InferenceApp
@@ -44,20 +43,6 @@ class ServeConfig:
     drift: bool = True
     drift_window: int | None = None  # None: the profile's (20 samples)
     drift_alpha: float | None = None  # None: the profile's (0.01)
-
-
-def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) -> str:
-    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
-    if wanted:
-        if wanted not in built:
-            raise BundleError(f"target {wanted} is not built in {bundle}; built: {', '.join(built) or 'none'}")
-        return wanted
-    winner = (manifest.get("winner") or {}).get("target")
-    if winner in built:
-        return winner
-    if not built:
-        raise BundleError(f"bundle {bundle} has no built target to serve")
-    return built[0]
 
 
 def create_app(config: ServeConfig) -> InferenceApp:

@@ -13,23 +13,6 @@ from optimize.errors import InputSpecError
 DRIFT_EXIT = 3
 
 
-def _target(bundle: Path, wanted: str | None) -> str:
-    from optimize.bundle import read_manifest
-
-    manifest = read_manifest(bundle)
-    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
-    if wanted:
-        if wanted not in built:
-            raise InputSpecError(f"--target {wanted} is not built in {bundle}; built: {', '.join(built) or 'none'}")
-        return wanted
-    winner = (manifest.get("winner") or {}).get("target")
-    if winner in built:
-        return winner
-    if not built:
-        raise InputSpecError(f"bundle {bundle} has no built target")
-    return built[0]
-
-
 def _feeds(bundle: Path, source: str) -> dict:
     """The model's inputs from DATA: .npz/.npy/images as for --calib, or a .txt of one text per line."""
     from optimize.bundle import read_manifest
@@ -39,6 +22,9 @@ def _feeds(bundle: Path, source: str) -> dict:
     manifest = read_manifest(bundle)
     if source.endswith(".txt"):
         from optimize.text import TextEncoder
+
+        if not Path(source).is_file():
+            raise InputSpecError(f"data file {source} does not exist")
 
         encoder = TextEncoder.from_manifest(bundle, manifest)
         if encoder is None:
@@ -94,13 +80,14 @@ def command(bundle: Path, data: str | None, target: str | None, window: int | No
       optimize drift bundle/ --metrics http://a:8000 --metrics http://b:8000 --interval 60s
       optimize drift bundle/ --prometheus http://prometheus:9090 --range 15m
     """
+    from optimize.bundle import choose_target, read_manifest
     from optimize.drift import offline
     from optimize.select import parse_duration
 
     sources = sum(bool(x) for x in (data, metrics_urls, prometheus))
     if sources != 1:
         raise InputSpecError("give exactly one of: DATA, --metrics URL(s), --prometheus URL")
-    name = _target(bundle, target)
+    name = choose_target(read_manifest(bundle), target, bundle)
     if data:
         report = offline.scan(bundle, name, _feeds(bundle, data), window, alpha)
     elif metrics_urls:
