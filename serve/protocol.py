@@ -69,7 +69,7 @@ def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _bytes_elements(buffer: bytes, count: int, name: str) -> list[str]:
+def _bytes_elements(buffer: memoryview, count: int, name: str) -> list[str]:
     """BYTES in binary form: each element is a 4-byte little-endian length, then that many bytes."""
     items, offset = [], 0
     while offset < len(buffer):
@@ -79,14 +79,14 @@ def _bytes_elements(buffer: bytes, count: int, name: str) -> list[str]:
         offset += 4
         if offset + size > len(buffer):
             raise ProtocolError(f"input '{name}': BYTES data is truncated")
-        items.append(buffer[offset:offset + size].decode("utf-8", errors="replace"))
+        items.append(bytes(buffer[offset:offset + size]).decode("utf-8", errors="replace"))
         offset += size
     if len(items) != count:
         raise ProtocolError(f"input '{name}': {len(items)} BYTES elements but the shape holds {count}")
     return items
 
 
-def _decode_tensor(tensor: Any, binary: bytes | None) -> tuple[str, str, tuple[int, ...], Any]:
+def _decode_tensor(tensor: Any, binary: memoryview | None) -> tuple[str, str, tuple[int, ...], Any]:
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise ProtocolError("every entry of 'inputs' must be an object with a 'name'")
     name = tensor["name"]
@@ -151,7 +151,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             if offset + size > len(rest):
                 raise ProtocolError(f"input '{tensor.get('name')}': binary data is truncated ({len(rest) - offset} "
                                     f"bytes left, binary_data_size {size})")
-            chunk = bytes(rest[offset:offset + size])
+            chunk = rest[offset:offset + size]  # a view: the arrays share the body's memory
             offset += size
         name, datatype, shape, value = _decode_tensor(tensor, chunk)
         if name in decoded:

@@ -145,10 +145,11 @@ class OpenVinoRunner(Runner):
             request = self._compiled.create_infer_request()
         try:
             # Shared-memory tensors: the dict form of ``infer`` copies and converts on every call,
-            # which costs more than a small model's whole inference.
+            # which costs more than a small model's whole inference. OpenVINO shares only writable
+            # memory: a read-only array (a view of a request body) is copied.
             for name, array in feeds.items():
-                dtype = self._input_dtypes.get(name)
-                request.set_tensor(name, self._tensor(np.ascontiguousarray(array, dtype=dtype), shared_memory=True))
+                array = np.ascontiguousarray(array, dtype=self._input_dtypes.get(name))
+                request.set_tensor(name, self._tensor(array, shared_memory=array.flags.writeable))
             request.infer()
             return {name: request.get_tensor(port).data.copy() for name, port in self._ports}
         finally:
