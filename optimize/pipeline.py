@@ -161,7 +161,8 @@ def _build_config(plan: BuildPlan, target: str, kind: str) -> BuildConfig:
         scheme = plan.quant.int8_scheme or default_scheme(target, kind)
     return BuildConfig(precision=info.precision, int8_scheme=scheme,
                        calib_method=plan.quant.calib_method, per_channel=plan.quant.per_channel,
-                       model_kind=kind, calib_batch_size=plan.quant.calib_batch_size)
+                       model_kind=kind, calib_batch_size=plan.quant.calib_batch_size,
+                       batch_sizes=tuple(plan.batch_sizes) if registry.get(target).needs_gpu else BuildConfig.batch_sizes)
 
 
 def _target_stage(plan: BuildPlan, target: str, prepared: Prepared, onnx_path: Path,
@@ -192,6 +193,7 @@ def _target_stage(plan: BuildPlan, target: str, prepared: Prepared, onnx_path: P
     folder, result = cache.run(f"target-{target}", key, produce)
     runner = module.load_runner(folder, plan.runner)
     evaluation = evaluate_runner(runner, prepared, plan.max_accuracy_drop)
+    entry["precision"] = result["details"].get("precision", entry["precision"])  # torch-compile: fp16 on a GPU
     entry.update(result, runner_settings=runner.settings, cache_folder=str(folder),
                  size_bytes=engine_size(folder, result["files"]), **evaluation)
     if not evaluation["gate"]["passed"] and config.precision == "int8" and plan.quant.recover_accuracy:

@@ -67,6 +67,7 @@ class BuildPlan:
     use_cache: bool = True
     prune: PruneConfig | None = None
     distill: DistillConfig = DistillConfig()
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # the batch range engines must take (TensorRT's profile)
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(dataclasses.asdict(self))

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from optimize.errors import InputSpecError
+from optimize.targets import registry
 
 SLO_PATTERN = re.compile(r"^p(\d{1,2}(?:\.\d+)?)\s*[=<:]\s*([0-9.]+)\s*(ms|s|us)?$")
 LOAD_PATTERN = re.compile(r"^(batch|concurrency|rate)\s*=\s*([0-9.]+)$")
@@ -90,7 +91,11 @@ def select(manifest: dict[str, Any], report: dict[str, Any], slo: Slo | None, lo
         if load.kind == "rate":
             verdict["late_send_pct"] = point.get("late_send_pct")
         verdict["meets_slo"] = slo is None or point[metric] <= slo.limit_ms
-        if not verdict["within_accuracy_budget"]:
+        if registry.TARGETS.get(name) is not None and registry.TARGETS[name].baseline:
+            verdict["baseline"] = True
+            verdict["reason"] = (f"a baseline, measured for comparison and never picked (its runtime is PyTorch, "
+                                 f"which the serving image leaves out): {metric[:-3]} {point[metric]:.2f} ms")
+        elif not verdict["within_accuracy_budget"]:
             verdict["reason"] = f"outside the accuracy budget ({gate.get('message', 'gate failed')})"
         elif not verdict["meets_slo"]:
             verdict["reason"] = f"{metric[:-3]} {point[metric]:.2f} ms at {load.label} misses {slo}"
@@ -98,7 +103,8 @@ def select(manifest: dict[str, Any], report: dict[str, Any], slo: Slo | None, lo
             verdict["reason"] = f"{metric[:-3]} {point[metric]:.2f} ms at {load.label}" + (
                 f" meets {slo}" if slo else "")
         candidates.append(verdict)
-    eligible = [c for c in candidates if c.get("within_accuracy_budget") and c.get("meets_slo")]
+    eligible = [c for c in candidates if c.get("within_accuracy_budget") and c.get("meets_slo")
+                and not c.get("baseline")]
     eligible.sort(key=lambda c: (c["latency_ms"], -c["throughput_items_per_s"]))
     decision: dict[str, Any] = {"load": load.label, "slo": str(slo) if slo else None, "metric": metric,
                                 "candidates": candidates, "met": bool(eligible)}
@@ -110,7 +116,8 @@ def select(manifest: dict[str, Any], report: dict[str, Any], slo: Slo | None, lo
             f"{' that meet ' + str(slo) if slo else ''}: {metric[:-3]} {best['latency_ms']:.2f} ms at "
             f"{load.label}{runner_up}"))
     else:
-        measured = [c for c in candidates if c.get("within_accuracy_budget") and "latency_ms" in c]
+        measured = [c for c in candidates if c.get("within_accuracy_budget") and "latency_ms" in c
+                    and not c.get("baseline")]
         measured.sort(key=lambda c: c["latency_ms"])
         closest = f"; closest: {measured[0]['target']} at {measured[0]['latency_ms']:.2f} ms" if measured else ""
         decision.update(target=None, fastest_within_budget=measured[0]["target"] if measured else None,

@@ -116,6 +116,10 @@ def test_build_target_auto_benchmarks_and_records_the_winner(tiny_checkpoint, tm
     assert {c["target"] for c in winner["candidates"]} == set(manifest["targets"])
     assert manifest["plan"]["max_accuracy_drop"] == 1.0
     assert (out / "bench" / "report.md").is_file() and result.stdout.rstrip().endswith(winner["reason"])
+    # torch-compile is built and measured as the baseline it is, never picked
+    baseline = {c["target"]: c for c in winner["candidates"]}["torch-compile"]
+    assert manifest["targets"]["torch-compile"]["status"] == "built" and winner["target"] != "torch-compile"
+    assert baseline["baseline"] and "never picked" in baseline["reason"] and baseline["latency_ms"] > 0
 
 
 def test_ctrl_c_keeps_what_was_measured(bundle):

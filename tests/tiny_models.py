@@ -92,3 +92,26 @@ class TinyEncoder(nn.Module):
 def tiny_encoder() -> TinyEncoder:
     torch.manual_seed(0)
     return TinyEncoder().eval()
+
+
+class TinyResNet(nn.Module):
+    """A stem and two residual blocks (conv-bn-relu-conv-bn + skip): (N, 3, 16, 16) -> (N, 5)."""
+
+    def __init__(self, width: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "conv1": nn.Conv2d(width, width, 3, padding=1), "bn1": nn.BatchNorm2d(width),
+            "conv2": nn.Conv2d(width, width, 3, padding=1), "bn2": nn.BatchNorm2d(width)}) for _ in range(2))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = torch.relu(x + b["bn2"](b["conv2"](torch.relu(b["bn1"](b["conv1"](x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_resnet() -> TinyResNet:
+    torch.manual_seed(0)
+    return TinyResNet().eval()

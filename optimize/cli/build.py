@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from optimize.cli.bench import bench_and_report, selection_options
+from optimize.cli.bench import _numbers, bench_and_report, selection_options
 from optimize.cli.prune_options import prune_configs, prune_options
 from optimize.errors import InputSpecError
 
@@ -84,6 +84,8 @@ def _drop(text: str | None) -> float | None:
 @click.option("--threads", type=int, default=0, show_default=True, help="Inference threads (0: all physical cores).")
 @click.option("--name", help="Model name (default: the checkpoint's file name).")
 @click.option("--no-cache", is_flag=True, help="Do not reuse or write the stage cache.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True,
+              help="Batch sizes the engine must take: TensorRT's profile spans min..max, tuned for the middle one.")
 @selection_options
 @prune_options
 def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | None, arch_arg: tuple[str, ...],
@@ -91,7 +93,7 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
             held_out: float, max_held_out: int, max_calib_samples: int, seed: int, image_size: str | None,
             mean: str, std: str, grayscale: bool, tokenizer: Path | None, task: str | None, int8_scheme: str | None,
             calib_method: str, per_channel: bool, no_recover: bool, max_drop_text: str | None,
-            threads: int, name: str | None, no_cache: bool, load_text: str, latency_slo: str | None,
+            threads: int, name: str | None, no_cache: bool, batch_sizes: str, load_text: str, latency_slo: str | None,
             allow_slo_miss: bool, **prune_flags) -> None:
     """Build engines from a PyTorch checkpoint into a bundle, gated on accuracy against FP32.
 
@@ -130,7 +132,8 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], arch: str | N
                         train_data=prune_flags["train_data"], tokenizer=str(tokenizer) if tokenizer else None),
         quant=QuantConfig(int8_scheme, calib_method, per_channel, recover_accuracy=not no_recover),
         task=task, max_accuracy_drop=max_accuracy_drop, name=name,
-        runner=RunnerConfig(threads=threads), use_cache=not no_cache, prune=prune, distill=distill)
+        runner=RunnerConfig(threads=threads), use_cache=not no_cache, prune=prune, distill=distill,
+        batch_sizes=_numbers(batch_sizes, "--batch-sizes"))
     result = run_build(plan, say=lambda text: click.echo(text, err=True))
     click.echo(targets_table(result.manifest))
     click.echo(f"bundle: {result.bundle}")

@@ -31,6 +31,7 @@ class BuildConfig:
     model_kind: str = "cnn"  # cnn | transformer: picks quantizer presets
     calib_batch_size: int = 8
     keep_fp32: tuple[str, ...] = ()  # node names left unquantized (accuracy recovery)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # engines with a fixed batch range (TensorRT's profile)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

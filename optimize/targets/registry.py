@@ -22,15 +22,21 @@ class TargetInfo:
     packages: tuple[str, ...]
     extra: str
     needs_gpu: bool = False
+    needs_compiler: bool = False  # builds C++ at build time
+    baseline: bool = False  # measured beside the others, never picked as the winner
 
 
+TRT_PACKAGES = ("tensorrt", "cuda.bindings", "onnxconverter_common", "onnxruntime")
 TARGETS: dict[str, TargetInfo] = {t.name: t for t in (
     TargetInfo("ort-fp32", "optimize.targets.onnxruntime", "fp32", ("onnxruntime",), "onnxruntime"),
     TargetInfo("ort-int8", "optimize.targets.onnxruntime", "int8", ("onnxruntime",), "onnxruntime"),
     TargetInfo("openvino-fp32", "optimize.targets.openvino", "fp32", ("openvino",), "openvino"),
     TargetInfo("openvino-int8", "optimize.targets.openvino", "int8", ("openvino", "nncf"), "openvino"),
-    TargetInfo("trt-fp16", "optimize.targets.tensorrt", "fp16", ("tensorrt",), "tensorrt", True),
-    TargetInfo("trt-int8", "optimize.targets.tensorrt", "int8", ("tensorrt",), "tensorrt", True),
+    TargetInfo("trt-fp16", "optimize.targets.tensorrt", "fp16", TRT_PACKAGES, "tensorrt", True),
+    TargetInfo("trt-int8", "optimize.targets.tensorrt", "int8", TRT_PACKAGES, "tensorrt", True),
+    # FP32 on CPU; FP16 when PyTorch sees a CUDA GPU (the manifest records which).
+    TargetInfo("torch-compile", "optimize.targets.torch_compile", "fp32", ("torch",), "torch", needs_compiler=True,
+               baseline=True),
 )}
 
 SPECIAL = ("all", "auto")
@@ -58,10 +64,19 @@ def unavailable_reason(name: str) -> str | None:
         reason = gpu_reason()
         if reason:
             return reason
+    if info.needs_compiler and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "no C++ compiler on this machine (AOTInductor compiles C++): install g++"
     for package in info.packages:
-        if importlib.util.find_spec(package) is None:
+        if not installed(package):
             return f"package {package!r} is not installed: pip install 'optimize[{info.extra}]'"
     return None
+
+
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 def expand(names: list[str]) -> list[str]:

@@ -1,0 +1,127 @@
+"""``torch-compile``: the model compiled ahead of time by PyTorch's own compiler (AOTInductor).
+
+The baseline users would otherwise reach for, measured beside every other target. It compiles the
+bundle's ``torch.export`` program (the model after pruning) into a ``.pt2`` package with
+``torch._inductor.aoti_compile_and_package``: FP32 C++ kernels on CPU; on a CUDA GPU the program is
+re-exported in FP16 and compiled to CUDA kernels, the path a machine with PyTorch and CUDA but no
+TensorRT runs for real. The batch axis (and a token sequence axis) stays dynamic up to the largest
+of ``--batch-sizes``. Needs a C++ compiler at build time; the package runs where it was compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimize.calibration import Samples
+from optimize.errors import BuildError, BundleError
+from optimize.specs import TensorSpec
+from optimize.targets.base import BuildConfig, Engine, Runner, RunnerConfig
+
+PACKAGE_FILE = "model.pt2"
+RECORD_FILE = "compile.json"
+PROGRAM_FILE = "program.pt2"  # written by the export stage beside model.onnx
+
+
+def _graph_io(onnx_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [{"name": v.name, "shape": [d.dim_value if d.HasField("dim_value") else -1
+                                         for d in v.type.tensor_type.shape.dim],
+               "dynamic": [axis for axis, d in enumerate(v.type.tensor_type.shape.dim) if not d.HasField("dim_value")],
+               "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
+              for v in graph.input if v.name not in initializers]
+    return inputs, [o.name for o in graph.output]
+
+
+def build(onnx_path: Path, config: BuildConfig, calibration: Samples | None, out_dir: Path) -> Engine:
+    import torch
+
+    program_path = Path(onnx_path).parent / PROGRAM_FILE
+    if not program_path.is_file():
+        raise BuildError("torch-compile compiles the torch.export program, and this source has none "
+                         "(a TorchScript checkpoint): use a state_dict or .pt2 checkpoint")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs, outputs = _graph_io(onnx_path)
+    program = torch.export.load(str(program_path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "fp16" if device == "cuda" else "fp32"
+    if device == "cuda":
+        program = _half_on_cuda(program, inputs, calibration, max(config.batch_sizes))
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE_FILE))
+    except Exception as exc:
+        raise BuildError(f"AOTInductor could not compile the program: {type(exc).__name__}: {exc}") from exc
+    record = {"device": device, "precision": precision, "torch": torch.__version__, "inputs": inputs,
+              "outputs": outputs, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+    (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    return Engine([PACKAGE_FILE, RECORD_FILE], record)
+
+
+def _half_on_cuda(program: Any, inputs: list[dict[str, Any]], calibration: Samples | None, max_batch: int) -> Any:
+    """Re-export the program in FP16 on the GPU with the same dynamic axes."""
+    import torch
+    from torch.export import Dim
+
+    if calibration is None:
+        raise BuildError("torch-compile on a GPU re-exports the model in FP16 and needs example inputs: pass --calib")
+    module = program.module().to("cuda").half()
+    args, shapes = [], []
+    batch, sequence = Dim("batch", min=1, max=max(max_batch, 2)), Dim("sequence", min=1, max=4096)
+    for spec in inputs:
+        array = torch.from_numpy(np.ascontiguousarray(calibration.arrays[spec["name"]][:2])).to("cuda")
+        args.append(array.half() if array.is_floating_point() else array)
+        shapes.append({axis: batch if axis == 0 else sequence for axis in spec["dynamic"]})
+    try:
+        return torch.export.export(module, tuple(args), dynamic_shapes=tuple(shapes))
+    except Exception as exc:
+        raise BuildError(f"re-exporting the program in FP16 failed: {type(exc).__name__}: {exc}") from exc
+
+
+class TorchCompileRunner(Runner):
+    """An AOTInductor package loaded with ``aoti_load_package``; numpy in, float32 numpy out."""
+
+    def __init__(self, engine_dir: Path, config: RunnerConfig = RunnerConfig()):
+        import torch
+        import torch._inductor
+
+        engine_dir = Path(engine_dir)
+        record = json.loads((engine_dir / RECORD_FILE).read_text())
+        if record["device"] == "cuda" and not torch.cuda.is_available():
+            raise BundleError(f"{engine_dir}: this torch-compile package was compiled for a CUDA GPU and this "
+                              f"machine has none; rebuild the target here")
+        self._threads = config.threads or max(1, os.cpu_count() or 2)
+        torch.set_num_threads(self._threads)
+        self._model = torch._inductor.aoti_load_package(str(engine_dir / PACKAGE_FILE))
+        self._record = record
+        self._half = record["precision"] == "fp16"
+        self.inputs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in record["inputs"]]
+        self.outputs = [TensorSpec(n, (-1,), "float32") for n in record["outputs"]]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        args = []
+        for spec in self._record["inputs"]:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[spec["name"]])).to(self._record["device"])
+            args.append(tensor.half() if self._half and tensor.is_floating_point() else tensor)
+        with torch.inference_mode():
+            result = self._model(*args)
+        values = [result] if isinstance(result, torch.Tensor) else list(result)
+        return {name: value.float().cpu().numpy() for name, value in zip(self._record["outputs"], values)}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"backend": "torch", "mode": "AOTInductor", "device": self._record["device"],
+                "precision": self._record["precision"], "intra_op_threads": self._threads,
+                "torch": self._record["torch"]}
+
+
+def load_runner(engine_dir: Path, config: RunnerConfig = RunnerConfig()) -> TorchCompileRunner:
+    return TorchCompileRunner(engine_dir, config)
