@@ -11,7 +11,8 @@ on the ONNX graph, where they can be checked without a GPU:
 - ``qdq_graph``: symmetric INT8 (zero points 0) as QuantizeLinear/DequantizeLinear pairs where
   TensorRT fuses them: the activation inputs of Conv, ConvTranspose, MatMul and Gemm; their weights
   as INT8 initializers behind a per-output-channel DequantizeLinear; and, on residual Adds, the
-  input that does not come from a convolution, so the Add fuses into that convolution. Activation
+  input that does not come from a convolution (or, where both do, the shortcut's), so the Add
+  fuses into the other convolution. Activation
   ranges come from ONNX Runtime's calibrators (MinMax, Entropy, Percentile) on the build's own
   calibration data. The result is an FP32 graph with Q/DQ that ONNX Runtime runs on CPU, which is
   how its accuracy is checked here; ``fp16_graph`` then turns the rest to FP16 for TensorRT.
@@ -221,6 +222,8 @@ def _placement(graph, keep_fp32: tuple[str, ...]) -> tuple[set[str], list[tuple[
             residual = [n for n in node.input if not _conv_fed(n, producers)]
             if len(residual) == 1:  # a skip connection joining a convolution's output
                 activations.add(residual[0])
+            elif not residual:  # both from convolutions (a downsampling shortcut): the second is the shortcut
+                activations.add(node.input[1])
     return activations, weights
 
 
@@ -288,7 +291,8 @@ def qdq_graph(model_path: Path, out_path: Path, calibration: Samples, method: st
         for node in consumers.get(name, []):
             if node.op_type in quantized_ops and node.name not in keep_fp32:
                 for i, value in enumerate(node.input):
-                    if value == name and not (node.op_type == "Add" and _conv_fed(value, producers)):
+                    if value == name and (node.op_type != "Add" or not _conv_fed(value, producers)
+                                          or all(_conv_fed(v, producers) for v in node.input)):
                         node.input[i] = f"{base}_dq"
     initializers = {i.name: i for i in graph.initializer}
     for node, index, axis in weights:
