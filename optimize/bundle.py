@@ -124,7 +124,8 @@ def load_runner(bundle: Path, target: str):
 
 
 def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) -> str:
-    """The target to serve or watch: ``wanted``, else the winner, else the first built one."""
+    """The target to serve or watch: ``wanted``, else the winner, else the first built one that is not a
+    baseline (``torch-compile`` needs PyTorch, which the serving image leaves out)."""
     built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
     if wanted:
         if wanted not in built:
@@ -135,4 +136,7 @@ def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) ->
         return winner
     if not built:
         raise BundleError(f"bundle {bundle} has no built target")
-    return built[0]
+    from optimize.targets import registry
+
+    deployable = [n for n in built if n not in registry.TARGETS or not registry.TARGETS[n].baseline]
+    return (deployable or built)[0]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from optimize.specs import TensorSpec
+from optimize.triton import model_config
 from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
 
 
@@ -95,15 +96,9 @@ class ServedModel:
                             for o in self.outputs]}
 
     def config(self, batching: dict[str, Any]) -> dict[str, Any]:
-        """The model configuration as Triton's tooling reads it (``/v2/models/{m}/config``)."""
-        def dims(shape: list[int]) -> list[int]:
-            return list(shape[1:])
-        return {"name": self.name, "platform": self.target, "backend": self.target.split("-")[0],
-                "max_batch_size": self.max_batch,
-                "input": [{"name": i["name"], "data_type": "TYPE_" + ("STRING" if i["datatype"] == "BYTES" else i["datatype"]),
-                           "dims": dims(i["shape"])} for i in self.signatures()[0]],
-                "output": [{"name": o["name"], "data_type": "TYPE_" + datatype_of(o["dtype"]),
-                            "dims": dims(list(o["shape"]))} for o in self.outputs],
-                "dynamic_batching": {"max_queue_delay_microseconds": int(batching["max_delay_s"] * 1e6),
-                                     "default_queue_policy": {"max_queue_size": batching["queue_capacity"]}},
-                "instance_group": [{"count": batching["instances"], "kind": "KIND_CPU"}]}
+        """The model configuration as Triton's tooling reads it (``/v2/models/{m}/config``): the same
+        generator ``optimize export triton`` writes ``config.pbtxt`` from, for what this server takes."""
+        outputs = [{"name": o["name"], "datatype": datatype_of(o["dtype"]), "shape": list(o["shape"])}
+                   for o in self.outputs]
+        return model_config(self.name, self.target, self.max_batch, self.signatures()[0], outputs,
+                            batching["max_delay_s"], batching["queue_capacity"], batching["instances"], strict=False)

@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "optimize.cli.bench",
     "build": "optimize.cli.build",
     "drift": "optimize.cli.drift",
+    "export": "optimize.cli.export",
     "inspect": "optimize.cli.inspect",
     "serve": "optimize.cli.serve",
 }

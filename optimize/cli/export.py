@@ -1,0 +1,91 @@
+"""``optimize export triton`` and ``optimize export kserve``: hand a bundle to Triton or Kubernetes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from optimize.errors import InputSpecError
+
+
+@click.group("export")
+def command() -> None:
+    """Export a bundle for another server: a Triton model repository, or Kubernetes manifests."""
+
+
+@command.command("triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("repo", type=click.Path(path_type=Path))
+@click.option("--target", help="Target to export (default: the winner, else the first built).")
+@click.option("--name", help="Model name in the repository (default: the bundle's model name).")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="max_batch_size (TensorRT: at most its profile's).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances in the instance group.")
+@click.option("--max-delay-ms", type=float, default=0.0, show_default=True, help="Dynamic batching queue delay.")
+@click.option("--queue-capacity", type=int, default=64, show_default=True, help="Requests queued before rejecting.")
+def triton(bundle: Path, repo: Path, target: str | None, name: str | None, max_batch: int, instances: int,
+           max_delay_ms: float, queue_capacity: int) -> None:
+    """Write REPO/<model>/config.pbtxt and REPO/<model>/1/<engine> for Triton Inference Server.
+
+    \b
+      optimize export triton bundle/ model_repository/ --target ort-int8
+      tritonserver --model-repository model_repository/
+    """
+    from optimize.triton import export_repository
+
+    if max_batch < 1 or instances < 1 or max_delay_ms < 0 or queue_capacity < 1:
+        raise InputSpecError("--max-batch, --instances and --queue-capacity must be positive, --max-delay-ms not negative")
+    result = export_repository(bundle, repo, target, max_batch, instances, max_delay_ms / 1000, queue_capacity, name)
+    for note in result["notes"]:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"{result['target']} -> {result['path']} (config.pbtxt, 1/)")
+
+
+@command.command("kserve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", required=True, help="The serving image (built from this project's Dockerfile).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("k8s"), show_default=True,
+              help="Folder for inferenceservice.yaml and deployment.yaml.")
+@click.option("--name", help="Kubernetes name (default: from the model name).")
+@click.option("--namespace", help="Namespace to set on every object.")
+@click.option("--target", help="Target to serve (default: the winner, else the first built).")
+@click.option("--storage-uri", help="KServe: fetch the bundle from here into /mnt/models (default: baked into the image at /bundle).")
+@click.option("--cpu", default="2", show_default=True, help="CPU request.")
+@click.option("--memory", default="2Gi", show_default=True, help="Memory request and limit.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="nvidia.com/gpu limit (TensorRT targets need 1).")
+@click.option("--min-replicas", type=int, default=1, show_default=True)
+@click.option("--max-replicas", type=int, default=4, show_default=True)
+@click.option("--queue-target-ms", type=float, default=50.0, show_default=True,
+              help="Mean queue time per pod the autoscaler holds (plain variant).")
+@click.option("--drain-delay", type=float, default=5.0, show_default=True, help="Seconds to keep serving after SIGTERM.")
+@click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds to finish queued work.")
+def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str | None, target: str | None,
+           storage_uri: str | None, cpu: str, memory: str, gpus: int, min_replicas: int, max_replicas: int,
+           queue_target_ms: float, drain_delay: float, grace: float) -> None:
+    """Write a KServe InferenceService (inferenceservice.yaml) and a plain Deployment, Service and
+    HorizontalPodAutoscaler (deployment.yaml) that run the serving image on this bundle.
+
+    \b
+      optimize export kserve bundle/ --image registry.example.com/my-model:1 --out k8s/
+      kubectl apply -f k8s/inferenceservice.yaml      # with KServe
+      kubectl apply -f k8s/deployment.yaml            # without (autoscaling needs prometheus-adapter)
+    """
+    from optimize.deploy import DeployConfig, kserve_manifests, plain_manifests, to_yaml
+
+    if not 0 < min_replicas <= max_replicas or gpus < 0 or drain_delay < 0 or grace < 0 or queue_target_ms <= 0:
+        raise InputSpecError("need 0 < --min-replicas <= --max-replicas, --gpus, --drain-delay and --grace not "
+                             "negative, --queue-target-ms positive")
+    target_name = target or ""
+    if target_name.startswith("trt") and gpus == 0:
+        gpus = 1
+    config = DeployConfig(image, name, namespace, target, storage_uri, cpu, memory, gpus, min_replicas, max_replicas,
+                          queue_target_ms / 1000, drain_delay, grace)
+    files = {"inferenceservice.yaml": to_yaml(kserve_manifests(bundle, config)),
+             "deployment.yaml": to_yaml(plain_manifests(bundle, config))}
+    out.mkdir(parents=True, exist_ok=True)
+    for file, text in files.items():
+        temporary = out / f".{file}.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, out / file)
+        click.echo(str(out / file))
