@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from test_serve import Server, free_port, http
+from test_serve import Server, free_port, http, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.service,
@@ -41,16 +41,7 @@ class Prometheus:
             ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()
-            try:
-                if http("GET", self.url + "/-/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("prometheus did not become ready")
+        wait_ready(self.process, self.url + "/-/ready", "prometheus")
 
     def query(self, expr: str) -> list[dict]:
         status, body, _ = http("GET", f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))

@@ -44,6 +44,21 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return error.code, error.read(), dict(error.headers)
 
 
+def wait_ready(process: subprocess.Popen, url: str, what: str, timeout_s: float = 60) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's output if it exits first."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited: {(process.stderr or process.stdout).read()}")
+        try:
+            if http("GET", url)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not become ready")
+
+
 class Server:
     def __init__(self, bundle, *args):
         self.port = free_port()
@@ -51,16 +66,7 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-c", NO_TORCH, "serve", str(bundle), "--host", "127.0.0.1",
                                          "--port", str(self.port), *map(str, args)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read()
-            try:
-                if http("GET", self.url + "/v2/health/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not become ready")
+        wait_ready(self.process, self.url + "/v2/health/ready", "server")
 
     def stop(self):
         if self.process.poll() is None:
