@@ -109,8 +109,9 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_runner(bundle: Path, target: str):
-    """The Runner of one built target, with the thread settings recorded at build time."""
+def load_runner(bundle: Path, target: str, **overrides: Any):
+    """The Runner of one built target, with the thread settings recorded at build time
+    (``overrides``: RunnerConfig fields to change, e.g. the server's ``idle_spin=False``)."""
     from optimize.targets import registry
     from optimize.targets.base import RunnerConfig
 
@@ -120,7 +121,7 @@ def load_runner(bundle: Path, target: str):
         built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
         raise BundleError(f"target {target} is not built in {bundle}; built: {', '.join(built) or 'none'}")
     module = registry.backend(target)
-    return module.load_runner(Path(bundle) / entry["folder"], RunnerConfig(**manifest["runner_config"]))
+    return module.load_runner(Path(bundle) / entry["folder"], RunnerConfig(**{**manifest["runner_config"], **overrides}))
 
 
 def choose_target(manifest: dict[str, Any], wanted: str | None, bundle: Path) -> str:

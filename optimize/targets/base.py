@@ -44,6 +44,9 @@ class RunnerConfig:
     threads: int = 0  # 0: the backend's default (all physical cores)
     performance_hint: str = "LATENCY"  # OpenVINO: LATENCY | THROUGHPUT
     streams: int = 1
+    # ONNX Runtime: worker threads keep spinning after a call, so the next one starts at once. A
+    # server turns it off: the spin would take a core from answering the request just computed.
+    idle_spin: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -131,6 +131,8 @@ class OnnxRuntimeRunner(Runner):
         self._session_config = json.loads(extra.read_text()) if extra.is_file() else {}
         for key, value in self._session_config.items():
             options.add_session_config_entry(key, str(value))
+        if not config.idle_spin:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
         self._session = ort.InferenceSession(str(Path(engine_dir) / ENGINE_FILE), options,
@@ -149,7 +151,7 @@ class OnnxRuntimeRunner(Runner):
         return {"backend": "onnxruntime", "providers": self._session.get_providers(),
                 "intra_op_num_threads": self._config.threads or "default (physical cores)",
                 "inter_op_num_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL",
-                "session_config": self._session_config}
+                "session_config": self._session_config, "idle_spin": self._config.idle_spin}
 
 
 def _spec(arg: Any) -> TensorSpec:
