@@ -5,7 +5,7 @@ Real servers (``optimize serve`` subprocesses) on loopback, driven by the lean k
 measured and stated.
 
 1. Overhead: concurrency 1, batch 1, server p50/p99 against the same engine's in-process p50 in
-   the same run (5 interleaved rounds), for the digits CNN (``ort-fp32``, 8x8 input) and
+   the same run (9 interleaved rounds), for the digits CNN (``ort-fp32``, 8x8 input) and
    ResNet-18 ``ort-int8``.
 2. Batching gain: closed loop at concurrency 16, batching on (``--max-batch 8``) against off
    (``--max-batch 1``), both servers up, rounds interleaved; digits CNN and ResNet-50.
@@ -193,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--overhead-rounds", type=int, default=9, help="interleaved rounds of the overhead runs")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -201,8 +202,8 @@ def main() -> None:
                "resnet18": build(work / "resnet18", "resnet18", ("ort-int8",)),
                "resnet50": build(work / "resnet50", "resnet50", ("ort-fp32",))}
     results: dict = {"overhead": {}, "batching": {}}
-    results["overhead"]["digits"] = overhead(bundles["digits"], "ort-fp32", 5)
-    results["overhead"]["resnet18"] = overhead(bundles["resnet18"], "ort-int8", 5)
+    results["overhead"]["digits"] = overhead(bundles["digits"], "ort-fp32", args.overhead_rounds)
+    results["overhead"]["resnet18"] = overhead(bundles["resnet18"], "ort-int8", args.overhead_rounds)
     results["batching"]["digits"] = batching_gain(bundles["digits"], "ort-fp32", args.duration / 2, args.rounds)
     results["batching"]["resnet50"] = batching_gain(bundles["resnet50"], "ort-fp32", args.duration / 2, args.rounds)
     capacity = results["overhead"]["resnet18"]["server"]["concurrency=1"]["requests_per_s"]
@@ -222,8 +223,10 @@ def main() -> None:
     o = results["overload"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     md = ("# optimize serve: overhead, batching, overload\n\n`python -m benchmarks.bench_serve "
-          f"--duration {args.duration:g} --rounds {args.rounds}`; client and server share the machine's cores.\n\n"
-          "## Added latency at concurrency 1, batch 1 (binary tensors, medians of 5 interleaved rounds)\n\n"
+          f"--duration {args.duration:g} --rounds {args.rounds} --overhead-rounds {args.overhead_rounds}`; "
+          "client and server share the machine's cores.\n\n"
+          f"## Added latency at concurrency 1, batch 1 (binary tensors, medians of {args.overhead_rounds} "
+          "interleaved rounds)\n\n"
           + markdown_table(rows) + "\nAdded = server minus the same engine in process, measured in the same run. "
           "The client cost (encode a request, decode an answer) is part of the server's numbers.\n\n"
           "## Batching gain at concurrency 16 (closed loop)\n\n" + markdown_table(gain)
