@@ -17,7 +17,6 @@ not hold, so this runs in an environment of its own:
     /tmp/modelopt/bin/python -m benchmarks.qdq_modelopt
 """
 import collections
-import json
 import tempfile
 from pathlib import Path
 
