@@ -16,6 +16,9 @@ not hold, so this runs in an environment of its own:
         scipy pyyaml ninja tqdm packaging sympy mpmath onnxscript onnx-ir mako markupsafe filelock
     /tmp/modelopt/bin/python -m benchmarks.qdq_modelopt
 """
+
+from __future__ import annotations
+
 import collections
 import tempfile
 from pathlib import Path
@@ -29,84 +32,113 @@ from benchmarks.common import environment, write_results
 from optimize.calibration import Samples
 from optimize.passes.precision import qdq_graph
 
-import modelopt.onnx.quantization as moq  # noqa: E402  (after ours: it patches ONNX Runtime's calibrators)
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 
-out = Path(tempfile.mkdtemp(prefix="qdq-modelopt-"))
-def export(model, x, path):
+
+def export(model: torch.nn.Module, x: np.ndarray, path: Path) -> Path:
     torch.onnx.export(model, torch.from_numpy(x), str(path), input_names=["x"], output_names=["y"], opset_version=18,
                       dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
-def run(path, x):
-    o = ort.SessionOptions(); o.log_severity_level = 3
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-def structure(path):
-    g = onnx.load(str(path)).graph
-    prod = {o: n for n in g.node for o in n.output}
-    inits = {i.name for i in g.initializer}
-    def dq_fed(name):
-        p = prod.get(name); return p is not None and p.op_type == "DequantizeLinear"
-    s = collections.Counter()
-    for n in g.node:
-        s[n.op_type] += 0
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"): s[n.op_type] += 1
-        if n.op_type in ("Conv", "Gemm", "MatMul"):
-            s["conv/gemm"] += 1
-            s["conv/gemm with quantized input"] += dq_fed(n.input[0])
-            s["conv/gemm with quantized weight"] += dq_fed(n.input[1]) or n.input[1] not in inits and prod.get(n.input[1]) is not None and prod[n.input[1]].op_type == "DequantizeLinear"
-        if n.op_type == "Add" and not set(n.input) & inits:
-            s["residual add"] += 1
-            s["residual add inputs quantized"] += sum(dq_fed(i) for i in n.input)
-        if n.op_type == "QuantizeLinear":
-            src = prod.get(n.input[0])
-            if src is not None and src.op_type in ("Conv", "Gemm", "MatMul"): s["Q on a conv/gemm output"] += 1
-    zps = []
-    for n in g.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            z = onnx.numpy_helper.to_array(next(i for i in g.initializer if i.name == n.input[2])); zps.append(bool((z == 0).all()))
-    s["all zero points 0"] = int(all(zps)) if zps else -1
-    return {k: int(v) for k, v in s.items() if k[0].islower() or k in ("QuantizeLinear", "DequantizeLinear")}
+    return path
 
-results = {}
-from models.resnet import resnet18, random_images
-torch.manual_seed(0)
-r = resnet18().eval()
-imgs = random_images(80)
-export(r, imgs[:1], out / "r18.onnx")
-qdq_graph(out / "r18.onnx", out / "r18_ours.onnx", Samples({"x": imgs[:64]}))
-# 1. digits CNN, trained on real digits: accuracy
-from models.digits import DigitsNet, digits_split, train
-tx, ty, vx, vy = digits_split()
-m = train(DigitsNet(), tx, ty, epochs=10)
-export(m, vx[:1], out / "digits.onnx")
-calib = tx[:256]
-qdq_graph(out / "digits.onnx", out / "digits_ours.onnx", Samples({"x": calib}))
-# ModelOpt patches ONNX Runtime's calibrators when it runs: our graphs are made first
-moq.quantize(str(out / "digits.onnx"), quantize_mode="int8", calibration_data={"x": calib}, calibration_method="max",
-             calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out / "digits_modelopt.onnx"), log_level="ERROR")
-acc = lambda p: float((run(p, vx).argmax(1) == vy).mean() * 100)
-results["digits"] = {"accuracy_pct": {k: acc(out / f) for k, f in [("fp32", "digits.onnx"), ("ours", "digits_ours.onnx"), ("modelopt", "digits_modelopt.onnx")]},
-                     "ours": structure(out / "digits_ours.onnx"), "modelopt": structure(out / "digits_modelopt.onnx")}
-# 2. ResNet-18 (random weights): structure and output agreement
-moq.quantize(str(out / "r18.onnx"), quantize_mode="int8", calibration_data={"x": imgs[:64]}, calibration_method="max",
-             calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out / "r18_modelopt.onnx"), log_level="ERROR")
-ref = run(out / "r18.onnx", imgs[64:])
-def agree(p):
-    y = run(p, imgs[64:]); return {"top1_agreement_pct": float((y.argmax(1) == ref.argmax(1)).mean() * 100),
-                                   "cosine": float(np.mean(np.sum(y * ref, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)))}
-results["resnet18"] = {"ours": {**structure(out / "r18_ours.onnx"), **agree(out / "r18_ours.onnx")},
-                       "modelopt": {**structure(out / "r18_modelopt.onnx"), **agree(out / "r18_modelopt.onnx")}}
-lines = ["# INT8 Q/DQ for TensorRT: ours against ModelOpt", "", "`python -m benchmarks.qdq_modelopt` (see its docstring for the environment).", "",
-         "| model | graph | Q | DQ | Conv/Gemm with quantized input / weight | residual Adds with a quantized input | Q on a Conv/Gemm output | zero points all 0 | accuracy |",
-         "|---|---|---|---|---|---|---|---|---|"]
-for model in ("digits", "resnet18"):
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def modelopt_graph(source: Path, out: Path, calib: np.ndarray) -> Path:
+    import modelopt.onnx.quantization as moq  # after ours: once it runs, it patches ONNX Runtime's calibrators
+
+    moq.quantize(str(source), quantize_mode="int8", calibration_data={"x": calib}, calibration_method="max",
+                 calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out), log_level="ERROR")
+    return out
+
+
+def structure(path: Path) -> dict[str, int]:
+    """Where a graph's Q/DQ nodes sit."""
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    initializers = {i.name: i for i in graph.initializer}
+
+    def dq_fed(name: str) -> bool:
+        node = producers.get(name)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    count: collections.Counter = collections.Counter()
+    zero_points = []
+    for node in graph.node:
+        if node.op_type in QDQ:
+            count[node.op_type] += 1
+            if len(node.input) > 2 and node.input[2] in initializers:
+                zero_points.append(bool((onnx.numpy_helper.to_array(initializers[node.input[2]]) == 0).all()))
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            count["conv/gemm"] += 1
+            count["conv/gemm with quantized input"] += dq_fed(node.input[0])
+            count["conv/gemm with quantized weight"] += dq_fed(node.input[1])
+        if node.op_type == "Add" and not set(node.input) & set(initializers):
+            count["residual add"] += 1
+            count["residual add inputs quantized"] += sum(dq_fed(i) for i in node.input)
+        if node.op_type == "QuantizeLinear":
+            source = producers.get(node.input[0])
+            count["Q on a conv/gemm output"] += source is not None and source.op_type in ("Conv", "Gemm", "MatMul")
+    count["all zero points 0"] = int(all(zero_points)) if zero_points else -1
+    return dict(count)
+
+
+def main() -> None:
+    from models.digits import DigitsNet, digits_split, train
+    from models.resnet import random_images, resnet18
+
+    out = Path(tempfile.mkdtemp(prefix="qdq-modelopt-"))
+    torch.manual_seed(0)
+    images = random_images(80)
+    r18 = export(resnet18().eval(), images[:1], out / "r18.onnx")
+    train_x, train_y, test_x, test_y = digits_split()
+    digits = export(train(DigitsNet(), train_x, train_y, epochs=10), test_x[:1], out / "digits.onnx")
+    calib = train_x[:256]
+    # Ours first: ModelOpt patches ONNX Runtime's calibrators once it has run.
+    qdq_graph(digits, out / "digits_ours.onnx", Samples({"x": calib}))
+    qdq_graph(r18, out / "r18_ours.onnx", Samples({"x": images[:64]}))
+    graphs = {"digits": {"ours": out / "digits_ours.onnx"}, "resnet18": {"ours": out / "r18_ours.onnx"}}
+    graphs["digits"]["modelopt"] = modelopt_graph(digits, out / "digits_modelopt.onnx", calib)
+    graphs["resnet18"]["modelopt"] = modelopt_graph(r18, out / "r18_modelopt.onnx", images[:64])
+
+    def accuracy(path: Path) -> float:
+        return float((run(path, test_x).argmax(1) == test_y).mean() * 100)
+
+    reference = run(r18, images[64:])
+
+    def agreement(path: Path) -> dict[str, float]:
+        y = run(path, images[64:])
+        cosine = np.sum(y * reference, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(reference, axis=1)
+        return {"top1_agreement_pct": float((y.argmax(1) == reference.argmax(1)).mean() * 100),
+                "cosine": float(np.mean(cosine))}
+
+    results: dict = {"digits": {"accuracy_pct": {"fp32": accuracy(digits)}}, "resnet18": {}}
     for who in ("ours", "modelopt"):
-        s_ = results[model][who]
-        accuracy = (f"{results[model]['accuracy_pct'][who]:.2f}% (FP32 {results[model]['accuracy_pct']['fp32']:.2f}%)"
-                    if model == "digits" else f"top-1 agreement {s_['top1_agreement_pct']:.1f}%, cosine {s_['cosine']:.5f}")
-        lines.append(f"| {model} | {who} | {s_.get('QuantizeLinear', 0)} | {s_.get('DequantizeLinear', 0)} | "
-                     f"{s_.get('conv/gemm with quantized input', 0)} / {s_.get('conv/gemm with quantized weight', 0)} of {s_.get('conv/gemm', 0)} | "
-                     f"{s_.get('residual add inputs quantized', 0)} of {s_.get('residual add', 0)} | {s_.get('Q on a conv/gemm output', 0)} | "
-                     f"{'yes' if s_.get('all zero points 0') == 1 else 'no'} | {accuracy} |")
-text = "\n".join(lines) + "\n"
-print(text)
-results["environment"] = environment()
-write_results(Path("benchmarks/results/qdq_modelopt"), results, text)
+        results["digits"][who] = structure(graphs["digits"][who])
+        results["digits"]["accuracy_pct"][who] = accuracy(graphs["digits"][who])
+        results["resnet18"][who] = {**structure(graphs["resnet18"][who]), **agreement(graphs["resnet18"][who])}
+    lines = ["# INT8 Q/DQ for TensorRT: ours against ModelOpt", "",
+             "`python -m benchmarks.qdq_modelopt` (see its docstring for the environment).", "",
+             "| model | graph | Q | DQ | Conv/Gemm with quantized input / weight | residual Adds with a quantized input "
+             "| Q on a Conv/Gemm output | zero points all 0 | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in ("digits", "resnet18"):
+        for who in ("ours", "modelopt"):
+            row = results[model][who]
+            quality = (f"{results[model]['accuracy_pct'][who]:.2f}% (FP32 {results[model]['accuracy_pct']['fp32']:.2f}%)"
+                       if model == "digits" else
+                       f"top-1 agreement {row['top1_agreement_pct']:.1f}%, cosine {row['cosine']:.5f}")
+            lines.append(f"| {model} | {who} | {row.get('QuantizeLinear', 0)} | {row.get('DequantizeLinear', 0)} | "
+                         f"{row.get('conv/gemm with quantized input', 0)} / {row.get('conv/gemm with quantized weight', 0)} "
+                         f"of {row.get('conv/gemm', 0)} | {row.get('residual add inputs quantized', 0)} of "
+                         f"{row.get('residual add', 0)} | {row.get('Q on a conv/gemm output', 0)} | "
+                         f"{'yes' if row.get('all zero points 0') == 1 else 'no'} | {quality} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_results(Path("benchmarks/results/qdq_modelopt"), {**results, "environment": environment()}, text)
+
+
+if __name__ == "__main__":
+    main()
