@@ -73,7 +73,7 @@ def test_qdq_graph_is_symmetric_int8_per_channel_on_fused_inputs(resnet):
         kinds = [producers[name].op_type for name in add.input]
         assert kinds.count("DequantizeLinear") == 1
         assert "BatchNormalization" in kinds or "Conv" in kinds
-    for node in graph.node:  # no Q/DQ on any convolution's output
+    for node in graph.node:  # no Q on a convolution's output (no downsampling shortcut in this model)
         if node.op_type == "QuantizeLinear":
             source = producers.get(node.input[0])
             assert source is None or source.op_type not in ("Conv", "Gemm", "MatMul")
