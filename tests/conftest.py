@@ -19,6 +19,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
+def build_tiny(checkpoint: dict, out: Path, *flags: str) -> Path:
+    """``optimize build`` of the tiny CNN (calibration data, model name ``tiny``) into ``out``."""
+    result = run_cli("build", checkpoint["ckpt"], "--arch", checkpoint["arch"], "--calib", checkpoint["calib"],
+                     "--name", "tiny", "--out", out, *flags)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> dict:
     import torch

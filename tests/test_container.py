@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import build_tiny, ROOT
 from test_serve import free_port, http
 
 pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.container]
@@ -122,12 +122,7 @@ def image(docker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("container") / "bundle"
-    t = tiny_checkpoint
-    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target", "ort-fp32",
-                     "--name", "tiny", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("container") / "bundle", "--target", "ort-fp32")
 
 
 def test_image_is_slim_and_unprivileged(docker, image):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import build_tiny, run_cli
 from optimize.triton import model_config, to_pbtxt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +42,8 @@ def parse_pbtxt(text: str):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    t = tiny_checkpoint
-    out = tmp_path_factory.mktemp("deploy") / "bundle"
-    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"],
-                     "--target", "ort-fp32,ort-int8,openvino-int8", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("deploy") / "bundle",
+                      "--target", "ort-fp32,ort-int8,openvino-int8")
 
 
 @pytest.mark.parametrize("target", ["ort-fp32", "ort-int8", "openvino-int8"])

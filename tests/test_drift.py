@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import build_tiny, run_cli
 from optimize.drift.features import Extractor, Feature
 from optimize.drift.profile import Profile
 from optimize.drift.stats import WindowTest
@@ -89,12 +89,8 @@ def test_token_and_embedding_features():
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("drift") / "bundle"
-    t = tiny_checkpoint
-    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--held-out", "0.5",
-                     "--target", "ort-fp32", "--name", "tiny", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("drift") / "bundle", "--held-out", "0.5",
+                      "--target", "ort-fp32")
 
 
 def test_build_writes_a_profile_per_target_and_the_cli_tests_files(bundle, tmp_path):

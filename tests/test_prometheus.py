@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import build_tiny
 from test_serve import Server, free_port, http, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +61,9 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prom") / "bundle"
-    t = tiny_checkpoint
-    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--held-out", "0.5",
-                     "--target", "ort-fp32", "--name", "tiny", "--out", out)  # 60 reference samples for drift
-    assert result.returncode == 0, result.stderr
-    return out
+    # --held-out 0.5: 60 reference samples for the drift profile
+    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("prom") / "bundle", "--held-out", "0.5",
+                      "--target", "ort-fp32")
 
 
 def test_prometheus_aggregates_two_servers_and_runs_the_dashboard(bundle, tmp_path):

@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import build_tiny, run_cli
 
 pytestmark = pytest.mark.service
 # The server runs with torch unimportable: serving needs only the engine's backend.
@@ -76,12 +76,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "bundle"
-    t = tiny_checkpoint
-    result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target", "ort-fp32,openvino-fp32",
-                     "--name", "tiny", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "bundle", "--target", "ort-fp32,openvino-fp32")
 
 
 @pytest.fixture(scope="module")

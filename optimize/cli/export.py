@@ -76,9 +76,11 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
     if not 0 < min_replicas <= max_replicas or gpus < 0 or drain_delay < 0 or grace < 0 or queue_target_ms <= 0:
         raise InputSpecError("need 0 < --min-replicas <= --max-replicas, --gpus, --drain-delay and --grace not "
                              "negative, --queue-target-ms positive")
-    target_name = target or ""
-    if target_name.startswith("trt") and gpus == 0:
-        gpus = 1
+    from optimize.bundle import choose_target, read_manifest
+
+    target = choose_target(read_manifest(bundle), target, bundle)
+    if target.startswith("trt") and gpus == 0:
+        gpus = 1  # a TensorRT engine needs its GPU
     config = DeployConfig(image, name, namespace, target, storage_uri, cpu, memory, gpus, min_replicas, max_replicas,
                           queue_target_ms / 1000, drain_delay, grace)
     files = {"inferenceservice.yaml": to_yaml(kserve_manifests(bundle, config)),
