@@ -19,7 +19,7 @@ from benchmarks.common import environment, markdown_table, write_results
 from optimize.bench.load import LoadPlan
 from optimize.bench.run import BenchConfig, bench_bundle
 from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.plan import BuildPlan, DataConfig, Selection, SourceConfig
 from optimize.select import LoadSpec
 from optimize.targets.base import RunnerConfig
 
@@ -48,10 +48,11 @@ def main() -> None:
         build = BuildPlan(source=SourceConfig(work / f"resnet{depth}.pt", f"models.resnet:resnet{depth}"),
                           out=work / "bundle", targets=TARGETS,
                           data=DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.25),
-                          runner=RunnerConfig(threads=args.threads))
-        bundle = run_build(build, say=print).bundle
-        runs = [bench_bundle(bundle, BenchConfig(plan=plan), None, LoadSpec("batch", 1), say=print)[0]
-                for _ in range(2)]
+                          runner=RunnerConfig(threads=args.threads),
+                          selection=Selection(LoadSpec("batch", 1), bench=BenchConfig(plan=plan)))
+        built = run_build(build, say=print)  # builds, benchmarks (run A) and picks the winner
+        again = bench_bundle(built.bundle, BenchConfig(plan=plan), None, LoadSpec("batch", 1), say=print)[0]
+        runs = [built.report, again]
         first, second = runs
         engines = list(first["engines"])
         rows = [["engine", "p50 ms (run A / B)", "p99 ms", "throughput /s", "vs torch eager (A / B)",

@@ -36,7 +36,6 @@ from optimize.bench.run import BenchConfig, run_bench, tiled_feeds
 from optimize.bundle import read_manifest
 from optimize.pipeline import run_build
 from optimize.plan import BuildPlan, DataConfig, SourceConfig
-from optimize.specs import TensorSpec
 from optimize.targets.base import RunnerConfig
 
 
@@ -94,8 +93,8 @@ def build(work: Path, kind: str, targets: tuple[str, ...]) -> Path:
 
 def client_for(bundle: Path, url: str) -> tuple[HttpRunner, dict[str, np.ndarray]]:
     manifest = read_manifest(bundle)
-    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
-    runner = HttpRunner(url, manifest["model_name"], inputs, [o["name"] for o in manifest["outputs"]])
+    inputs = list(manifest.inputs)
+    runner = HttpRunner(url, manifest.model_name, inputs, manifest.output_names)
     held = np.load(bundle / "data" / "heldout.npz")
     return runner, tiled_feeds({s.name: held[s.name] for s in inputs}, inputs, 1)
 

@@ -65,7 +65,7 @@ def main() -> None:
         bundle = bundles[bundle_key].bundle
         runner = load_runner(bundle, target)
         calls[name] = (lambda r: lambda: r.infer(feeds))(runner)
-        entry = bundles[bundle_key].manifest["targets"][target]
+        entry = bundles[bundle_key].manifest.to_json()["targets"][target]
         accuracy[name] = {**entry["accuracy"]["held_out"], "size_bytes": entry.get("size_bytes")}
     with torch.no_grad():
         timing = time_interleaved(calls, args.rounds, baseline="torch-eager-fp32")

@@ -32,7 +32,7 @@ def one_run(work: Path, samples: int, seed: int, ratio: float) -> dict:
                                      max_calib_samples=samples),
                      max_accuracy_drop=100.0, use_cache=False,
                      prune=PruneConfig(ratio), distill=DistillConfig(seed=seed))
-    manifest = run_build(plan, say=lambda _: None).manifest
+    manifest = run_build(plan, say=lambda _: None).manifest.to_json()
     stage = manifest["stages"]["prune"]
     acc = {step: stage["accuracy"][step]["eval"]["accuracy_pct"] for step in stage["accuracy"]}
     for target in TARGETS:

@@ -70,8 +70,8 @@ def main() -> None:
              "retrieval agreement %: pruned -> recovered", f"{TARGET} mean cosine", "p50 ms", "speedup (range)"]]
     summary = {}
     for label, result in builds.items():
-        stage = result.manifest["stages"].get("prune")
-        entry = result.manifest["targets"][TARGET]
+        stage = result.manifest.to_json()["stages"].get("prune")
+        entry = result.manifest.to_json()["targets"][TARGET]
         t = timing[label]
         low, high = t["speedup_vs_unpruned_range"]
         if stage is None:

@@ -66,7 +66,7 @@ def main() -> None:
     for ratio in [None, *ratios]:
         label = "unpruned" if ratio is None else f"pruned {ratio:.0%}"
         result = build(work, args.depth, ratio, args.threads)
-        stage = result.manifest["stages"].get("prune")
+        stage = result.manifest.to_json()["stages"].get("prune")
         macs = stage["macs_after"] if stage else base_macs
         params = stage["params_after"] if stage else base_params
         bundles[label] = (result.bundle, macs, params)

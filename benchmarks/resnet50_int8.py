@@ -102,7 +102,7 @@ def main() -> None:
                "ort_int8_over_nncf_flow": {"median": float(np.median(ort_vs_vendor)),
                                            "range": [float(ort_vs_vendor.min()), float(ort_vs_vendor.max())]},
                "build": {n: {k: e.get(k) for k in ("status", "size_bytes", "build_time_s", "build_config")}
-                         for n, e in result.manifest["targets"].items()},
+                         for n, e in result.manifest.to_json()["targets"].items()},
                "environment": environment()}
     rows = [["engine", "p50 ms (median of rounds)", "spread %", "p99 ms", "speedup vs torch eager (range)",
              "top-1 agree %", "logit cosine"]]

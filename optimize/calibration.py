@@ -194,8 +194,8 @@ def _load_images(folder: Path, options: ImageOptions, input_shape: tuple[int, ..
 
 
 def _load_callable(source: str) -> Samples:
-    from optimize.checkpoint import resolve_factory
     from optimize.errors import CheckpointError
+    from optimize.factory import resolve_factory
 
     try:
         function = resolve_factory(source)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
 import pickle
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize.errors import CheckpointError
+from optimize.factory import resolve_factory
 
 
 @dataclasses.dataclass
@@ -41,36 +40,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def resolve_factory(arch: str):
-    """Return the callable named by ``module:factory`` or ``path/to/file.py:factory``."""
-    if ":" not in arch:
-        raise CheckpointError(
-            f"--arch {arch!r} must be module:factory or path/to/file.py:factory, "
-            f"e.g. models.digits:DigitsNet")
-    where, _, name = arch.rpartition(":")
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise CheckpointError(f"--arch {arch!r}: file {where} does not exist")
-        spec = importlib.util.spec_from_file_location(f"_arch_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file failed to import: say where
-            raise CheckpointError(f"--arch {arch!r}: importing {where} failed: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as exc:
-            raise CheckpointError(
-                f"--arch {arch!r}: cannot import module {where!r} ({exc}); give a dotted module "
-                f"on the Python path or a file path ending in .py") from exc
-    factory = getattr(module, name, None)
-    if factory is None or not callable(factory):
-        raise CheckpointError(f"--arch {arch!r}: {where} has no callable named {name!r}")
-    return factory
 
 
 def parse_arch_args(values: tuple[str, ...]) -> dict[str, Any]:
@@ -114,35 +83,48 @@ def _archive_kind(path: Path) -> str | None:
 def load_checkpoint(path: str | Path, arch: str | None = None,
                     arch_kwargs: dict[str, Any] | None = None,
                     trust: bool = False) -> LoadedModel:
-    """Load ``path`` into an eval-mode module, refusing pickled code unless ``trust``."""
-    import torch
-
+    """Load ``path`` into an eval-mode module, refusing pickled code unless ``trust``: one loader
+    per format, chosen by what the file is (a torch.export or TorchScript archive, else torch.save)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file")
     sha = file_sha256(path)
-    kind = _archive_kind(path)
+    archive = _archive_kind(path)
+    if archive == "exported-program":
+        return _load_exported_program(path, sha)
+    if archive == "torchscript":
+        return _load_torchscript(path, sha)
+    return _load_saved_object(path, sha, arch, arch_kwargs, trust)
 
-    if kind == "exported-program":
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint {path}: not a readable torch.export program ({exc})") from exc
-        module = program.module()
-        names = [s.arg.name for s in program.graph_signature.input_specs
-                 if s.kind.name == "USER_INPUT"]
-        return LoadedModel(module, kind, sha, path, names, program)
 
-    if kind == "torchscript":
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint {path}: not a readable TorchScript archive ({exc})") from exc
-        module.eval()
-        names = [a.name for a in module.forward.schema.arguments][1:]
-        return LoadedModel(module, kind, sha, path, names)
+def _load_exported_program(path: Path, sha: str) -> LoadedModel:
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch's own reader refused the file (--debug shows why)
+        raise CheckpointError(f"checkpoint {path}: not a readable torch.export program ({exc})") from exc
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    return LoadedModel(program.module(), "exported-program", sha, path, names, program)
+
+
+def _load_torchscript(path: Path, sha: str) -> LoadedModel:
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch's own reader refused the file (--debug shows why)
+        raise CheckpointError(f"checkpoint {path}: not a readable TorchScript archive ({exc})") from exc
+    module.eval()
+    return LoadedModel(module, "torchscript", sha, path, [a.name for a in module.forward.schema.arguments][1:])
+
+
+def _load_saved_object(path: Path, sha: str, arch: str | None, arch_kwargs: dict[str, Any] | None,
+                       trust: bool) -> LoadedModel:
+    """A ``torch.save`` file: a pickled module (trusted only), or a state_dict in one of its wrappings."""
+    import torch
 
     obj = _torch_load(path, trust)
     if isinstance(obj, torch.nn.Module):
@@ -151,48 +133,60 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
                 f"checkpoint {path} holds a whole module; drop --arch (it is for state_dicts)")
         obj.eval()
         return LoadedModel(obj, "pickled-module", sha, path, forward_input_names(obj))
-
     if isinstance(obj, dict):
-        kind_name = "state-dict"
-        state = obj
-        pruned = obj.get("pruned_architecture") if isinstance(obj.get("pruned_architecture"), dict) else None
-        if pruned is not None and isinstance(obj.get("state_dict"), dict):
-            kind_name, state = "pruned-state-dict", obj["state_dict"]
-        elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            kind_name, state = "lightning", obj["state_dict"]
-        if not all(isinstance(v, torch.Tensor) for v in state.values()):
-            bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
-            raise CheckpointError(
-                f"checkpoint {path} is a dict but not a state_dict: entries {bad} are not tensors; "
-                f"save model.state_dict() or a dict with a 'state_dict' entry")
-        if not arch:
-            raise CheckpointError(
-                f"checkpoint {path} is a state_dict: weights without an architecture; pass "
-                f"--arch module:factory (e.g. --arch models.digits:DigitsNet)")
-        factory = resolve_factory(arch)
-        try:
-            module = factory(**(arch_kwargs or {}))
-        except TypeError as exc:
-            raise CheckpointError(f"--arch {arch}: calling the factory failed: {exc}") from exc
-        if not isinstance(module, torch.nn.Module):
-            raise CheckpointError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module")
-        if pruned is not None:
-            from optimize.errors import PruneError
-            from optimize.passes.prune import rebuild_pruned
-
-            try:
-                rebuild_pruned(module, state, pruned)
-            except (PruneError, RuntimeError) as exc:
-                raise CheckpointError(f"pruned checkpoint {path} does not fit --arch {arch}: "
-                                      f"{_first_line(exc)}") from exc
-        else:
-            _load_state(module, state, path, arch)
-        module.eval()
-        return LoadedModel(module, kind_name, sha, path, forward_input_names(module))
-
+        return _load_state_dict(obj, path, sha, arch, arch_kwargs)
     raise CheckpointError(
         f"checkpoint {path} holds a {type(obj).__name__}; expected a state_dict, a Lightning "
         f"checkpoint, a TorchScript archive or a torch.export program")
+
+
+def _unwrap_state(obj: dict, path: Path) -> tuple[str, dict, dict | None]:
+    """(format, the tensors, the pruned layer widths or None) of a plain, Lightning or pruned state_dict."""
+    import torch
+
+    kind, state = "state-dict", obj
+    pruned = obj.get("pruned_architecture") if isinstance(obj.get("pruned_architecture"), dict) else None
+    if pruned is not None and isinstance(obj.get("state_dict"), dict):
+        kind, state = "pruned-state-dict", obj["state_dict"]
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        kind, state, pruned = "lightning", obj["state_dict"], None
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
+        raise CheckpointError(
+            f"checkpoint {path} is a dict but not a state_dict: entries {bad} are not tensors; "
+            f"save model.state_dict() or a dict with a 'state_dict' entry")
+    return kind, state, pruned
+
+
+def _load_state_dict(obj: dict, path: Path, sha: str, arch: str | None,
+                     arch_kwargs: dict[str, Any] | None) -> LoadedModel:
+    import torch
+
+    kind, state, pruned = _unwrap_state(obj, path)
+    if not arch:
+        raise CheckpointError(
+            f"checkpoint {path} is a state_dict: weights without an architecture; pass "
+            f"--arch module:factory (e.g. --arch models.digits:DigitsNet)")
+    factory = resolve_factory(arch)
+    try:
+        module = factory(**(arch_kwargs or {}))
+    except TypeError as exc:
+        raise CheckpointError(f"--arch {arch}: calling the factory failed: {exc}") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise CheckpointError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module")
+    if pruned is not None:
+        from optimize.errors import PruneError
+        from optimize.passes.prune import rebuild_pruned
+
+        try:
+            rebuild_pruned(module, state, pruned)
+        except (PruneError, RuntimeError) as exc:
+            raise CheckpointError(f"pruned checkpoint {path} does not fit --arch {arch}: "
+                                  f"{_first_line(exc)}") from exc
+    else:
+        _load_state(module, state, path, arch)
+    module.eval()
+    return LoadedModel(module, kind, sha, path, forward_input_names(module))
 
 
 def _torch_load(path: Path, trust: bool) -> Any:

@@ -83,7 +83,7 @@ def kserve_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]
     """One InferenceService running the serving image as a custom predictor container."""
     manifest = read_manifest(bundle)
     target = choose_target(manifest, config.target, bundle)
-    name = _name(config.name or manifest["model_name"])
+    name = _name(config.name or manifest.model_name)
     path = "/mnt/models" if config.storage_uri else "/bundle"
     container = _container(config, path, target, config.drain_delay_s, name="kserve-container")
     if config.storage_uri:
@@ -104,7 +104,7 @@ def plain_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]:
     """Deployment + Service + HorizontalPodAutoscaler (autoscaling/v2, on queue time)."""
     manifest = read_manifest(bundle)
     target = choose_target(manifest, config.target, bundle)
-    name = _name(config.name or manifest["model_name"])
+    name = _name(config.name or manifest.model_name)
     labels = {"app.kubernetes.io/name": name}
     container = _container(config, "/bundle", target, 0.0)
     container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", f"{config.drain_delay_s:g}"]}}}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -11,9 +11,12 @@ from optimize.calibration import Samples, load_samples
 from optimize.checkpoint import LoadedModel, load_checkpoint
 from optimize.errors import CalibrationError, InputSpecError
 from optimize.passes.export import output_names_for, torch_outputs
-from optimize.plan import BuildPlan
+from optimize.passes.prune import HEAD_COUNT_ATTRS
 from optimize.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
 from optimize import validate
+
+if TYPE_CHECKING:
+    from optimize.plan import BuildPlan
 
 RANDOM_HELD_OUT = 64
 
@@ -33,6 +36,29 @@ class Prepared:
     evaluation: Samples | None = None
     eval_reference: dict[str, np.ndarray] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    model_kind: str = "cnn"  # cnn | transformer: presets of pruning, recovery and quantization
+
+
+ATTENTION_OPS = ("matmul", "bmm", "scaled_dot_product_attention", "baddbmm")
+
+
+def model_kind(specs: list[TensorSpec], module: Any) -> str:
+    """``transformer`` for token inputs, attention blocks, or a traced graph dominated by matrix
+    products; else ``cnn``. The one decision every stage's presets follow."""
+    if any(np.dtype(s.dtype).kind in "iu" for s in specs):
+        return "transformer"
+    for child in module.modules():
+        kind = getattr(child, "original_name", type(child).__name__)
+        if kind == "MultiheadAttention" or any(isinstance(getattr(child, a, None), int) for a in HEAD_COUNT_ATTRS):
+            return "transformer"
+    graph = getattr(module, "graph", None)  # TorchScript and torch.export modules: their traced ops
+    nodes = getattr(graph, "nodes", None)
+    if nodes is not None:
+        ops = [str(getattr(n, "target", None) or n.kind()).lower() for n in (nodes() if callable(nodes) else nodes)]
+        products = sum(any(op in o for op in ATTENTION_OPS) for o in ops)
+        if products > max(sum("conv" in o for o in ops), 2):
+            return "transformer"
+    return "cnn"
 
 
 def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
@@ -100,6 +126,8 @@ def load_labelled(plan: BuildPlan, source: str, flag: str, specs: list[TensorSpe
 
 
 def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
+    """Load the checkpoint, fit the data to the model's inputs, split calibration from held-out data
+    and run the original FP32 model on the held-out data: the reference of every accuracy number."""
     source = plan.source
     loaded = load_checkpoint(source.checkpoint, source.arch, source.arch_kwargs, source.trust_checkpoint)
     say(f"loaded {loaded.kind} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
@@ -126,7 +154,7 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
         raise InputSpecError(f"--task {plan.task!r} is not one of {', '.join(TASKS)}")
     task = plan.task or infer_task(specs, reference)
     prepared = Prepared(loaded, specs, output_names, task, plan.task is None, calibration,
-                        held_out, reference, notes=notes)
+                        held_out, reference, notes=notes, model_kind=model_kind(specs, loaded.module))
     if plan.data.eval_data:
         evaluation = load_labelled(plan, plan.data.eval_data, "--eval-data", specs, task)
         prepared.evaluation = evaluation

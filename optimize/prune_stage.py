@@ -8,33 +8,53 @@ unpruned model at every step: the original itself, pruned, and recovered.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from optimize.cache import StageCache
+from optimize.cache import Stage, StageCache
 from optimize.calibration import Samples
 from optimize.errors import PruneError
 from optimize.passes import distill as distill_pass
 from optimize.passes import prune as prune_pass
-from optimize.plan import BuildPlan
 from optimize.prepare import Prepared, evaluate_module, load_labelled, run_reference
+from optimize.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from optimize.plan import BuildPlan
 
 PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
+PRUNE_STAGE = Stage("prune", ("optimize.prune_stage", "optimize.passes.prune", "optimize.passes.distill",
+                              "optimize.passes.export", "optimize.prepare", "optimize.calibration",
+                              "optimize.checkpoint", "optimize.factory", "optimize.specs", "optimize.validate",
+                              "optimize.errors"),
+                    packages=("torch", "torch-pruning"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneStageConfig:
+    """What keys the prune stage: pruning and recovery settings, the task and the inputs."""
+
+    prune: prune_pass.PruneConfig
+    distill: distill_pass.DistillConfig
+    task: str
+    inputs: tuple[TensorSpec, ...]
+    model_kind: str
+    max_accuracy_drop: float | None  # decides the report's warning after recovery
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prune": self.prune.to_json(), "distill": self.distill.to_json(), "task": self.task,
+                "inputs": [s.to_json() for s in self.inputs], "model_kind": self.model_kind,
+                "max_accuracy_drop": self.max_accuracy_drop}
 
 
 def _tensors(samples: Samples, names: list[str], index: np.ndarray | slice) -> tuple:
     import torch
 
     return tuple(torch.from_numpy(np.ascontiguousarray(samples.arrays[n][index])) for n in names)
-
-
-def model_kind_of(module: Any, prepared: Prepared) -> str:
-    if any(np.dtype(s.dtype).kind in "iu" for s in prepared.inputs) or prune_pass.find_attention(module):
-        return "transformer"
-    return "cnn"
 
 
 def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
@@ -67,9 +87,10 @@ def _taylor_batches(data: Samples | None, prepared: Prepared, loss: Callable) ->
     return batches, lambda outputs: loss(outputs, next(remaining))
 
 
-def run_prune_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache,
+def run_prune_stage(plan: BuildPlan, prepared: Prepared, model_hash: str, cache: StageCache,
                     say: Callable[[str], None]) -> tuple[Any, Path, dict[str, Any]]:
-    """Returns the pruned (and recovered) module, its cache folder and the stage report."""
+    """Returns the pruned (and recovered) module, its cache folder and the stage report.
+    ``model_hash`` is the source model's identity (checkpoint and architecture)."""
     import torch
 
     config = plan.prune
@@ -79,13 +100,13 @@ def run_prune_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache,
         raise PruneError(f"--prune needs an eager PyTorch model (a state_dict with --arch, or a pickled "
                          f"module); {loaded.path} is a {loaded.kind} graph, which torch-pruning cannot edit")
     original = loaded.module
-    kind = model_kind_of(original, prepared)
+    kind = prepared.model_kind
     data = recovery_data(plan, prepared)
     distill_config = plan.distill
-    key = {"stage": "prune", "checkpoint": loaded.sha256, "arch": plan.source.arch,
-           "arch_kwargs": plan.source.arch_kwargs, "prune": config.to_json(), "distill": distill_config.to_json(),
-           "data": data.sha256 if data is not None else None, "task": prepared.task,
-           "inputs": [s.to_json() for s in prepared.inputs], "torch": torch.__version__, "version": 1}
+    stage_config = PruneStageConfig(config, distill_config, prepared.task, tuple(prepared.inputs), kind,
+                                    plan.max_accuracy_drop)
+    hashes = {"model": model_hash, "data": data.sha256 if data is not None else None,
+              "held_out": prepared.held_out.sha256}
     names = [s.name for s in prepared.inputs]
 
     def produce(folder: Path) -> dict[str, Any]:
@@ -124,7 +145,7 @@ def run_prune_stage(plan: BuildPlan, prepared: Prepared, cache: StageCache,
                 "recovery_data": None if data is None else {"samples": len(data), "source": data.source},
                 "accuracy": accuracy, "warnings": warnings}
 
-    folder, result = cache.run("prune", key, produce)
+    folder, result = cache.run(PRUNE_STAGE, hashes, stage_config, produce)
     saved = torch.load(folder / PRUNED_FILE, map_location="cpu", weights_only=True)
     module = prune_pass.rebuild_pruned(prune_pass.fresh_copy(original), saved["state_dict"], saved["pruned_architecture"])
     for line in _accuracy_lines(prepared.task, result["accuracy"]):

@@ -15,8 +15,8 @@ def human_size(size: int | None) -> str:
     return str(size)
 
 
-def accuracy_text(task: str, entry: dict[str, Any]) -> str:
-    accuracy = entry.get("accuracy")
+def accuracy_text(task: str, entry: Any) -> str:
+    accuracy = entry.accuracy
     if not accuracy:
         return "-"
     held = accuracy["held_out"]
@@ -31,25 +31,25 @@ def accuracy_text(task: str, entry: dict[str, Any]) -> str:
     return f"max err {held['max_abs_error']:.3g}"
 
 
-def status_text(entry: dict[str, Any]) -> str:
-    status = entry["status"]
-    if status == "built":
-        recovery = entry.get("recovery")
+def status_text(entry: Any) -> str:
+    if entry.built:
+        recovery = entry.recovery
         return "built" + (f" ({len(recovery.get('kept_fp32', []))} kept FP32)" if recovery and
                           recovery.get("kept_fp32") else "")
-    return f"{status}: {entry.get('reason', '')}"
+    return f"{entry.status}: {entry.reason or ''}"
 
 
-def targets_table(manifest: dict[str, Any]) -> str:
+def targets_table(manifest: Any) -> str:
+    """One row per target of a ``Manifest``: precision, size, accuracy, build time, status."""
     rows = [("target", "precision", "size", "accuracy vs FP32", "build s", "status")]
-    for name, entry in manifest["targets"].items():
-        precision = entry["precision"]
-        scheme = (entry.get("build_config") or {}).get("int8_scheme")
+    for name, entry in manifest.targets.items():
+        precision = entry.precision
+        scheme = (entry.build_config or {}).get("int8_scheme")
         if scheme:
             precision += f" ({scheme})"
-        build = entry.get("build_time_s")
-        rows.append((name, precision, human_size(entry.get("size_bytes")),
-                     accuracy_text(manifest["task"], entry),
+        build = entry.build_time_s
+        rows.append((name, precision, human_size(entry.size_bytes),
+                     accuracy_text(manifest.task, entry),
                      f"{build:.1f}" if build is not None else "-", status_text(entry)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []

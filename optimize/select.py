@@ -68,17 +68,18 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
 
 
-def select(manifest: dict[str, Any], report: dict[str, Any], slo: Slo | None, load: LoadSpec) -> dict[str, Any]:
-    """The decision, with every candidate's numbers; ``target`` is None when nothing qualifies."""
+def select(manifest: Any, report: dict[str, Any], slo: Slo | None, load: LoadSpec) -> dict[str, Any]:
+    """The decision, with every candidate's numbers; ``target`` is None when nothing qualifies.
+    ``manifest`` is the bundle's ``optimize.manifest.Manifest``."""
     metric = slo.key if slo else "p99_ms"
     candidates = []
-    for name, entry in manifest["targets"].items():
-        verdict: dict[str, Any] = {"target": name, "status": entry.get("status")}
-        if entry.get("status") != "built":
-            verdict["reason"] = f"not built ({entry.get('reason', entry.get('status'))})"
+    for name, entry in manifest.targets.items():
+        verdict: dict[str, Any] = {"target": name, "status": entry.status}
+        if not entry.built:
+            verdict["reason"] = f"not built ({entry.reason or entry.status})"
             candidates.append(verdict)
             continue
-        gate = entry.get("gate", {})
+        gate = entry.gate or {}
         verdict["accuracy_drop"] = gate.get("drop")
         verdict["within_accuracy_budget"] = bool(gate.get("passed"))
         engine = report["engines"].get(name)

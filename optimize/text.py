@@ -110,11 +110,11 @@ class TextEncoder:
         self.tokenizer.enable_truncation(self.max_length)
 
     @classmethod
-    def from_manifest(cls, bundle: Path, manifest: dict[str, Any]) -> "TextEncoder | None":
-        section = manifest.get("text")
-        if not section:
+    def from_manifest(cls, bundle: Path, manifest: Any) -> "TextEncoder | None":
+        """The encoder of a bundle's ``Manifest`` with a ``text`` section, else None."""
+        if not manifest.text:
             return None
-        return cls(bundle, section, [TensorSpec.from_json(s) for s in manifest["inputs"]])
+        return cls(bundle, manifest.text, list(manifest.inputs))
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         encodings = self.tokenizer.encode_batch(list(texts))

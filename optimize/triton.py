@@ -2,11 +2,9 @@
 ``optimize export triton``, and the model repository writer.
 
 A repository holds ``<model>/config.pbtxt`` (protobuf text of Triton's ``ModelConfig``) and the
-engine under a version folder ``<model>/1/``:
-
-    ort-*       platform onnxruntime_onnx   1/model.onnx
-    openvino-*  backend openvino            1/model.xml, 1/model.bin
-    trt-*       platform tensorrt_plan      1/model.plan  (only for the GPU and TensorRT it was built with)
+engine under a version folder ``<model>/1/``. How Triton runs each backend's engine (platform,
+backend, files, instance kind) is the backend's own ``TritonEntry``: ONNX Runtime and OpenVINO
+engines on the CPU, TensorRT plans on the GPU and TensorRT version they were built with.
 
 ``max_batch_size`` > 0 makes the first axis Triton's batch axis, so dims leave it out; dynamic
 batching and instance groups mirror the server's own batching settings.
@@ -15,38 +13,33 @@ batching and instance groups mirror the server's own batching settings.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from optimize import atomic
 from optimize.bundle import choose_target, read_manifest
 from optimize.errors import BundleError, InputSpecError
-from optimize.specs import TensorSpec, oip_datatype
+from optimize.manifest import Manifest
+from optimize.specs import oip_datatype
+from optimize.targets import registry
+from optimize.targets.base import TritonEntry
 
-BACKENDS = {  # target prefix -> how Triton runs it
-    "ort": {"platform": "onnxruntime_onnx", "backend": "onnxruntime", "default_model_filename": "model.onnx",
-            "files": ("model.onnx",), "kind": "KIND_CPU"},
-    "openvino": {"backend": "openvino", "default_model_filename": "model.xml",
-                 "files": ("model.xml", "model.bin"), "kind": "KIND_CPU"},
-    "trt": {"platform": "tensorrt_plan", "backend": "tensorrt", "default_model_filename": "model.plan",
-            "files": ("model.plan",), "kind": "KIND_GPU"},
-}
 _ENUM = re.compile(r"^(TYPE|KIND)_[A-Z0-9_]+$")
 
 
-def backend_for(target: str, strict: bool = True) -> dict[str, Any]:
+def backend_for(target: str, strict: bool = True) -> TritonEntry:
     """How Triton runs ``target``; ``strict=False`` describes a target Triton has no backend for
     (``torch-compile``) by its own name instead of failing."""
-    info = BACKENDS.get(target.split("-")[0])
-    if info is None and not strict:
-        return {"backend": target, "kind": "KIND_CPU"}
-    if info is None:
-        raise InputSpecError(f"Triton has no backend for target {target!r}; export an ort-*, openvino-* or trt-* "
-                             f"target (--target)")
-    return info
+    entry = registry.facts(target).triton if target in registry.TARGETS or strict else None
+    if entry is None and not strict:
+        return TritonEntry(backend=target, files=(), default_model_filename="")
+    if entry is None:
+        exportable = [n for n in registry.TARGETS if registry.facts(n).triton is not None]
+        raise InputSpecError(f"Triton has no backend for target {target!r}; export one of {', '.join(exportable)} "
+                             f"(--target)")
+    return entry
 
 
 def triton_type(datatype: str) -> str:
@@ -66,15 +59,15 @@ def model_config(name: str, target: str, max_batch: int, inputs: list[dict[str, 
                  "dims": [int(d) for d in (t["shape"][1:] if max_batch > 0 else t["shape"])]} for t in items]
 
     config: dict[str, Any] = {"name": name}
-    if "platform" in info:
-        config["platform"] = info["platform"]
-    config["backend"] = info["backend"]
-    if "default_model_filename" in info:
-        config["default_model_filename"] = info["default_model_filename"]
+    if info.platform:
+        config["platform"] = info.platform
+    config["backend"] = info.backend
+    if info.default_model_filename:
+        config["default_model_filename"] = info.default_model_filename
     config.update(max_batch_size=max_batch, input=tensors(inputs), output=tensors(outputs),
                   dynamic_batching={"max_queue_delay_microseconds": int(round(max_delay_s * 1e6)),
                                     "default_queue_policy": {"max_queue_size": queue_capacity}},
-                  instance_group=[{"count": instances, "kind": info["kind"]}])
+                  instance_group=[{"count": instances, "kind": info.kind}])
     return config
 
 
@@ -108,12 +101,11 @@ def to_pbtxt(config: dict[str, Any]) -> str:
     return "\n".join(render(config, 0)) + "\n"
 
 
-def engine_tensors(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def engine_tensors(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The engine's own inputs and outputs (token ids for a text model: Triton does not tokenize)."""
-    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
-    return ([{"name": s.name, "datatype": oip_datatype(s.dtype), "shape": list(s.shape)} for s in inputs],
+    return ([{"name": s.name, "datatype": oip_datatype(s.dtype), "shape": list(s.shape)} for s in manifest.inputs],
             [{"name": o["name"], "datatype": oip_datatype(o["dtype"]), "shape": list(o["shape"])}
-             for o in manifest["outputs"]])
+             for o in manifest.outputs])
 
 
 def export_repository(bundle: Path, repo: Path, target: str | None = None, max_batch: int = 8,
@@ -124,39 +116,24 @@ def export_repository(bundle: Path, repo: Path, target: str | None = None, max_b
     manifest = read_manifest(bundle)
     target = choose_target(manifest, target, bundle)
     info = backend_for(target)
-    entry = manifest["targets"][target]
-    folder = bundle / entry["folder"]
-    missing = [f for f in info["files"] if not (folder / f).is_file()]
+    entry = manifest.record(target, bundle)
+    folder = bundle / entry.folder
+    missing = [f for f in info.files if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder} lacks {', '.join(missing)}: target {target} is not a complete engine")
-    model = name or manifest["model_name"]
+    model = name or manifest.model_name
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", model):
         raise InputSpecError(f"model name {model!r} is not usable as a Triton model folder; pass --name")
-    profile = entry.get("details", {}).get("profile") or {}  # TensorRT: the engine's batch range
+    profile = (entry.details or {}).get("profile") or {}  # a fixed batch profile (TensorRT): its batch range
     if profile:
         max_batch = min(max_batch, min(int(shapes[2][0]) for shapes in profile.values()))
     inputs, outputs = engine_tensors(manifest)
     config = model_config(model, target, max_batch, inputs, outputs, max_delay_s, queue_capacity, instances)
-    notes = []
-    if (folder / "session_options.json").is_file():
-        notes.append(f"{target} sets ONNX Runtime session options ({(folder / 'session_options.json').read_text().strip()}) "
-                     f"that Triton's onnxruntime backend does not take; expect it to run slower there")
+    notes = [f"{target}: {note}" for note in registry.facts(target).triton_notes(folder)]
     repo.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{model}.", dir=repo))
-    try:
+    with atomic.StagedFolder(repo / model) as stage:
         (stage / "1").mkdir()
-        for file in info["files"]:
+        for file in info.files:
             shutil.copyfile(folder / file, stage / "1" / file)
         (stage / "config.pbtxt").write_text(to_pbtxt(config))
-        os.chmod(stage, 0o755)
-        final, old = repo / model, repo / f".{model}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            final.rename(old)
-        stage.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return {"model": model, "target": target, "path": str(repo / model), "config": config, "notes": notes}

@@ -14,6 +14,7 @@ Caller mistakes are a 4xx with ``{"error": "..."}``; a full queue is a 503 at on
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Awaitable, Callable
 
@@ -25,6 +26,7 @@ from serve.openapi import openapi
 from serve.protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+LOG = logging.getLogger("serve")
 JSON = b"application/json"
 
 
@@ -58,6 +60,7 @@ class InferenceApp:
         self.max_body_bytes = max_body_bytes
         self.ready = False
         self.stats = Stats()
+        self._engine_errors: dict[str, int] = {}
         self._openapi = json.dumps(openapi(model)).encode()
         prefix = f"/v2/models/{model.name}"
         self._model_prefixes = (prefix, f"{prefix}/versions/{model.version}")
@@ -132,9 +135,10 @@ class InferenceApp:
             except Overloaded as exc:
                 outcome = "rejected"
                 raise ProtocolError(f"overloaded: {exc}; retry later", 503) from None
-            except Exception as exc:
+            except Exception as exc:  # the engine's fault, not the caller's: logged, answered 500
                 outcome = "server_error"
-                raise ProtocolError(f"the engine failed: {type(exc).__name__}: {exc}", 500) from None
+                self._log_engine_error(exc)
+                raise ProtocolError(f"the engine failed: {type(exc).__name__}: {str(exc)[:200]}", 500) from None
             body, extra = encode_response(self.model.name, self.model.version, request,
                                           self.model.select_outputs(request, outputs))
             outcome = "ok"
@@ -146,6 +150,17 @@ class InferenceApp:
             elapsed = time.perf_counter() - started
             self.metrics.finished(outcome, elapsed)
             self.stats.record(outcome == "ok", elapsed)
+
+    def _log_engine_error(self, exc: Exception) -> None:
+        """The traceback of each distinct engine error once (a failing engine fails every request:
+        the log must not drown), then a count of repeats every hundredth time."""
+        key = f"{type(exc).__name__}: {exc}"
+        seen = self._engine_errors.get(key, 0)
+        self._engine_errors[key] = seen + 1
+        if seen == 0:
+            LOG.error("engine %s failed: %s", self.model.target, key, exc_info=exc)
+        elif (seen + 1) % 100 == 0:
+            LOG.error("engine %s failed %d times with: %s", self.model.target, seen + 1, key)
 
     def _stats(self) -> dict[str, Any]:
         success, fail = self.stats.success, self.stats.fail

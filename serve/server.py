@@ -19,7 +19,6 @@ import numpy as np
 
 from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
-from optimize.specs import TensorSpec
 from optimize.text import TextEncoder
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
@@ -48,16 +47,18 @@ class ServeConfig:
 
 
 def create_app(config: ServeConfig) -> InferenceApp:
+    """The ASGI app serving one target of ``config.bundle``: engines loaded and timed, the batching
+    loop, metrics and the drift monitor wired; warm-up runs at start-up, before readiness."""
     bundle = Path(config.bundle)
     manifest = read_manifest(bundle)
     target = choose_target(manifest, config.target, bundle)
-    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+    inputs = list(manifest.inputs)
     held = np.load(bundle / "data" / "heldout.npz")
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
-    runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)
-    model = ServedModel(config.model_name or manifest["model_name"], bundle_version(bundle), target,
-                        manifest["targets"][target]["precision"], inputs, manifest["outputs"],
+    model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle), target,
+                        manifest.record(target, bundle).precision, inputs, manifest.outputs,
                         config.batching.max_batch, TextEncoder.from_manifest(bundle, manifest))
+    runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
     if config.drift and (bundle / DRIFT_DIR / f"{target}.json").is_file():

@@ -3,7 +3,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -17,6 +19,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
     """Run the real ``optimize`` console entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "optimize", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.05):
+    """Poll ``condition`` until it returns something true (returned); fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(every_s)
 
 
 def build_tiny(checkpoint: dict, out: Path, *flags: str) -> Path:

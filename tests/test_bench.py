@@ -85,11 +85,14 @@ def _point(load, p99, throughput=100.0):
 
 
 def test_selection_prefers_fastest_within_budget_and_slo():
-    manifest = {"targets": {
-        "a": {"status": "built", "gate": {"passed": True, "drop": 0.1}},
-        "b": {"status": "built", "gate": {"passed": False, "drop": 3.0, "message": "drop 3 exceeds 1"}},
-        "c": {"status": "built", "gate": {"passed": True, "drop": 0.5}},
-        "d": {"status": "unavailable", "reason": "no GPU"}}}
+    from optimize.manifest import Manifest, TargetRecord
+
+    records = {"a": {"status": "built", "gate": {"passed": True, "drop": 0.1}},
+               "b": {"status": "built", "gate": {"passed": False, "drop": 3.0, "message": "drop 3 exceeds 1"}},
+               "c": {"status": "built", "gate": {"passed": True, "drop": 0.5}},
+               "d": {"status": "unavailable", "reason": "no GPU"}}
+    manifest = Manifest("m", "classify", [], [], {n: TargetRecord.from_json({"precision": "fp32", "folder": f"targets/{n}",
+                                                                            **r}) for n, r in records.items()})
     report = {"engines": {"a": {"points": [_point("batch=1", 12.0)]}, "b": {"points": [_point("batch=1", 2.0)]},
                           "c": {"points": [_point("batch=1", 8.0)]}}}
     decision = select(manifest, report, Slo(99, 10.0), LoadSpec("batch", 1))
@@ -135,11 +138,10 @@ def test_ctrl_c_keeps_what_was_measured(bundle):
     deadline = time.time() + 60
     report = bundle / "bench" / "report.json"
     before = report.stat().st_mtime if report.exists() else 0
-    for line in process.stderr:  # the progress bar (its \r updates read as lines) past two loads
-        done = re.search(r"\| (\d+)/\d+ \[", line)
-        if done and int(done.group(1)) >= 2:
+    for line in process.stderr:  # the progress bar (its \r updates read as lines) past three loads:
+        done = re.search(r"\| (\d+)/\d+ \[", line)  # the fourth, a 5 s closed loop, is running
+        if done and int(done.group(1)) >= 3:
             break
-    time.sleep(1)  # inside the first round's closed-loop runs
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=max(1, deadline - time.time()))
     assert process.returncode == 130, stderr[-2000:]

@@ -15,7 +15,8 @@ import optimize, optimize.cli, optimize.targets.registry as registry
 from optimize.pipeline import run_build  # the pipeline itself imports backends lazily too
 import serve.server, serve.app, optimize.bench.run
 from click.testing import CliRunner
-for args in (["--help"], ["build", "--help"], ["inspect", "--help"], ["bench", "--help"], ["serve", "--help"]):
+for args in (["--help"], *([name, "--help"] for name in optimize.cli.COMMANDS),
+             ["export", "triton", "--help"], ["export", "kserve", "--help"]):
     result = CliRunner().invoke(optimize.cli.main, args)
     assert result.exit_code == 0, (args, result.output)
     print(result.output.splitlines()[0])

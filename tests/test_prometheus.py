@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny
+from conftest import build_tiny, wait_for
 from test_serve import Server, free_port, http, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,13 @@ def test_prometheus_aggregates_two_servers_and_runs_the_dashboard(bundle, tmp_pa
             shown.append((expr, json.dumps(got)))
 
         assert settled('sum(inference_requests_total{outcome="ok"})', 60) == 60
-        time.sleep(3)  # a few more scrapes, so rate() has points after the traffic
+
+        def scrapes() -> list[float]:
+            return sorted(float(r["value"][1]) for r in prometheus.query('count_over_time(up{job="optimize"}[10m])'))
+
+        after = scrapes()  # two more scrapes of each replica, so rate() has points after the traffic
+        wait_for(lambda: len(scrapes()) == 2 and all(n >= a + 2 for n, a in zip(scrapes(), after)), 30,
+                 "two more scrapes of each replica")
         check('sum(inference_requests_total{outcome="ok"})', 60)
         assert prometheus.value('count(up{job="optimize"} == 1)') == 2
         check('count(up{job="optimize"} == 1)', 2)

@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import build_tiny, run_cli
+from conftest import build_tiny, run_cli, wait_for
 
 pytestmark = pytest.mark.service
 # The server runs with torch unimportable: serving needs only the engine's backend.
@@ -240,16 +240,30 @@ def test_metrics_count_outcomes_and_batches(server):
         assert name in text
 
 
-def test_overload_gets_prompt_503_and_sigterm_drains(bundle):
-    running = Server(bundle, "--target", "openvino-fp32", "--queue-capacity", "1", "--max-batch", "1",
-                     "--drain-delay", "1", "--grace", "10")
-    x = np.zeros((1, 3, 16, 16), np.float32)
+@pytest.fixture(scope="module")
+def slow_bundle(tiny_checkpoint, tmp_path_factory):
+    """The tiny CNN on 3x192x192 inputs: each engine call takes milliseconds, long enough to queue behind."""
+    out = tmp_path_factory.mktemp("slow") / "bundle"
+    result = run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"], "--input-shape",
+                     "1x3x192x192", "--name", "tiny", "--target", "openvino-fp32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
+    """With one engine and a queue of one, twelve callers overload the server: some requests are
+    rejected, each 503 comes back within REJECT_WITHIN_S and faster than the median answered request
+    (it does not wait for the busy engine); then SIGTERM turns readiness false and drains."""
+    REJECT_WITHIN_S = 0.5
+    running = Server(slow_bundle, "--queue-capacity", "1", "--max-batch", "1", "--drain-delay", "1", "--grace", "10")
+    x = np.random.default_rng(0).standard_normal((1, 3, 192, 192)).astype(np.float32)
+    body = infer_body(x)
     statuses = []
 
     def hammer():
-        for _ in range(30):
+        for _ in range(15):
             started = time.perf_counter()
-            status = http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0]
+            status = http("POST", running.url + "/v2/models/tiny/infer", body)[0]
             statuses.append((status, time.perf_counter() - started))
 
     threads = [threading.Thread(target=hammer) for _ in range(12)]
@@ -257,11 +271,19 @@ def test_overload_gets_prompt_503_and_sigterm_drains(bundle):
         thread.start()
     for thread in threads:
         thread.join()
-    assert {s for s, _ in statuses} <= {200, 503} and any(s == 200 for s, _ in statuses)
+    assert {s for s, _ in statuses} <= {200, 503}, statuses
+    rejected = [t for s, t in statuses if s == 503]
+    answered = [t for s, t in statuses if s == 200]
+    assert rejected and answered, f"{len(rejected)} rejected, {len(answered)} answered"
+    assert max(rejected) < REJECT_WITHIN_S, sorted(rejected)[-5:]
+    assert np.median(rejected) < np.median(answered), (np.median(rejected), np.median(answered))
+    metrics = http("GET", running.url + "/metrics")[1].decode()
+    counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("inference_requests_total{") and 'outcome="rejected"' in line)
+    assert counted == len(rejected)
     running.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert http("GET", running.url + "/v2/health/ready")[0] == 503  # readiness false at once
-    assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200  # still served while draining
+    wait_for(lambda: http("GET", running.url + "/v2/health/ready")[0] == 503, 5, "readiness to turn false")
+    assert http("POST", running.url + "/v2/models/tiny/infer", body)[0] == 200  # still served while draining
     assert running.process.wait(timeout=30) == 0
 
 

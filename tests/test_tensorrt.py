@@ -82,14 +82,15 @@ def test_qdq_graph_is_symmetric_int8_per_channel_on_fused_inputs(resnet):
 def test_qdq_graph_runs_on_onnxruntime_as_accurately_as_ort_int8(tmp_path):
     """Real digits: the TensorRT Q/DQ graph (FP32 elsewhere) against a static ort-int8 build of the same model."""
     from models.digits import DigitsNet, digits_split, train
-    from optimize.targets import onnxruntime as ort_target
+    from optimize.targets.base import BuildInputs
+    from optimize.targets.onnxruntime import BACKEND as ort_target
 
     train_x, train_y, test_x, test_y = digits_split()
     model = train(DigitsNet(), train_x, train_y, epochs=6)
     onnx_path = _export(model, torch.from_numpy(test_x[:1]), tmp_path / "digits.onnx")
     calib = Samples({"x": train_x[:256]})
     qdq_graph(onnx_path, tmp_path / "qdq.onnx", calib)
-    ort_target.build(onnx_path, BuildConfig(precision="int8", int8_scheme="static"), calib, tmp_path / "ort")
+    ort_target.build(BuildInputs(onnx_path), BuildConfig(precision="int8", int8_scheme="static"), calib, tmp_path / "ort")
 
     def accuracy(path: Path) -> float:
         return float((_run(path, test_x).argmax(1) == test_y).mean() * 100)
@@ -189,22 +190,23 @@ def test_cpu_install_has_no_gpu_wheels():
 @pytest.mark.tensorrt
 @pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT: {TRT_REASON}")
 def test_tensorrt_engines_build_and_match_fp32(resnet):
-    from optimize.targets.tensorrt import build, load_runner
+    from optimize.targets.base import BuildInputs
+    from optimize.targets.tensorrt import BACKEND
 
     reference = _run(resnet["onnx"], resnet["test"])
+    cache = resnet["folder"] / "timing.cache"
     for precision in ("fp16", "int8"):
         folder = resnet["folder"] / f"engine-{precision}"
-        engine = build(resnet["onnx"], BuildConfig(precision=precision, int8_scheme="static", batch_sizes=(1, 8, 16)),
-                       resnet["calib"], folder)
+        engine = BACKEND.build(BuildInputs(resnet["onnx"], timing_cache=cache),
+                               BuildConfig(precision=precision, int8_scheme="static", batch_sizes=(1, 8, 16)),
+                               resnet["calib"], folder)
         assert engine.details["tensorrt"].startswith("11")
-        runner = load_runner(folder)
-        try:
+        with BACKEND.runner(folder) as runner:
             for batch in (1, 16):
                 out = runner.infer({"x": resnet["test"][:batch]})["y"]
                 agreement = (out.argmax(1) == reference[:batch].argmax(1)).mean()
                 assert agreement >= 0.8, (precision, batch, agreement)
-        finally:
-            runner.close()
+    assert cache.is_file()  # written by the first build, reused by the second
 
 
 @pytest.mark.slow
@@ -220,8 +222,8 @@ def test_torch_compile_target_matches_pytorch(tiny_checkpoint, tmp_path):
     entry = json.loads((tmp_path / "b" / "manifest.json").read_text())["targets"]["torch-compile"]
     assert entry["status"] == "built" and entry["precision"] == "fp32" and entry["gate"]["passed"]
     assert entry["runner_settings"]["mode"] == "AOTInductor" and entry["runner_settings"]["device"] == "cpu"
-    runner = load_runner(tmp_path / "b", "torch-compile")
     x = np.load(t["calib"])["x"][:5]
     with torch.no_grad():
         want = t["model"](torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(runner.infer({"x": x})["output"], want, atol=1e-4, rtol=1e-4)
+    with load_runner(tmp_path / "b", "torch-compile") as runner:
+        np.testing.assert_allclose(runner.infer({"x": x})["output"], want, atol=1e-4, rtol=1e-4)

@@ -79,7 +79,7 @@ def time_call(call, x: np.ndarray, seconds: float = 1.5) -> float:
 
 
 def measure(bundle: Path, rounds: int) -> dict:
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle).to_json()
     name = manifest["inputs"][0]["name"]
     held = np.load(bundle / "data" / "heldout.npz")[name]
     calls, entries = {}, {}

@@ -18,9 +18,10 @@ import numpy as np
 
 from optimize.errors import BundleError
 from optimize.specs import OIP_DATATYPES, TensorSpec, oip_datatype
+from optimize.targets.base import Runner
 
 
-class HttpRunner:
+class HttpRunner(Runner):
     """``infer(feeds)`` as ``POST /v2/models/{model}/infer`` with binary tensors."""
 
     def __init__(self, url: str, model: str, inputs: list[TensorSpec], output_names: list[str]):

@@ -7,12 +7,10 @@ sees half a report; a stopped run still leaves a complete (marked interrupted) r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from optimize.bundle import staging_folder
+from optimize import atomic
 
 BENCH_DIR = "bench"
 
@@ -124,16 +122,14 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
             parts.append(f"The client's own encode and decode cost {client:.3f} ms per request (included above).\n")
     cross = report.get("cross_check") or {}
     if cross:
-        parts.append("## Cross-check: OpenVINO benchmark_app (batch 1, sync, latency hint)\n")
-        if "skipped" in cross:
-            parts.append(cross["skipped"] + "\n")
+        parts.append("## Cross-check: the vendor's own benchmark tool (batch 1, sync, latency hint)\n")
         for name, result in cross.items():
             if isinstance(result, dict) and "benchmark_app_p50_ms" in result:
                 parts.append(f"- {name}: benchmark_app median {result['benchmark_app_p50_ms']:.3f} ms, ours "
                              f"{_fmt(result['ours_p50_ms'], 3)} ms (ours / theirs "
                              f"{_fmt(result['ours_over_benchmark_app'], 3)})\n")
             elif isinstance(result, dict):
-                parts.append(f"- {name}: {result.get('error')}\n")
+                parts.append(f"- {name}: {result.get('error') or result.get('skipped')}\n")
     parts.append("\nLatencies of open-loop runs count from each request's scheduled time; late sends are "
                  "requests that could not be issued on time.\n")
     return "\n".join(parts)
@@ -141,21 +137,8 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
 
 def write_report(bundle: Path, report: dict[str, Any]) -> Path:
     """Save ``report.json``, ``report.md`` and the plots in ``bundle/bench/`` atomically."""
-    bundle = Path(bundle)
-    staging = staging_folder(Path(bundle), f".{BENCH_DIR}.tmp-")
-    try:
+    with atomic.StagedFolder(Path(bundle) / BENCH_DIR) as staging:
         images = plots(report, staging)
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (staging / "report.md").write_text(markdown(report, images))
-        final = bundle / BENCH_DIR
-        old = None
-        if final.exists():
-            old = bundle / f".{BENCH_DIR}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+    return Path(bundle) / BENCH_DIR

@@ -10,6 +10,7 @@ plan shows the knee on any machine. Ctrl-C stops cleanly: what was measured is k
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 from optimize.bench.load import LoadPlan, LoadPoint, batch_point, closed_loop, merge_rounds, open_loop
 from optimize.bundle import read_manifest
 from optimize.errors import BundleError
+from optimize.manifest import Manifest
 from optimize.specs import TensorSpec
 
 BASELINE = "torch-eager-fp32"
@@ -48,8 +50,8 @@ def tiled_feeds(held: dict[str, np.ndarray], inputs: list[TensorSpec], batch: in
     return {s.name: np.ascontiguousarray(held[s.name][index]) for s in inputs}
 
 
-def engines_to_run(manifest: dict[str, Any], wanted: tuple[str, ...]) -> list[str]:
-    built = [n for n, e in manifest["targets"].items() if e.get("status") == "built"]
+def engines_to_run(manifest: Manifest, wanted: tuple[str, ...]) -> list[str]:
+    built = manifest.built_targets()
     if not wanted:
         return built
     missing = [n for n in wanted if n not in built]
@@ -158,78 +160,90 @@ def server_overhead(engines: dict[str, dict[str, Any]], client_ms: float | None)
     return {"target": served, "client_overhead_ms": client_ms, "added_latency": added}
 
 
+def open_runners(bundle: Path, manifest: Manifest, names: list[str], config: BenchConfig,
+                 stack: contextlib.ExitStack) -> dict[str, Any]:
+    """Every engine to measure, open at once (the rounds interleave them), closed by ``stack``:
+    torch eager first, then the targets, then the server (checked first, before anything is loaded)."""
+    from optimize.bundle import load_runner
+
+    inputs, outputs = manifest.inputs, manifest.output_names
+    server = None
+    if config.url:
+        from optimize.bench.http_runner import HttpRunner
+
+        server = stack.enter_context(HttpRunner(config.url, config.model_name or manifest.model_name, inputs, outputs))
+    runners: dict[str, Any] = {}
+    if config.torch_baseline:
+        from optimize.bench.torch_runner import TorchProgramRunner
+
+        runners[BASELINE] = stack.enter_context(
+            TorchProgramRunner(bundle / "program.pt2", inputs, outputs, manifest.runner_config))
+    for name in names:
+        runners[name] = stack.enter_context(load_runner(bundle, name))
+    if server is not None:
+        runners[SERVER] = server
+    return runners
+
+
 def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = print,
               progress: bool = True) -> dict[str, Any]:
     """Measure, then return the report (``write_report`` saves it in the bundle)."""
-    from tqdm.auto import tqdm
-
-    from optimize.bundle import load_runner
-    from optimize.pipeline import library_versions, machine_info
-    from optimize.targets.base import RunnerConfig
-
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     names = engines_to_run(manifest, config.targets)
     if not names:
         raise BundleError(f"bundle {bundle} has no built target to benchmark")
     held_file = np.load(bundle / "data" / "heldout.npz")
-    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
-    held = {s.name: held_file[s.name] for s in inputs}
-    runner_config = RunnerConfig(**manifest["runner_config"])
-    order = ([BASELINE] if config.torch_baseline else []) + names + ([SERVER] if config.url else [])
-    client_overhead = None
-    server_runner = None
-    if config.url:  # fail before measuring anything when the server is not there
-        from optimize.bench.http_runner import HttpRunner
-
-        server_runner = HttpRunner(config.url, config.model_name or manifest["model_name"], inputs,
-                                   [o["name"] for o in manifest["outputs"]])
+    held = {s.name: held_file[s.name] for s in manifest.inputs}
     stop = threading.Event()
-    engines: dict[str, dict[str, Any]] = {}
-    steps = len(order) * (len(steady_points(config.plan)) * max(1, config.plan.rounds) + len(rate_points(config.plan)))
-    bar = None
-    runners: dict[str, Any] = {}
-    try:
-        for name in order:  # every engine open at once: the rounds interleave them
-            if name == BASELINE:
-                from optimize.bench.torch_runner import TorchProgramRunner
+    with contextlib.ExitStack() as stack:
+        runners = open_runners(bundle, manifest, names, config, stack)
+        client_overhead = None
+        if SERVER in runners:
+            client_overhead = runners[SERVER].client_overhead_ms(tiled_feeds(held, manifest.inputs, 1))
+        measured = _measure(runners, held, config.plan, stop, say, progress)
+        settings = {name: runner.settings for name, runner in runners.items()}
+    return _report(manifest, config, measured, settings, client_overhead, stop.is_set(), bundle, say)
 
-                runners[name] = TorchProgramRunner(bundle / "program.pt2", inputs,
-                                                   [o["name"] for o in manifest["outputs"]], runner_config)
-            elif name == SERVER:
-                runners[name] = server_runner
-                client_overhead = server_runner.client_overhead_ms(tiled_feeds(held, inputs, 1))
-            else:
-                runners[name] = load_runner(bundle, name)
-        say(f"measuring {', '.join(order)} in {max(1, config.plan.rounds)} round(s)")
-        bar = tqdm(total=steps, desc="benchmarking", unit="load", disable=not progress, leave=False)
-        measured = bench_engines(runners, held, config.plan, stop, lambda label: bar.update(1))
-    except KeyboardInterrupt:
-        stop.set()
-        measured = {}
-    finally:
-        if bar is not None:
-            bar.close()
-        for runner in runners.values():
-            runner.close()
+
+def _measure(runners: dict[str, Any], held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
+             say: Callable[[str], None], progress: bool) -> dict[str, list[LoadPoint]]:
+    from tqdm.auto import tqdm
+
+    steps = len(runners) * (len(steady_points(plan)) * max(1, plan.rounds) + len(rate_points(plan)))
+    say(f"measuring {', '.join(runners)} in {max(1, plan.rounds)} round(s)")
+    with tqdm(total=steps, desc="benchmarking", unit="load", disable=not progress, leave=False) as bar:
+        try:
+            return bench_engines(runners, held, plan, stop, lambda label: bar.update(1))
+        except KeyboardInterrupt:
+            stop.set()
+            return {}
+
+
+def _report(manifest: Manifest, config: BenchConfig, measured: dict[str, list[LoadPoint]],
+            settings: dict[str, Any], client_overhead: float | None, interrupted: bool, bundle: Path,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    """The report of what was measured: points per engine, ratios to torch, server overhead, cross-check."""
+    from optimize.pipeline import library_versions, machine_info
+
+    engines: dict[str, dict[str, Any]] = {}
     for name, points in measured.items():
-        engines[name] = {"settings": runners[name].settings, "points": [p.summary() for p in points],
+        engines[name] = {"settings": settings[name], "points": [p.summary() for p in points],
                          "capacity_rps": capacity_rps(points)}
         say(f"{name}: " + ", ".join(f"{p.label} p50 {p.percentile_ms(50):.2f} ms" for p in points[:3]))
-    interrupted = stop.is_set()
     if interrupted:
         say("interrupted: keeping what was measured")
     report = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "model_name": manifest["model_name"], "task": manifest["task"], "config": config.to_json(),
+              "model_name": manifest.model_name, "task": manifest.task, "config": config.to_json(),
               "baseline": BASELINE if config.torch_baseline else None, "engines": engines,
               "ratios_vs_torch": ratios(engines), "interrupted": interrupted,
               "server": server_overhead(engines, client_overhead) if SERVER in engines else None,
               "machine": machine_info(), "versions": library_versions(),
-              "runner_config": manifest["runner_config"]}
+              "runner_config": manifest.runner_config.to_json()}
     if config.cross_check and not interrupted:
-        from optimize.bench.cross_check import openvino_benchmark_app
+        from optimize.bench.cross_check import vendor_benchmarks
 
-        report["cross_check"] = openvino_benchmark_app(bundle, manifest, engines, say)
+        report["cross_check"] = vendor_benchmarks(bundle, manifest, engines, say)
     return report
 
 
@@ -248,7 +262,7 @@ def bench_bundle(bundle: Path, config: BenchConfig, slo: Any, load: Any, say: Ca
                  progress: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
     """Benchmark, pick the winner at ``load`` under ``slo``, save the report and the manifest's winner."""
     from optimize.bench.report import write_report
-    from optimize.bundle import MANIFEST, write_json
+    from optimize.bundle import write_manifest
     from optimize.select import select
 
     config = dataclasses.replace(config, plan=plan_with_load(config.plan, load))
@@ -258,8 +272,8 @@ def bench_bundle(bundle: Path, config: BenchConfig, slo: Any, load: Any, say: Ca
         manifest = read_manifest(bundle)
         decision = select(manifest, report, slo, load)
         report["winner"] = decision
-        manifest["winner"] = decision
-        manifest["bench"] = {"report": "bench/report.md", "created": report["created"]}
-        write_json(Path(bundle) / MANIFEST, manifest)
+        manifest.winner = decision
+        manifest.bench = {"report": "bench/report.md", "created": report["created"]}
+        write_manifest(bundle, manifest)
     folder = write_report(bundle, report)
     return report, decision, folder

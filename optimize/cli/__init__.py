@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
 import click
 
@@ -35,14 +37,28 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except OptimizeError as exc:
+            if debug_enabled(ctx):
+                traceback.print_exception(exc, file=sys.stderr)  # with the chained cause
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
 
 
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    """``optimize --debug`` or ``OPTIMIZE_DEBUG=1``: a user's error also prints its traceback and cause."""
+    if os.environ.get("OPTIMIZE_DEBUG", "").strip().lower() in ("1", "true", "yes"):
+        return True
+    return bool(ctx is not None and (ctx.find_root().params or {}).get("debug"))
+
+
 @click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="optimize")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On an error, also print its traceback and chained cause "
+                                            "(also OPTIMIZE_DEBUG=1).")
+def main(debug: bool) -> None:
     """Take a trained PyTorch model to a measured, deployable inference engine.
+
+    A mistake in what was asked (a path, a shape, an option) is one line and exit 2; a bug in
+    optimize itself keeps its traceback.
 
     \b
       optimize build ckpt.pt --arch models.digits:DigitsNet --calib data.npz --target all --out bundle/

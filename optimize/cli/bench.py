@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from optimize.cli.build_options import option_group
 from optimize.errors import InputSpecError
 
 
@@ -30,19 +31,13 @@ SELECTION_OPTIONS = [
 ]
 
 
-def selection_options(command):
-    """``--load``, ``--latency-slo`` and ``--allow-slo-miss``: shared by bench and build."""
-    for option in reversed(SELECTION_OPTIONS):
-        command = option(command)
-    return command
+selection_options = option_group(SELECTION_OPTIONS)  # shared by bench and build
 
 
-def bench_and_report(bundle: Path, config, slo, load, allow_slo_miss: bool) -> None:
-    """Benchmark, print the batch-1 table and the winner; exit 130 when stopped, 1 when the SLO is missed."""
+def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_miss: bool) -> None:
+    """Print the batch-1 table and the winner; exit 130 when stopped, 1 when the SLO is missed."""
     from optimize.bench.report import summary_rows
-    from optimize.bench.run import bench_bundle
 
-    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True))
     rows = summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
@@ -103,6 +98,9 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
     wanted = tuple(t for item in targets for t in item.split(",") if t)
     config = BenchConfig(plan=plan, targets=wanted, torch_baseline=not no_torch, cross_check=not no_cross_check,
                          url=url, model_name=model_name)
+    from optimize.bench.run import bench_bundle
+
     slo = parse_slo(latency_slo) if latency_slo else None
     load = parse_load(load_text)
-    bench_and_report(bundle, config, slo, load, allow_slo_miss)
+    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True))
+    print_bench(report, decision, folder, allow_slo_miss)

@@ -17,8 +17,6 @@ def _feeds(bundle: Path, source: str) -> dict:
     """The model's inputs from DATA: .npz/.npy/images as for --calib, or a .txt of one text per line."""
     from optimize.bundle import read_manifest
     from optimize.calibration import load_samples
-    from optimize.specs import TensorSpec
-
     manifest = read_manifest(bundle)
     if source.endswith(".txt"):
         from optimize.text import TextEncoder
@@ -31,8 +29,7 @@ def _feeds(bundle: Path, source: str) -> dict:
             raise InputSpecError(f"{source}: text input needs a bundle built with --tokenizer")
         lines = [line for line in Path(source).read_text().splitlines() if line.strip()]
         return encoder.encode(lines)
-    specs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
-    return load_samples(source).conform(specs).arrays
+    return load_samples(source).conform(list(manifest.inputs)).arrays
 
 
 def _print(report: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -78,16 +77,17 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
                              "negative, --queue-target-ms positive")
     from optimize.bundle import choose_target, read_manifest
 
+    from optimize.targets import registry
+
     target = choose_target(read_manifest(bundle), target, bundle)
-    if target.startswith("trt") and gpus == 0:
-        gpus = 1  # a TensorRT engine needs its GPU
+    if registry.facts(target).needs_gpu_to_serve and gpus == 0:
+        gpus = 1  # e.g. a TensorRT engine needs its GPU
     config = DeployConfig(image, name, namespace, target, storage_uri, cpu, memory, gpus, min_replicas, max_replicas,
                           queue_target_ms / 1000, drain_delay, grace)
     files = {"inferenceservice.yaml": to_yaml(kserve_manifests(bundle, config)),
              "deployment.yaml": to_yaml(plain_manifests(bundle, config))}
-    out.mkdir(parents=True, exist_ok=True)
+    from optimize import atomic
+
     for file, text in files.items():
-        temporary = out / f".{file}.tmp"
-        temporary.write_text(text)
-        os.replace(temporary, out / file)
+        atomic.write_text(out / file, text)
         click.echo(str(out / file))

@@ -18,16 +18,16 @@ def command(bundle: Path, as_json: bool) -> None:
 
     manifest = read_manifest(bundle)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(manifest.to_json(), indent=2))
         return
-    source = manifest["source"]
-    click.echo(f"model   {manifest['model_name']}  ({source['kind']}, sha256 {source['sha256'][:12]})")
-    click.echo(f"task    {manifest['task']}  ({manifest['model_kind']})")
-    for spec in manifest["inputs"]:
-        click.echo(f"input   {spec['name']}  {spec['shape']}  {spec['dtype']}")
-    for spec in manifest["outputs"]:
+    source = manifest.source
+    click.echo(f"model   {manifest.model_name}  ({source['kind']}, sha256 {source['sha256'][:12]})")
+    click.echo(f"task    {manifest.task}  ({manifest.model_kind})")
+    for spec in manifest.inputs:
+        click.echo(f"input   {spec.name}  {list(spec.shape)}  {spec.dtype}")
+    for spec in manifest.outputs:
         click.echo(f"output  {spec['name']}  {spec['shape']}  {spec['dtype']}")
-    data = manifest["data"]
+    data = manifest.data
     click.echo(f"data    {data['calibration_samples']} calibration, {data['held_out_samples']} held out"
                + (f", {data['eval_samples']} labelled eval" if data["eval_samples"] else ""))
     click.echo("")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import click
+
+from optimize.cli.build_options import option_group
 
 OPTIONS = [
     click.option("--prune", "prune_ratio", type=float,
@@ -31,10 +33,7 @@ OPTIONS = [
 ]
 
 
-def prune_options(command: Callable) -> Callable:
-    for option in reversed(OPTIONS):
-        command = option(command)
-    return command
+prune_options = option_group(OPTIONS)
 
 
 def prune_configs(options: dict[str, Any]) -> tuple[Any, Any]:

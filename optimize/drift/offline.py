@@ -41,12 +41,9 @@ def scan(bundle: Path, target: str, feeds: dict[str, np.ndarray], window: int | 
     count = len(next(iter(feeds.values())))
     if count < window:
         raise InputSpecError(f"{count} samples: fewer than one window of {window} (--window)")
-    runner = load_runner(bundle, target)
-    try:
+    with load_runner(bundle, target) as runner:
         bins = np.concatenate([profile.sample_bins(batch, runner.infer(batch)) for batch in (
             {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in feeds.items()} for s in range(0, count, batch_size))])
-    finally:
-        runner.close()
     test = profile.window_test(alpha)
     results = [test.test(test.counts(bins[s:s + window]), window) for s in range(0, count - window + 1, window)]
     whole = test.test(test.counts(bins), count)

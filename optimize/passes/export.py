@@ -207,3 +207,19 @@ def _module_path_of(model: Any, op: str) -> str | None:
 def _summarise(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__
+
+
+def onnx_outputs(path: Path, batches: Any) -> dict[str, np.ndarray]:
+    """The ONNX file's outputs on ``batches`` (ONNX Runtime on the CPU, plain FP32): what the
+    export is checked with, independent of any target's engine settings."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in batches:
+        for name, value in zip(names, session.run(names, batch)):
+            chunks[name].append(value)
+    return {name: np.concatenate(values) for name, values in chunks.items()}

@@ -31,6 +31,7 @@ import numpy as np
 
 from optimize.calibration import Samples
 from optimize.errors import BuildError
+from optimize.passes.weight_only import symmetric_int8
 
 # Accumulate over many elements or grow fast: FP16 would overflow or lose the result.
 KEEP_FP32_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow", "Sqrt",
@@ -125,10 +126,10 @@ def fp16_graph(model_path: Path, out_path: Path, samples: Samples | None = None,
         converted = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
                                                      max_finite_val=FP16_MAX, op_block_list=keep_ops,
                                                      node_block_list=blocked)
-        _repair_casts(converted, model)
-        onnx.checker.check_model(converted)
-    except Exception as exc:
+    except Exception as exc:  # onnxconverter-common refused the graph (--debug shows why)
         raise BuildError(f"FP16 conversion of {model_path.name} failed: {exc}") from exc
+    _repair_casts(converted, model)
+    onnx.checker.check_model(converted)  # a graph our repair broke is our bug: keep its traceback
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(converted, str(out_path))
     return {"fp32_ops": keep_ops, "fp32_nodes_large_values": large, "fp32_nodes_asked": list(keep_fp32),
@@ -230,17 +231,9 @@ def _placement(graph, keep_fp32: tuple[str, ...]) -> tuple[set[str], list[tuple[
 def _calibrate(model_path: Path, tensors: set[str], calibration: Samples, method: str,
                batch_size: int) -> dict[str, float]:
     """Symmetric range (largest magnitude) of each tensor over the calibration data."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import create_calibrator
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(calibration.batches(batch_size))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
+    from optimize.passes.ort_calibration import calibration_method, calibration_reader
 
     extra = {"symmetric": True}
     if method == "percentile":
@@ -248,9 +241,9 @@ def _calibrate(model_path: Path, tensors: set[str], calibration: Samples, method
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(str(model_path), op_types_to_calibrate=None,
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=methods[method], extra_options=extra)
+                                       calibrate_method=calibration_method(method), extra_options=extra)
         calibrator.set_execution_providers(["CPUExecutionProvider"])
-        calibrator.collect_data(Reader())
+        calibrator.collect_data(calibration_reader(calibration, batch_size))
         data = calibrator.compute_data()
     ranges = {}
     for name in tensors:
@@ -297,13 +290,7 @@ def qdq_graph(model_path: Path, out_path: Path, calibration: Samples, method: st
     initializers = {i.name: i for i in graph.initializer}
     for node, index, axis in weights:
         source = initializers[node.input[index]]
-        weight = numpy_helper.to_array(source).astype(np.float32)
-        reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
-        peak = np.abs(weight).max(axis=reduce_axes) if weight.ndim > 1 else np.abs(weight)
-        scale = np.maximum(peak, 1e-12) / 127.0
-        shape = [1] * weight.ndim
-        shape[axis] = -1
-        q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+        q, scale = symmetric_int8(numpy_helper.to_array(source), axis)
         base = f"{source.name}_{node.name}".replace("/", "_")
         new_inits += [numpy_helper.from_array(q, f"{base}_int8"),
                       numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"),
@@ -320,10 +307,7 @@ def qdq_graph(model_path: Path, out_path: Path, calibration: Samples, method: st
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise BuildError(f"the Q/DQ graph of {model_path.name} is invalid: {exc}") from exc
+    onnx.checker.check_model(model)  # a Q/DQ graph we built wrong is our bug: keep its traceback
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_path))
     return {"format": "QDQ", "activations": "int8 symmetric per tensor", "weights": "int8 symmetric per channel",

@@ -10,6 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
+from optimize.errors import BuildError
+
+
+def symmetric_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scale per index of ``axis``): symmetric, zero point 0, range +-127."""
+    weight = np.asarray(weight, np.float32)
+    reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
+    peak = np.abs(weight).max(axis=reduce_axes) if weight.ndim > 1 else np.abs(weight)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    return np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8), scale
+
 
 def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] = (),
                      min_elements: int = 1024) -> dict:
@@ -47,7 +60,8 @@ def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] =
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in model.opset_import):
-        raise ValueError("weight-only quantization needs opset 13 or newer (per-axis DequantizeLinear)")
+        raise BuildError(f"{onnx_path.name} has opset {_opset(model)}: weight-only INT8 needs opset 13 or newer "
+                         f"(per-axis DequantizeLinear); export with a newer opset or use --int8-scheme static")
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
     return {"weights": "int8 symmetric per output channel (embeddings per row)", "activations": "fp32",
@@ -58,14 +72,14 @@ def _dequantize(graph, init, axis: int):
     """Replace initializer ``init`` by int8 + scale and return the DequantizeLinear node."""
     from onnx import helper, numpy_helper
 
-    weight = numpy_helper.to_array(init)
-    scale = np.abs(weight).max(axis=1 - axis) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    shape = (-1, 1) if axis == 0 else (1, -1)
-    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q, scale = symmetric_int8(numpy_helper.to_array(init), axis)
     name = init.name
     graph.initializer.remove(init)
     graph.initializer.extend([numpy_helper.from_array(q, name + "_int8"),
                               numpy_helper.from_array(scale, name + "_scale")])
     return helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
                             name=name + "_dequantize", axis=axis)
+
+
+def _opset(model) -> int | None:
+    return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)

@@ -1,8 +1,15 @@
-"""The contracts every backend implements: a builder and a Runner.
+"""The contracts every backend implements: one ``Backend`` object and its ``Runner``.
 
-A builder turns ``model.onnx`` + ``BuildConfig`` + calibration ``Samples`` into engine files in
-a folder. A ``Runner`` loads that folder and answers ``infer({name: array}) -> {name: array}``;
-validation, benchmarks and the server all use the same Runner.
+A ``Backend`` holds every fact about one inference backend: the files of its engines, how Triton
+runs them, whether an engine has a fixed batch profile, the modules and packages its build depends
+on, how to build (``BuildInputs`` + ``BuildConfig`` + calibration ``Samples`` + a work folder ->
+``Engine``), how to open a ``Runner`` on a built folder, and how it recovers accuracy when INT8
+breaches the budget. Callers ask the object; nobody outside a backend's module and the registry
+branches on which backend it is.
+
+A ``Runner`` loads an engine folder and answers ``infer({name: array}) -> {name: array}``;
+validation, benchmarks and the server all use the same Runner. It is a context manager:
+``with backend.runner(folder, config) as runner:`` releases the engine on every path.
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from optimize.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from optimize.calibration import Samples
 
 INT8_SCHEMES = ("static", "dynamic", "weights")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -54,10 +64,35 @@ class RunnerConfig:
 
 @dataclasses.dataclass
 class Engine:
-    """What a builder produced: files (relative to the engine folder) and build details."""
+    """What a builder produced: files (relative to the engine folder), build details, and the
+    precision it really runs at when that differs from the target's (torch-compile on a GPU: fp16)."""
 
     files: list[str]
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    precision: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildInputs:
+    """The artifacts a build reads, named explicitly: the checked FP32 ONNX export, the
+    ``torch.export`` program it came from (None for a TorchScript source), and the timing cache a
+    backend may reuse across builds of the same cache folder (None: keep none)."""
+
+    onnx: Path
+    program: Path | None = None
+    timing_cache: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonEntry:
+    """How Triton Inference Server runs a backend's engine: ``platform``/``backend`` of its
+    ``config.pbtxt``, the model file name, the files of its version folder and the instance kind."""
+
+    backend: str
+    files: tuple[str, ...]
+    default_model_filename: str
+    kind: str = "KIND_CPU"
+    platform: str | None = None
 
 
 class Runner(abc.ABC):
@@ -78,6 +113,12 @@ class Runner(abc.ABC):
     def close(self) -> None:
         """Release the engine's resources."""
 
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
     def infer_all(self, batches) -> dict[str, np.ndarray]:
         """Run every batch of an iterable and concatenate the outputs."""
         chunks: dict[str, list[np.ndarray]] = {}
@@ -89,3 +130,61 @@ class Runner(abc.ABC):
 
 def engine_size(folder: Path, files: list[str]) -> int:
     return sum((folder / f).stat().st_size for f in files)
+
+
+@dataclasses.dataclass
+class RecoveryContext:
+    """What a backend's accuracy recovery works with: the build it improves on and ways to build
+    a variant through the stage cache and to measure one against the FP32 model.
+
+    ``build(config, label, extra_key)`` -> (folder, result) builds ``config`` through the cache;
+    ``evaluate(folder)`` -> (evaluation, runner settings) runs the accuracy gate on an engine folder.
+    """
+
+    inputs: BuildInputs
+    config: BuildConfig
+    calibration: "Samples | None"
+    built: Path  # the folder of the engine that breached the budget
+    held_out: "Samples"
+    reference: dict[str, np.ndarray]
+    task: str
+    max_drop: float
+    build: Callable[..., tuple[Path, dict[str, Any]]]
+    evaluate: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]]
+    say: Callable[[str], None]
+
+
+class Backend(abc.ABC):
+    """Every fact about one inference backend (see the module docstring)."""
+
+    name: str  # the backend's own name, as settings and logs report it
+    modules: tuple[str, ...]  # the optimize modules whose code decides a built engine (keys the cache)
+    triton: TritonEntry | None = None  # None: Triton has no backend for these engines
+    fixed_batch_profile: bool = False  # engines take only the batch range they were built for
+    needs_gpu_to_serve: bool = False  # a serving pod needs an NVIDIA GPU
+
+    def check_config(self, config: BuildConfig) -> None:
+        """Raise ``BuildError`` for a combination this backend cannot do (never substitute)."""
+
+    @abc.abstractmethod
+    def build(self, inputs: BuildInputs, config: BuildConfig, calibration: "Samples | None",
+              workdir: Path) -> Engine:
+        """Write the engine files into ``workdir``."""
+
+    @abc.abstractmethod
+    def runner(self, folder: Path, config: RunnerConfig = RunnerConfig()) -> Runner:
+        """Open the engine in ``folder`` (a context manager)."""
+
+    def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
+        """Manifest fields of an engine that keeps sensitive layers in higher precision, or None
+        when this backend has no recovery for ``context.config``."""
+        return None
+
+    def triton_notes(self, folder: Path) -> list[str]:
+        """What a Triton export of the engine in ``folder`` loses, said to the user."""
+        return []
+
+    def vendor_benchmark(self, folder: Path, shapes: str, threads: int, seconds: int) -> list[str] | str | None:
+        """The vendor's own benchmark command for this engine (a cross-check of our harness); a string
+        saying why it cannot run here; None when the vendor has no such tool."""
+        return None

@@ -7,6 +7,9 @@ INT8 schemes: ``static`` (``nncf.quantize``: Q/DQ with NNCF's own placement; the
 model type when the model is one), ``weights`` (``nncf.compress_weights``: int8 symmetric
 per-channel weights). NNCF's range estimators are min-max or quantile (``percentile``); it has no
 entropy calibration and OpenVINO has no dynamic scheme: both are errors, not substitutes.
+
+Accuracy recovery is NNCF's accuracy-controlled quantization; the vendor cross-check of our
+latency harness is OpenVINO's ``benchmark_app`` on the same files.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 from optimize.calibration import Samples
 from optimize.errors import BuildError
 from optimize.specs import TensorSpec
-from optimize.targets.base import BuildConfig, Engine, Runner, RunnerConfig
+from optimize.targets.base import (Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner, RunnerConfig,
+                                   TritonEntry)
 
 ENGINE_FILES = ["model.xml", "model.bin"]
 
@@ -37,25 +41,91 @@ def _save(model: Any, out_dir: Path) -> None:
     ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=False)
 
 
-def check_config(config: BuildConfig) -> None:
-    if config.precision == "int8":
-        if config.int8_scheme == "dynamic":
-            raise BuildError("openvino-int8 has no dynamic scheme; use --int8-scheme static or weights")
-        if config.int8_scheme == "static" and config.calib_method == "entropy":
-            raise BuildError("openvino-int8 (NNCF) has no entropy calibration; use --calib-method "
-                             "minmax or percentile")
+class OpenVinoBackend(Backend):
+    """OpenVINO on the CPU: ``model.xml``/``model.bin`` (FP32, or INT8 by NNCF) compiled by OpenVINO."""
+
+    name = "openvino"
+    modules = ("optimize.targets.openvino", "optimize.targets.base", "optimize.calibration", "optimize.factory", "optimize.specs",
+               "optimize.errors", "optimize.validate")
+    triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
+
+    def check_config(self, config: BuildConfig) -> None:
+        if config.precision not in ("fp32", "int8"):
+            raise BuildError(f"OpenVINO targets build fp32 or int8, not {config.precision}")
+        if config.precision == "int8":
+            if config.int8_scheme == "dynamic":
+                raise BuildError("openvino-int8 has no dynamic scheme; use --int8-scheme static or weights")
+            if config.int8_scheme in (None, "static") and config.calib_method == "entropy":
+                raise BuildError("openvino-int8 (NNCF) has no entropy calibration; use --calib-method "
+                                 "minmax or percentile")
+
+    def build(self, inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
+        """FP32 saved uncompressed, or INT8 by ``nncf.quantize`` / ``nncf.compress_weights``."""
+        return build_engine(inputs, config, calibration, workdir)
+
+    def runner(self, folder: Path, config: RunnerConfig = RunnerConfig()) -> "OpenVinoRunner":
+        return OpenVinoRunner(folder, config)
+
+    def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
+        """NNCF's accuracy-controlled quantization: it ranks and reverts quantizers itself against
+        the held-out agreement with the FP32 model."""
+        if context.config.int8_scheme != "static":
+            return None
+        first = next(iter(context.reference))
+        reference, task = context.reference[first], context.task
+        items = list(context.held_out.batches(1))
+
+        def metric(outputs: list[dict[str, np.ndarray]]) -> float:
+            from optimize import validate
+
+            got = np.concatenate([next(iter(o.values())) for o in outputs])
+            result = validate.metrics(task, reference[:len(got)], got)
+            if task == "classify":
+                return result["top1_agreement_pct"] / 100
+            if task == "embed":
+                return result["mean_cosine"]
+            return -result["max_abs_error"]
+
+        budget = context.max_drop if task == "regress" else context.max_drop / 100
+        control = AccuracyControl(items, metric, budget, "held-out agreement with FP32")
+
+        def builder(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
+            return build_engine(inputs, config, calibration, workdir, accuracy_control=control)
+
+        folder, result = context.build(context.config, "accuracy-control", builder=builder,
+                                       extra={"accuracy_control": budget, "metric": "held-out agreement",
+                                              "held_out": context.held_out.sha256})
+        evaluation, settings = context.evaluate(folder)
+        context.say(f"accuracy control: {evaluation['gate']['message']}")
+        return {**result, **evaluation, "cache_folder": str(folder), "runner_settings": settings,
+                "recovery": {"method": "nncf.quantize_with_accuracy_control"}}
+
+    def vendor_benchmark(self, folder: Path, shapes: str, threads: int, seconds: int) -> list[str] | str | None:
+        """OpenVINO's ``benchmark_app``: synchronous, latency hint, FP32 inference precision like our Runner."""
+        tool = _benchmark_app()
+        if tool is None:
+            return "benchmark_app is not installed (it ships with the openvino package)"
+        command = [tool, "-m", str(folder / "model.xml"), "-d", "CPU", "-hint", "latency", "-api", "sync",
+                   "-t", str(seconds), "-shape", shapes, "-infer_precision", "f32"]
+        return command + (["-nthreads", str(threads)] if threads else [])
 
 
-def build(onnx_path: Path, config: BuildConfig, calibration: Samples, out_dir: Path,
-          accuracy_control: "AccuracyControl | None" = None) -> Engine:
+def _benchmark_app() -> str | None:
+    import shutil
+    import sys
+
+    local = Path(sys.executable).parent / "benchmark_app"
+    return str(local) if local.is_file() else shutil.which("benchmark_app")
+
+
+def build_engine(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, out_dir: Path,
+                 accuracy_control: "AccuracyControl | None" = None) -> Engine:
+    BACKEND.check_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_config(config)
-    model = _read(onnx_path)
+    model = _read(inputs.onnx)
     if config.precision == "fp32":
         _save(model, out_dir)
         return Engine(list(ENGINE_FILES), {"graph": "fp32", "weights_on_disk": "fp32"})
-    if config.precision != "int8":
-        raise BuildError(f"OpenVINO targets build fp32 or int8, not {config.precision}")
     import nncf
 
     nncf.set_log_level(40)
@@ -65,6 +135,8 @@ def build(onnx_path: Path, config: BuildConfig, calibration: Samples, out_dir: P
         _save(model, out_dir)
         return Engine(list(ENGINE_FILES), {"scheme": "weights", "weights": "int8 symmetric per channel",
                                            "activations": "fp32"})
+    if calibration is None:
+        raise BuildError("static INT8 needs calibration data: pass --calib")
     dataset = nncf.Dataset(list(calibration.batches(1)))
     model_type = nncf.ModelType.TRANSFORMER if config.model_kind == "transformer" else None
     advanced = _advanced(config)
@@ -83,7 +155,7 @@ def build(onnx_path: Path, config: BuildConfig, calibration: Samples, out_dir: P
                 advanced_quantization_parameters=advanced)
             details["accuracy_control"] = {"max_drop": accuracy_control.max_drop,
                                            "metric": accuracy_control.metric_name}
-    except Exception as exc:
+    except Exception as exc:  # NNCF refused the model (--debug shows why)
         raise BuildError(f"NNCF quantization failed: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     _save(model, out_dir)
     return Engine(list(ENGINE_FILES), details)
@@ -176,5 +248,5 @@ def _spec(port: Any) -> TensorSpec:
     return TensorSpec(port.get_any_name(), dims, _OV_DTYPES.get(port.get_element_type().get_type_name(), "float32"))
 
 
-def load_runner(engine_dir: Path, config: RunnerConfig = RunnerConfig()) -> Runner:
-    return OpenVinoRunner(engine_dir, config)
+
+BACKEND = OpenVinoBackend()

@@ -1,4 +1,8 @@
-"""The closed list of target names, mapped to backends without importing them."""
+"""The closed list of target names, mapped to backends without importing them.
+
+A target is a backend (named by module path, imported on first use) at one precision. Adding a
+backend is one module exposing ``BACKEND`` (an ``optimize.targets.base.Backend``) and one line here.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import importlib
 import importlib.util
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optimize.errors import OptimizeError, TargetUnavailable
+
+if TYPE_CHECKING:
+    from optimize.targets.base import Backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +30,7 @@ class TargetInfo:
     extra: str
     needs_gpu: bool = False
     needs_compiler: bool = False  # builds C++ at build time
-    baseline: bool = False  # measured beside the others, never picked as the winner
+    baseline: bool = False  # measured beside the others, never picked as the winner (or served by default)
 
 
 TRT_PACKAGES = ("tensorrt", "cuda.bindings", "onnxconverter_common", "onnxruntime")
@@ -90,9 +97,16 @@ def expand(names: list[str]) -> list[str]:
     return out
 
 
-def backend(name: str) -> Any:
-    """Import the backend module of target ``name``; a missing package says what to install."""
+def backend(name: str) -> "Backend":
+    """The ``Backend`` of target ``name``, ready to build and run; a missing package or GPU says
+    what is missing (and the ``pip install`` extra)."""
     reason = unavailable_reason(name)
     if reason:
         raise TargetUnavailable(f"target {name} is unavailable: {reason}")
-    return importlib.import_module(get(name).module)
+    return facts(name)
+
+
+def facts(name: str) -> "Backend":
+    """The ``Backend`` of target ``name`` for its facts (engine files, Triton entry), without
+    checking that this machine can build or run it. Backend modules import their packages lazily."""
+    return importlib.import_module(get(name).module).BACKEND

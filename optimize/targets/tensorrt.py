@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from optimize import atomic
 from optimize.calibration import Samples
 from optimize.errors import BuildError, BundleError
 from optimize.passes.precision import fp16_graph, graph_report, qdq_graph, to_opset
 from optimize.specs import TensorSpec
-from optimize.targets.base import BuildConfig, Engine, Runner, RunnerConfig
+from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig, TritonEntry
 
 GRAPH_FILE = "model.onnx"  # what TensorRT builds: FP16, or Q/DQ + FP16
 QDQ_FILE = "model.qdq.onnx"  # trt-int8 only: FP32 with Q/DQ, for checks on any machine
@@ -46,8 +47,7 @@ def prepare_graph(onnx_path: Path, config: BuildConfig, calibration: Samples | N
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.precision == "fp16":
         return {"fp16": fp16_graph(onnx_path, out_dir / GRAPH_FILE, calibration, config.keep_fp32)}
-    if config.precision != "int8":
-        raise BuildError(f"TensorRT targets build fp16 or int8, not {config.precision}")
+    BACKEND.check_config(config)
     qdq = qdq_graph(onnx_path, out_dir / QDQ_FILE, calibration, config.calib_method, config.calib_batch_size,
                     config.keep_fp32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,17 +85,42 @@ def profile_shapes(graph: Path, calibration: Samples | None, batch_sizes: tuple[
     return shapes
 
 
-def build(onnx_path: Path, config: BuildConfig, calibration: Samples | None, out_dir: Path) -> Engine:
-    details = prepare_graph(onnx_path, config, calibration, out_dir)
+class TensorRTBackend(Backend):
+    """TensorRT 11 on an NVIDIA GPU: a strongly typed engine (``model.plan``) from a typed ONNX graph."""
+
+    name = "tensorrt"
+    modules = ("optimize.targets.tensorrt", "optimize.targets.base", "optimize.passes.precision",
+               "optimize.passes.ort_calibration", "optimize.passes.weight_only", "optimize.calibration", "optimize.factory",
+               "optimize.specs", "optimize.errors", "optimize.atomic", "optimize.validate")
+    triton = TritonEntry(platform="tensorrt_plan", backend="tensorrt", default_model_filename=ENGINE_FILE,
+                         files=(ENGINE_FILE,), kind="KIND_GPU")
+    fixed_batch_profile = True
+    needs_gpu_to_serve = True
+
+    def check_config(self, config: BuildConfig) -> None:
+        if config.precision not in ("fp16", "int8"):
+            raise BuildError(f"TensorRT targets build fp16 or int8, not {config.precision}")
+
+    def build(self, inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
+        """The typed graph (``prepare_graph``), then the engine over the batch profile of ``--batch-sizes``."""
+        self.check_config(config)
+        return _build(inputs, config, calibration, workdir)
+
+    def runner(self, folder: Path, config: RunnerConfig = RunnerConfig()) -> "TensorRTRunner":
+        return TensorRTRunner(folder, config)
+
+
+def _build(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, out_dir: Path) -> Engine:
+    details = prepare_graph(inputs.onnx, config, calibration, out_dir)
     shapes = profile_shapes(out_dir / GRAPH_FILE, calibration, config.batch_sizes)
-    record = build_engine(out_dir / GRAPH_FILE, out_dir / ENGINE_FILE, shapes, out_dir.parent / TIMING_CACHE)
+    record = build_engine(out_dir / GRAPH_FILE, out_dir / ENGINE_FILE, shapes, inputs.timing_cache)
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
     files = [ENGINE_FILE, RECORD_FILE, GRAPH_FILE] + ([QDQ_FILE] if config.precision == "int8" else [])
     report = graph_report(out_dir / GRAPH_FILE)
     return Engine(files, {**details, **record, "graph_ops": report["ops"]})
 
 
-def build_engine(graph: Path, plan_path: Path, shapes: dict[str, list], timing_cache: Path,
+def build_engine(graph: Path, plan_path: Path, shapes: dict[str, list], timing_cache: Path | None,
                  workspace_bytes: int = WORKSPACE_BYTES) -> dict[str, Any]:
     """Parse the typed ONNX graph and build a serialized engine (strongly typed: TensorRT 11)."""
     import tensorrt as trt
@@ -113,23 +138,17 @@ def build_engine(graph: Path, plan_path: Path, shapes: dict[str, list], timing_c
     for name, (low, opt, high) in shapes.items():
         profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"TensorRT could not build an engine from {graph.name} (see the messages above)")
     plan_path.write_bytes(bytes(serialized))
-    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    if timing_cache is not None:
+        atomic.write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     return {"tensorrt": trt.__version__, **gpu_identity(), "profile": shapes, "workspace_bytes": workspace_bytes,
-            "timing_cache": {"path": str(timing_cache), "reused": bool(cache_bytes)}}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+            "timing_cache": {"path": str(timing_cache) if timing_cache else None, "reused": bool(cache_bytes)}}
 
 
 def gpu_identity(device: int = 0) -> dict[str, str]:
@@ -252,5 +271,5 @@ class TensorRTRunner(Runner):
             self._stream = None
 
 
-def load_runner(engine_dir: Path, config: RunnerConfig = RunnerConfig()) -> TensorRTRunner:
-    return TensorRTRunner(engine_dir, config)
+
+BACKEND = TensorRTBackend()

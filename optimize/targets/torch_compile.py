@@ -20,11 +20,10 @@ import numpy as np
 from optimize.calibration import Samples
 from optimize.errors import BuildError, BundleError
 from optimize.specs import TensorSpec
-from optimize.targets.base import BuildConfig, Engine, Runner, RunnerConfig
+from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig
 
 PACKAGE_FILE = "model.pt2"
 RECORD_FILE = "compile.json"
-PROGRAM_FILE = "program.pt2"  # written by the export stage beside model.onnx
 
 
 def _graph_io(onnx_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -40,16 +39,32 @@ def _graph_io(onnx_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return inputs, [o.name for o in graph.output]
 
 
-def build(onnx_path: Path, config: BuildConfig, calibration: Samples | None, out_dir: Path) -> Engine:
+class TorchCompileBackend(Backend):
+    """PyTorch's AOTInductor: the ``torch.export`` program compiled to a ``.pt2`` package."""
+
+    name = "torch"
+    modules = ("optimize.targets.torch_compile", "optimize.targets.base", "optimize.calibration", "optimize.factory", "optimize.specs",
+               "optimize.errors", "optimize.validate")
+    triton = None  # Triton's PyTorch backend takes TorchScript, not an AOTInductor package
+    fixed_batch_profile = True  # the package's batch axis is dynamic up to the largest of --batch-sizes
+
+    def build(self, inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
+        """Compile ``inputs.program`` (FP32 on CPU, FP16 on a CUDA GPU)."""
+        return _compile(inputs, config, calibration, workdir)
+
+    def runner(self, folder: Path, config: RunnerConfig = RunnerConfig()) -> "TorchCompileRunner":
+        return TorchCompileRunner(folder, config)
+
+
+def _compile(build_inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, out_dir: Path) -> Engine:
     import torch
 
-    program_path = Path(onnx_path).parent / PROGRAM_FILE
-    if not program_path.is_file():
+    if build_inputs.program is None or not build_inputs.program.is_file():
         raise BuildError("torch-compile compiles the torch.export program, and this source has none "
                          "(a TorchScript checkpoint): use a state_dict or .pt2 checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs, outputs = _graph_io(onnx_path)
-    program = torch.export.load(str(program_path))
+    inputs, outputs = _graph_io(build_inputs.onnx)
+    program = torch.export.load(str(build_inputs.program))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "fp16" if device == "cuda" else "fp32"
     if device == "cuda":
@@ -61,7 +76,7 @@ def build(onnx_path: Path, config: BuildConfig, calibration: Samples | None, out
     record = {"device": device, "precision": precision, "torch": torch.__version__, "inputs": inputs,
               "outputs": outputs, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
-    return Engine([PACKAGE_FILE, RECORD_FILE], record)
+    return Engine([PACKAGE_FILE, RECORD_FILE], record, precision=precision)
 
 
 def _half_on_cuda(program: Any, inputs: list[dict[str, Any]], calibration: Samples | None, max_batch: int) -> Any:
@@ -123,5 +138,5 @@ class TorchCompileRunner(Runner):
                 "torch": self._record["torch"]}
 
 
-def load_runner(engine_dir: Path, config: RunnerConfig = RunnerConfig()) -> TorchCompileRunner:
-    return TorchCompileRunner(engine_dir, config)
+
+BACKEND = TorchCompileBackend()

@@ -1,0 +1,120 @@
+"""One target of a build: build its engine through the stage cache, gate it on accuracy against the
+FP32 model, and let its backend recover accuracy when INT8 breaches the budget.
+
+Every engine, the first and each recovery variant, is built by ``build_engine`` under the target's
+``Stage``, so its cache key comes from the typed ``TargetStageConfig`` and the hashes of its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from optimize.cache import Stage, StageCache
+from optimize.calibration import Samples
+from optimize.prepare import Prepared, evaluate_runner
+from optimize.targets import registry
+from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, RunnerConfig, engine_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetStageConfig:
+    """What keys one engine build: the target, its ``BuildConfig`` and what a recovery adds."""
+
+    target: str
+    build: BuildConfig
+    extra: tuple[tuple[str, Any], ...] = ()  # e.g. an accuracy-control budget
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "build": self.build.to_json(), "extra": dict(self.extra)}
+
+
+def target_stage(target: str) -> Stage:
+    info = registry.get(target)
+    return Stage(f"target-{target}", registry.facts(target).modules, packages=info.packages)
+
+
+def default_scheme(kind: str) -> str:
+    """Static Q/DQ for CNNs; for transformers on CPUs, weight-only INT8 keeps accuracy at FP32 speed."""
+    return "weights" if kind == "transformer" else "static"
+
+
+def build_config(plan: Any, target: str, kind: str) -> BuildConfig:
+    """The target's ``BuildConfig`` from the plan; the batch range only for engines that fix it."""
+    info = registry.get(target)
+    scheme = (plan.quant.int8_scheme or default_scheme(kind)) if info.precision == "int8" else None
+    fixed = registry.facts(target).fixed_batch_profile
+    return BuildConfig(precision=info.precision, int8_scheme=scheme, calib_method=plan.quant.calib_method,
+                       per_channel=plan.quant.per_channel, model_kind=kind,
+                       calib_batch_size=plan.quant.calib_batch_size,
+                       batch_sizes=tuple(plan.batch_sizes) if fixed else BuildConfig.batch_sizes)
+
+
+def build_engine(backend: Backend, target: str, inputs: BuildInputs, input_hashes: dict[str, str | None],
+                 config: BuildConfig, calibration: Samples | None, cache: StageCache, label: str | None = None,
+                 builder: Callable[..., Engine] | None = None,
+                 extra: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build one engine through the cache: (folder, {files, details, precision, build_time_s})."""
+    stage_config = TargetStageConfig(target, config, tuple(sorted((extra or {}).items())))
+
+    def produce(folder: Path) -> dict[str, Any]:
+        start = time.perf_counter()
+        engine = (builder or backend.build)(inputs, config, calibration, folder)
+        return {"files": engine.files, "details": engine.details, "precision": engine.precision,
+                "build_time_s": round(time.perf_counter() - start, 3)}
+
+    name = f"target-{target}" + (f"-{label}" if label else "")
+    return cache.run(target_stage(target), input_hashes, stage_config, produce, label=name)
+
+
+def evaluate_folder(backend: Backend, folder: Path, runner_config: RunnerConfig, prepared: Prepared,
+                    max_drop: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(accuracy and gate, runner settings) of the engine in ``folder``."""
+    with backend.runner(folder, runner_config) as runner:
+        return evaluate_runner(runner, prepared, max_drop), runner.settings
+
+
+def run_target(plan: Any, target: str, prepared: Prepared, inputs: BuildInputs, onnx_sha: str,
+               cache: StageCache, say: Callable[[str], None]) -> dict[str, Any]:
+    """The target's manifest record (as JSON fields): built and within budget, failed with the
+    reason, or unavailable on this machine."""
+    info = registry.get(target)
+    entry: dict[str, Any] = {"precision": info.precision, "folder": f"targets/{target}"}
+    reason = registry.unavailable_reason(target)
+    if reason:
+        return {**entry, "status": "unavailable", "reason": reason}
+    backend = registry.backend(target)
+    config = build_config(plan, target, prepared.model_kind)
+    entry["build_config"] = config.to_json()
+    calibration = prepared.calibration
+    if config.precision == "int8" and config.int8_scheme == "static" and calibration is None:
+        return {**entry, "status": "failed", "reason": "static INT8 needs calibration data: pass --calib"}
+    backend.check_config(config)
+    hashes = {"onnx": onnx_sha, "calibration": calibration.sha256 if calibration is not None else None}
+    say(f"building {target} ({config.precision}{', ' + config.int8_scheme if config.int8_scheme else ''})")
+    folder, result = build_engine(backend, target, inputs, hashes, config, calibration, cache)
+    evaluation, settings = evaluate_folder(backend, folder, plan.runner, prepared, plan.max_accuracy_drop)
+    result = dict(result)
+    entry["precision"] = result.pop("precision", None) or info.precision  # torch-compile: fp16 on a GPU
+    entry.update(result, runner_settings=settings, cache_folder=str(folder), **evaluation)
+    if not evaluation["gate"]["passed"] and config.precision == "int8" and plan.quant.recover_accuracy:
+        say(f"{target}: {evaluation['gate']['message']}; keeping sensitive layers in higher precision")
+        context = RecoveryContext(
+            inputs=inputs, config=config, calibration=calibration, built=folder, held_out=prepared.held_out,
+            reference=prepared.reference, task=prepared.task, max_drop=plan.max_accuracy_drop,
+            build=lambda trial, label, builder=None, extra=None: build_engine(
+                backend, target, inputs, hashes, trial, calibration, cache, label, builder, extra),
+            evaluate=lambda path: evaluate_folder(backend, path, plan.runner, prepared, plan.max_accuracy_drop),
+            say=say)
+        recovered = backend.recover(context)
+        if recovered is not None:
+            recovered.pop("precision", None)
+            entry.update(recovered)
+    if entry["gate"]["passed"]:
+        entry["status"] = "built"
+    else:
+        entry.update(status="failed", reason=f"accuracy gate: {entry['gate']['message']}")
+    entry["size_bytes"] = engine_size(Path(entry["cache_folder"]), entry["files"])
+    return entry
