@@ -125,7 +125,7 @@ def code_identifiers(count: int, rng: np.random.Generator) -> list[str]:
 def minilm(work: Path, args: argparse.Namespace) -> dict:
     from models.minilm import corpus, extra_corpus, make_checkpoint
     from optimize.bundle import load_runner, read_manifest
-    from optimize.text import TextEncoder
+    from optimize.tokenizer import TextEncoder
 
     make_checkpoint(work)
     bundle = run_build(BuildPlan(source=SourceConfig(work / "minilm.pt", "models.minilm:MiniLM"), out=work / "bundle",

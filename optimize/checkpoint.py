@@ -27,7 +27,7 @@ class LoadedModel:
     """A model ready for export: the module, how it was stored, and where it came from."""
 
     module: Any  # torch.nn.Module or torch.jit.ScriptModule
-    kind: str  # torchscript | exported-program | state-dict | pruned-state-dict | lightning | pickled-module
+    format: str  # torchscript | exported-program | state-dict | pruned-state-dict | lightning | pickled-module
     sha256: str
     path: Path
     input_names: list[str]
@@ -144,25 +144,25 @@ def _unwrap_state(obj: dict, path: Path) -> tuple[str, dict, dict | None]:
     """(format, the tensors, the pruned layer widths or None) of a plain, Lightning or pruned state_dict."""
     import torch
 
-    kind, state = "state-dict", obj
+    fmt, state = "state-dict", obj
     pruned = obj.get("pruned_architecture") if isinstance(obj.get("pruned_architecture"), dict) else None
     if pruned is not None and isinstance(obj.get("state_dict"), dict):
-        kind, state = "pruned-state-dict", obj["state_dict"]
+        fmt, state = "pruned-state-dict", obj["state_dict"]
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        kind, state, pruned = "lightning", obj["state_dict"], None
+        fmt, state, pruned = "lightning", obj["state_dict"], None
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
         raise CheckpointError(
             f"checkpoint {path} is a dict but not a state_dict: entries {bad} are not tensors; "
             f"save model.state_dict() or a dict with a 'state_dict' entry")
-    return kind, state, pruned
+    return fmt, state, pruned
 
 
 def _load_state_dict(obj: dict, path: Path, sha: str, arch: str | None,
                      arch_kwargs: dict[str, Any] | None) -> LoadedModel:
     import torch
 
-    kind, state, pruned = _unwrap_state(obj, path)
+    fmt, state, pruned = _unwrap_state(obj, path)
     if not arch:
         raise CheckpointError(
             f"checkpoint {path} is a state_dict: weights without an architecture; pass "
@@ -176,7 +176,7 @@ def _load_state_dict(obj: dict, path: Path, sha: str, arch: str | None,
         raise CheckpointError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module")
     if pruned is not None:
         from optimize.errors import PruneError
-        from optimize.passes.prune import rebuild_pruned
+        from optimize.passes.pruned_checkpoint import rebuild_pruned
 
         try:
             rebuild_pruned(module, state, pruned)
@@ -186,7 +186,7 @@ def _load_state_dict(obj: dict, path: Path, sha: str, arch: str | None,
     else:
         _load_state(module, state, path, arch)
     module.eval()
-    return LoadedModel(module, kind, sha, path, forward_input_names(module))
+    return LoadedModel(module, fmt, sha, path, forward_input_names(module))
 
 
 def _torch_load(path: Path, trust: bool) -> Any:

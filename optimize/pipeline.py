@@ -114,7 +114,7 @@ def _export_stage(prepared: Prepared, module: Any, model_hash: str, parity_refer
     """torch.export -> ONNX, checked against ``module`` (the pruned model when pruning ran)."""
     loaded = prepared.loaded
     config = ExportStageConfig(tuple(prepared.inputs), tuple(prepared.output_names),
-                               save_program=loaded.kind != "torchscript")
+                               save_program=loaded.format != "torchscript")
     example = {k: v[:2] if len(v) >= 2 else np.concatenate([v, v]) for k, v in prepared.held_out.arrays.items()}
 
     def produce(folder: Path) -> dict:
@@ -200,7 +200,7 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
             f"{len(prepared.held_out)} held-out samples")
         text = None
         if plan.data.tokenizer:  # checked before any long stage; serving then takes strings
-            from optimize.text import text_section
+            from optimize.tokenizer import text_section
 
             text = text_section(Path(plan.data.tokenizer), prepared.inputs, prepared.held_out.arrays, writer.root)
         stages, export_dir, export_result, prune_dir = _model_stages(plan, prepared, cache, say)
@@ -274,7 +274,7 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: P
     manifest = Manifest(
         model_name=plan.name or loaded.path.stem,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        source={"checkpoint": str(loaded.path), "sha256": loaded.sha256, "kind": loaded.kind,
+        source={"checkpoint": str(loaded.path), "sha256": loaded.sha256, "kind": loaded.format,
                 "arch": plan.source.arch, "arch_kwargs": plan.source.arch_kwargs},
         task=prepared.task, task_inferred=prepared.task_inferred, model_kind=prepared.model_kind,
         inputs=list(prepared.inputs),

@@ -130,7 +130,7 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
     and run the original FP32 model on the held-out data: the reference of every accuracy number."""
     source = plan.source
     loaded = load_checkpoint(source.checkpoint, source.arch, source.arch_kwargs, source.trust_checkpoint)
-    say(f"loaded {loaded.kind} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
+    say(f"loaded {loaded.format} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
     notes: list[str] = []
     samples = None
     if plan.data.calib:

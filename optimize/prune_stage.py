@@ -19,6 +19,7 @@ from optimize.calibration import Samples
 from optimize.errors import PruneError
 from optimize.passes import distill as distill_pass
 from optimize.passes import prune as prune_pass
+from optimize.passes import pruned_checkpoint
 from optimize.prepare import Prepared, evaluate_module, load_labelled, run_reference
 from optimize.specs import TensorSpec
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
 PRUNE_STAGE = Stage("prune", ("optimize.prune_stage", "optimize.passes.prune", "optimize.passes.distill",
-                              "optimize.passes.export", "optimize.prepare", "optimize.calibration",
+                              "optimize.passes.export", "optimize.passes.pruned_checkpoint", "optimize.prepare", "optimize.calibration",
                               "optimize.checkpoint", "optimize.factory", "optimize.specs", "optimize.validate",
                               "optimize.errors"),
                     packages=("torch", "torch-pruning"))
@@ -87,67 +88,72 @@ def _taylor_batches(data: Samples | None, prepared: Prepared, loss: Callable) ->
     return batches, lambda outputs: loss(outputs, next(remaining))
 
 
+def _recover(original: Any, pruned: Any, data: Samples | None, prepared: Prepared, config: PruneStageConfig,
+             accuracy: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """Distil the pruned model towards the original; (the recovery report or None, warnings)."""
+    distill_config = config.distill
+    if distill_config.steps <= 0 or data is None:
+        why = "--recover-steps 0" if distill_config.steps <= 0 else "no --calib or --train-data to learn from"
+        return None, [f"the pruned model was NOT recovered ({why}): expect a large accuracy drop"]
+    names = [s.name for s in prepared.inputs]
+    teacher = run_reference(original, data, prepared.output_names)
+    recovery = distill_pass.distill(pruned, data, teacher, names, prepared.task, distill_config, config.model_kind)
+    recovered = evaluate_module(pruned, prepared, config.max_accuracy_drop)
+    accuracy["recovered"] = recovered["accuracy"]
+    warnings = [w for w in [distill_pass.too_little_data(len(data))] if w]
+    if not recovered["gate"]["passed"]:
+        warnings.append(f"after recovery the pruned model is still short of the original: "
+                        f"{recovered['gate']['message']}; more recovery data (used {len(data)}), "
+                        f"more --recover-steps or a smaller --prune ratio would help")
+    return recovery, warnings
+
+
+def _prune_and_recover(folder: Path, original: Any, data: Samples | None, prepared: Prepared,
+                       config: PruneStageConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """The stage's work: prune a copy, measure it, recover it, save ``pruned.pt``; the report."""
+    prune = config.prune
+    names = [s.name for s in prepared.inputs]
+    example = _tensors(prepared.held_out, names, slice(0, 2))
+    grad_batches, loss = None, None
+    task_loss = distill_pass.task_loss(prepared.task)
+    if prune.importance == "taylor" and task_loss is not None:
+        grad_batches, loss = _taylor_batches(data, prepared, task_loss)
+    say(f"pruning {prune.ratio:.0%} of the {'heads' if config.model_kind == 'transformer' else 'channels'} "
+        f"({prune.scope}, {prune.importance} importance)")
+    outcome = prune_pass.prune_module(original, example, prune, grad_batches, loss)
+    say(f"pruned: {prune_pass.ratio_text(outcome.report)}")
+    accuracy = {"original": evaluate_module(original, prepared, None)["accuracy"],
+                "pruned": evaluate_module(outcome.module, prepared, None)["accuracy"]}
+    recovery, warnings = _recover(original, outcome.module, data, prepared, config, accuracy)
+    pruned_checkpoint.save_pruned(original, outcome.module, folder / PRUNED_FILE)
+    return {**outcome.report, "model_kind": config.model_kind, "recovered": recovery is not None,
+            "recovery": recovery, "recovery_data": None if data is None else {"samples": len(data),
+                                                                             "source": data.source},
+            "accuracy": accuracy, "warnings": warnings}
+
+
 def run_prune_stage(plan: BuildPlan, prepared: Prepared, model_hash: str, cache: StageCache,
                     say: Callable[[str], None]) -> tuple[Any, Path, dict[str, Any]]:
     """Returns the pruned (and recovered) module, its cache folder and the stage report.
     ``model_hash`` is the source model's identity (checkpoint and architecture)."""
     import torch
 
-    config = plan.prune
-    config.check()
+    plan.prune.check()
     loaded = prepared.loaded
-    if loaded.kind in ("torchscript", "exported-program"):
+    if loaded.format in ("torchscript", "exported-program"):
         raise PruneError(f"--prune needs an eager PyTorch model (a state_dict with --arch, or a pickled "
-                         f"module); {loaded.path} is a {loaded.kind} graph, which torch-pruning cannot edit")
+                         f"module); {loaded.path} is a {loaded.format} graph, which torch-pruning cannot edit")
     original = loaded.module
-    kind = prepared.model_kind
     data = recovery_data(plan, prepared)
-    distill_config = plan.distill
-    stage_config = PruneStageConfig(config, distill_config, prepared.task, tuple(prepared.inputs), kind,
-                                    plan.max_accuracy_drop)
+    config = PruneStageConfig(plan.prune, plan.distill, prepared.task, tuple(prepared.inputs), prepared.model_kind,
+                              plan.max_accuracy_drop)
     hashes = {"model": model_hash, "data": data.sha256 if data is not None else None,
               "held_out": prepared.held_out.sha256}
-    names = [s.name for s in prepared.inputs]
-
-    def produce(folder: Path) -> dict[str, Any]:
-        example = _tensors(prepared.held_out, names, slice(0, 2))
-        grad_batches, loss = None, None
-        task_loss = distill_pass.task_loss(prepared.task)
-        if config.importance == "taylor" and task_loss is not None:
-            grad_batches, loss = _taylor_batches(data, prepared, task_loss)
-        say(f"pruning {config.ratio:.0%} of the {'heads' if kind == 'transformer' else 'channels'} "
-            f"({config.scope}, {config.importance} importance)")
-        outcome = prune_pass.prune_module(original, example, config, grad_batches, loss)
-        report = outcome.report
-        say(f"pruned: {prune_pass.ratio_text(report)}")
-        accuracy = {"original": evaluate_module(original, prepared, None)["accuracy"],
-                    "pruned": evaluate_module(outcome.module, prepared, None)["accuracy"]}
-        warnings: list[str] = []
-        recovery = None
-        if distill_config.steps > 0 and data is not None:
-            teacher = run_reference(original, data, prepared.output_names)
-            recovery = distill_pass.distill(outcome.module, data, teacher, names, prepared.task,
-                                            distill_config, kind)
-            recovered = evaluate_module(outcome.module, prepared, plan.max_accuracy_drop)
-            accuracy["recovered"] = recovered["accuracy"]
-            shortage = distill_pass.too_little_data(len(data))
-            if shortage:
-                warnings.append(shortage)
-            if not recovered["gate"]["passed"]:
-                warnings.append(f"after recovery the pruned model is still short of the original: "
-                                f"{recovered['gate']['message']}; more recovery data (used {len(data)}), "
-                                f"more --recover-steps or a smaller --prune ratio would help")
-        else:
-            why = "--recover-steps 0" if distill_config.steps <= 0 else "no --calib or --train-data to learn from"
-            warnings.append(f"the pruned model was NOT recovered ({why}): expect a large accuracy drop")
-        prune_pass.save_pruned(original, outcome.module, folder / PRUNED_FILE)
-        return {**report, "model_kind": kind, "recovered": recovery is not None, "recovery": recovery,
-                "recovery_data": None if data is None else {"samples": len(data), "source": data.source},
-                "accuracy": accuracy, "warnings": warnings}
-
-    folder, result = cache.run(PRUNE_STAGE, hashes, stage_config, produce)
+    folder, result = cache.run(PRUNE_STAGE, hashes, config,
+                               lambda folder: _prune_and_recover(folder, original, data, prepared, config, say))
     saved = torch.load(folder / PRUNED_FILE, map_location="cpu", weights_only=True)
-    module = prune_pass.rebuild_pruned(prune_pass.fresh_copy(original), saved["state_dict"], saved["pruned_architecture"])
+    module = pruned_checkpoint.rebuild_pruned(pruned_checkpoint.fresh_copy(original), saved["state_dict"],
+                                              saved["pruned_architecture"])
     for line in _accuracy_lines(prepared.task, result["accuracy"]):
         say(line)
     for warning in result["warnings"]:

@@ -85,7 +85,7 @@ class ServerMetrics(BatchObserver):
             except Exception as exc:  # monitoring must never fail a request
                 self.monitor_errors += 1
                 if self.monitor_errors == 1:
-                    log.warning("drift monitor failed (requests are unaffected): %s: %s", type(exc).__name__, exc)
+                    log.warning("drift monitor failed (requests are unaffected): %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,7 +34,7 @@ class ServedModel:
     inputs: list[TensorSpec]
     outputs: list[dict[str, Any]]
     max_batch: int
-    text: Any = None  # optimize.text.TextEncoder for a token model built with a tokenizer
+    text: Any = None  # optimize.tokenizer.TextEncoder for a token model built with a tokenizer
 
     def signatures(self) -> list[list[dict[str, Any]]]:
         """The input sets this server accepts, each a list of {name, datatype, shape (-1: any)}.

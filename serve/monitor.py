@@ -28,6 +28,10 @@ from optimize.drift.profile import Profile
 
 
 class DriftMonitor:
+    """Watches one served target against its reference ``Profile``: ``observe`` keeps each engine
+    batch, every ``window`` samples are binned and tested (``WindowTest`` at ``alpha``), and
+    ``collect`` yields the ``drift_*`` series for the metrics registry."""
+
     def __init__(self, profile: Profile, model: str, version: str, window: int | None = None,
                  alpha: float | None = None):
         self.profile = profile

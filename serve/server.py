@@ -19,7 +19,7 @@ import numpy as np
 
 from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
-from optimize.text import TextEncoder
+from optimize.tokenizer import TextEncoder
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics

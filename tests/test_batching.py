@@ -72,14 +72,21 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 20))
 
 
+async def busy(config: BatchingConfig, engine: HeldEngine | None = None):
+    """A started batcher whose one engine is held inside a first one-row call:
+    (engine, batcher, that call's future). Whatever is sent next queues."""
+    engine = engine or HeldEngine()
+    batcher = Batcher([engine], config)
+    batcher.start()
+    engine.hold()
+    first = asyncio.ensure_future(batcher.infer(rows(1)))
+    await started(engine)
+    return engine, batcher, first
+
+
 def test_requests_stack_only_with_the_same_signature_and_get_their_own_rows():
     async def main():
-        engine = HeldEngine()
-        batcher = Batcher([engine], BatchingConfig(max_batch=8))
-        batcher.start()
-        engine.hold()
-        first = asyncio.ensure_future(batcher.infer(rows(1)))
-        await started(engine)  # the first request runs alone; the next three queue behind it
+        engine, batcher, first = await busy(BatchingConfig(max_batch=8))  # the next three queue behind it
         a = asyncio.ensure_future(batcher.infer(rows(2, start=100)))
         b = asyncio.ensure_future(batcher.infer(rows(1, width=6)))
         c = asyncio.ensure_future(batcher.infer(rows(3, start=200)))
@@ -98,12 +105,7 @@ def test_requests_stack_only_with_the_same_signature_and_get_their_own_rows():
 
 def test_batches_never_exceed_max_batch_rows():
     async def main():
-        engine = HeldEngine()
-        batcher = Batcher([engine], BatchingConfig(max_batch=4, queue_capacity=32))
-        batcher.start()
-        engine.hold()
-        first = asyncio.ensure_future(batcher.infer(rows(1)))
-        await started(engine)
+        engine, batcher, first = await busy(BatchingConfig(max_batch=4, queue_capacity=32))
         queued = [asyncio.ensure_future(batcher.infer(rows(n, start=10 * i))) for i, n in enumerate([1, 2, 3, 1, 4, 2])]
         await asyncio.sleep(0.01)
         engine.release()
@@ -142,12 +144,7 @@ def test_max_delay_holds_a_part_full_batch_for_company_only_while_an_engine_is_b
 
 def test_a_full_queue_rejects_at_once_while_the_engine_is_busy():
     async def main():
-        engine = HeldEngine()
-        batcher = Batcher([engine], BatchingConfig(max_batch=1, queue_capacity=2))
-        batcher.start()
-        engine.hold()
-        running = asyncio.ensure_future(batcher.infer(rows(1)))
-        await started(engine)
+        engine, batcher, running = await busy(BatchingConfig(max_batch=1, queue_capacity=2))
         waiting = [asyncio.ensure_future(batcher.infer(rows(1))) for _ in range(2)]
         await asyncio.sleep(0.01)
         begun = time.perf_counter()
@@ -166,12 +163,7 @@ def test_a_full_queue_rejects_at_once_while_the_engine_is_busy():
 
 def test_an_engine_error_reaches_every_request_of_its_batch_and_the_loop_goes_on():
     async def main():
-        engine = HeldEngine(fail=RuntimeError("kernel exploded"))
-        batcher = Batcher([engine], BatchingConfig(max_batch=8))
-        batcher.start()
-        engine.hold()
-        first = asyncio.ensure_future(batcher.infer(rows(1)))
-        await started(engine)
+        engine, batcher, first = await busy(BatchingConfig(max_batch=8), HeldEngine(fail=RuntimeError("kernel exploded")))
         batch = [asyncio.ensure_future(batcher.infer(rows(1))) for _ in range(3)]
         await asyncio.sleep(0.01)
         engine.release()
@@ -189,12 +181,8 @@ def test_an_engine_error_reaches_every_request_of_its_batch_and_the_loop_goes_on
 
 def test_drain_waits_for_queued_work_and_says_when_it_ran_out_of_time():
     async def main():
-        engine = HeldEngine()
-        batcher = Batcher([engine], BatchingConfig(max_batch=1))
-        batcher.start()
-        engine.hold()
-        pending = [asyncio.ensure_future(batcher.infer(rows(1))) for _ in range(3)]
-        await started(engine)
+        engine, batcher, first = await busy(BatchingConfig(max_batch=1))
+        pending = [first] + [asyncio.ensure_future(batcher.infer(rows(1))) for _ in range(2)]
         timed_out = await batcher.drain(0.05)
         asyncio.get_running_loop().call_later(0.05, engine.release)
         drained = await batcher.drain(HOLD_S)
@@ -202,8 +190,8 @@ def test_drain_waits_for_queued_work_and_says_when_it_ran_out_of_time():
         batcher.close()
         return timed_out, drained, done, batcher.queued, batcher.busy
 
-    timed_out, drained, done, queued, busy = run(main())
-    assert (timed_out, drained, done, queued, busy) == (False, True, True, 0, 0)
+    timed_out, drained, done, queued, running = run(main())
+    assert (timed_out, drained, done, queued, running) == (False, True, True, 0, 0)
 
 
 async def _post(app: InferenceApp, body: bytes) -> tuple[int, dict]:

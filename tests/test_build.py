@@ -135,3 +135,47 @@ def test_int8_recovery_when_the_budget_is_breached(tiny_checkpoint, tmp_path, ta
     else:
         assert entry["details"]["accuracy_control"]["max_drop"] == 1e-3
         assert "accuracy control:" in result.stderr
+
+
+@pytest.mark.slow
+def test_python_api_auto_builds_benchmarks_and_picks_the_winner_like_the_cli(tiny_checkpoint, tmp_path):
+    """``run_build`` with ``auto`` and no CLI: the plan's selection benchmarks and records a winner;
+    ``bench_bundle`` then re-measures through the API and records its own decision."""
+    from optimize.bench.load import LoadPlan
+    from optimize.bench.run import BenchConfig, bench_bundle
+    from optimize.bundle import read_manifest
+    from optimize.pipeline import run_build
+    from optimize.plan import BuildPlan, DataConfig, QuantConfig, Selection, SourceConfig
+    from optimize.select import LoadSpec, parse_slo
+
+    t = tiny_checkpoint
+    said: list[str] = []
+    plan = BuildPlan(source=SourceConfig(t["ckpt"], t["arch"]), out=tmp_path / "api", targets=("ort-fp32", "ort-int8"),
+                     data=DataConfig(calib=str(t["calib"])), quant=QuantConfig(), use_cache=False,
+                     selection=Selection(LoadSpec("batch", 1), parse_slo("p99=1s"), progress=False))
+    result = run_build(plan, say=said.append)
+    assert result.manifest.built_targets() == ["ort-fp32", "ort-int8"] and not result.failed
+    assert result.decision["target"] in ("ort-fp32", "ort-int8") and result.decision["met"]
+    assert read_manifest(result.bundle).winner_target == result.decision["target"]
+    assert (result.report_folder / "report.json").is_file() and any("measuring" in line for line in said)
+    quick = BenchConfig(plan=LoadPlan(batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(), duration_s=0.3,
+                                      rounds=1), torch_baseline=False, cross_check=False, targets=("ort-int8",))
+    report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), say=said.append,
+                                       progress=False)
+    assert set(report["engines"]) == {"ort-int8"} and decision["target"] == "ort-int8"
+    assert read_manifest(result.bundle).winner_target == "ort-int8"
+    # "auto" in the targets alone selects too: the same path the CLI takes.
+    auto = run_build(BuildPlan(source=SourceConfig(t["ckpt"], t["arch"]), out=tmp_path / "auto",
+                               targets=("auto",), data=DataConfig(calib=str(t["calib"]))), say=said.append)
+    assert auto.decision is not None and auto.manifest.winner_target == auto.decision["target"]
+
+
+def test_an_unknown_target_fails_before_anything_is_written(tiny_checkpoint, tmp_path):
+    from optimize.errors import OptimizeError
+    from optimize.pipeline import run_build
+    from optimize.plan import BuildPlan, SourceConfig
+
+    t = tiny_checkpoint
+    with pytest.raises(OptimizeError, match="unknown target 'tpu-int4'"):
+        run_build(BuildPlan(source=SourceConfig(t["ckpt"], t["arch"]), out=tmp_path / "b", targets=("tpu-int4",)))
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ class WritesAFile:
 
 def test_state_dict_with_arch(tiny_checkpoint):
     loaded = load_checkpoint(tiny_checkpoint["ckpt"], tiny_checkpoint["arch"])
-    assert loaded.kind == "state-dict" and loaded.input_names == ["x"]
+    assert loaded.format == "state-dict" and loaded.input_names == ["x"]
     assert not loaded.module.training
 
 
@@ -48,7 +48,7 @@ def test_lightning_dict_with_prefix(tmp_path, tiny_checkpoint):
     state = {f"model.{k}": v for k, v in tiny_checkpoint["model"].state_dict().items()}
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "lightning.ckpt")
     loaded = load_checkpoint(tmp_path / "lightning.ckpt", tiny_checkpoint["arch"])
-    assert loaded.kind == "lightning"
+    assert loaded.format == "lightning"
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(loaded.module(x), tiny_checkpoint["model"](x))
 
@@ -61,7 +61,7 @@ def test_torchscript_and_exported_program(tmp_path, tiny_checkpoint):
     x = torch.randn(2, 3, 16, 16)
     for name, kind in (("m.ts", "torchscript"), ("m.pt2", "exported-program")):
         loaded = load_checkpoint(tmp_path / name)
-        assert loaded.kind == kind and loaded.input_names == ["x"]
+        assert loaded.format == kind and loaded.input_names == ["x"]
         assert torch.allclose(loaded.module(x), model(x), atol=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_pickled_module_loads_only_with_trust(tmp_path):
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         load_checkpoint(tmp_path / "full.pt")
     loaded = load_checkpoint(tmp_path / "full.pt", trust=True)
-    assert loaded.kind == "pickled-module"
+    assert loaded.format == "pickled-module"
 
 
 @pytest.mark.parametrize("content, message", [

@@ -11,7 +11,8 @@ from optimize.calibration import Samples
 from optimize.checkpoint import load_checkpoint
 from optimize.errors import CheckpointError, PruneError
 from optimize.passes.distill import DistillConfig, distill
-from optimize.passes.prune import PruneConfig, prune_module, rebuild_pruned, save_pruned
+from optimize.passes.prune import PruneConfig, prune_module
+from optimize.passes.pruned_checkpoint import rebuild_pruned, save_pruned
 from tiny_models import CustomLayerCNN, TinyCNN, tiny_cnn, tiny_encoder
 
 X = (torch.randn(2, 3, 16, 16),)
@@ -98,7 +99,7 @@ def test_pruned_checkpoint_rebuilds_from_the_original_class(tmp_path, tiny_check
     rebuilt = rebuild_pruned(TinyCNN(), saved["state_dict"], saved["pruned_architecture"])
     assert torch.equal(rebuilt(*X), outcome.module(*X))
     loaded = load_checkpoint(tmp_path / "pruned.pt", tiny_checkpoint["arch"])
-    assert loaded.kind == "pruned-state-dict" and torch.equal(loaded.module(*X), outcome.module(*X))
+    assert loaded.format == "pruned-state-dict" and torch.equal(loaded.module(*X), outcome.module(*X))
     with pytest.raises(CheckpointError, match="pruned checkpoint"):
         load_checkpoint(tmp_path / "pruned.pt", "tiny_models:tiny_encoder")
 

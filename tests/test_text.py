@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, run_cli
 from optimize.errors import InputSpecError
 from optimize.specs import TensorSpec
-from optimize.text import TextEncoder, text_section
+from optimize.tokenizer import TextEncoder, text_section
 
 LENGTH = 16
 TOKENS = [TensorSpec("input_ids", (-1, -1), "int64"), TensorSpec("attention_mask", (-1, -1), "int64")]
@@ -102,7 +102,7 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
                      "--tokenizer", tokenizer_file, "--target", "ort-fp32", "--name", "words", "--out", out)
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(out)
-    assert manifest["text"]["tokenizer"] == "tokenizer/tokenizer.json"
+    assert manifest.text["tokenizer"] == "tokenizer/tokenizer.json"
 
     server = Server(out)
     try:
@@ -112,7 +112,8 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
         assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [1]}]
         texts = sentences()[:3]
         feeds = TextEncoder.from_manifest(out, manifest).encode(texts)
-        want = load_runner(out, "ort-fp32").infer(feeds)["output"]
+        with load_runner(out, "ort-fp32") as runner:
+            want = runner.infer(feeds)["output"]
         client = triton.InferenceServerClient(server.url[len("http://"):])
         for binary in (False, True):
             tensor = triton.InferInput("text", [len(texts), 1], "BYTES")

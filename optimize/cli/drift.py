@@ -19,7 +19,7 @@ def _feeds(bundle: Path, source: str) -> dict:
     from optimize.calibration import load_samples
     manifest = read_manifest(bundle)
     if source.endswith(".txt"):
-        from optimize.text import TextEncoder
+        from optimize.tokenizer import TextEncoder
 
         if not Path(source).is_file():
             raise InputSpecError(f"data file {source} does not exist")

@@ -45,6 +45,10 @@ class WindowResult:
 
 
 class WindowTest:
+    """The per-feature chi-square test of a window's bin counts against the reference, with the
+    bootstrap null and min-p correction of the module docstring: ``test(counts, n)`` gives the
+    window's p-values and whether it alarms at ``alpha``; ``threshold(n)`` the calibrated bound."""
+
     def __init__(self, features: list[Feature], reference_bins: np.ndarray, alpha: float = 0.01,
                  null_windows: int = NULL_WINDOWS, seed: int = 0):
         self.features = features

@@ -256,11 +256,59 @@ def _calibrate(model_path: Path, tensors: set[str], calibration: Samples, method
     return ranges
 
 
+QUANTIZED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add"}
+
+
+def _insert_activation_qdq(graph: Any, activations: set[str], ranges: dict[str, float],
+                           keep_fp32: tuple[str, ...]) -> tuple[list, list]:
+    """A per-tensor symmetric Q -> DQ pair on each activation, fed to the ops that consume it
+    (the residual input of an Add only; both when both come from convolutions)."""
+    from onnx import helper, numpy_helper
+
+    consumers = _consumers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes, initializers = [], []
+    for name in sorted(activations):
+        scale = max(ranges[name], 1e-8) / 127.0
+        base = name.replace("/", "_").replace(":", "_")
+        initializers += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}_qscale"),
+                         numpy_helper.from_array(np.array(0, np.int8), f"{base}_qzero")]
+        nodes += [helper.make_node("QuantizeLinear", [name, f"{base}_qscale", f"{base}_qzero"], [f"{base}_q"],
+                                   name=f"{base}_QuantizeLinear"),
+                  helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_qscale", f"{base}_qzero"],
+                                   [f"{base}_dq"], name=f"{base}_DequantizeLinear")]
+        for node in consumers.get(name, []):
+            if node.op_type in QUANTIZED_OPS and node.name not in keep_fp32:
+                for i, value in enumerate(node.input):
+                    if value == name and (node.op_type != "Add" or not _conv_fed(value, producers)
+                                          or all(_conv_fed(v, producers) for v in node.input)):
+                        node.input[i] = f"{base}_dq"
+    return nodes, initializers
+
+
+def _insert_weight_dq(graph: Any, weights: list[tuple[Any, int, int]]) -> tuple[list, list]:
+    """Each weight stored as INT8 behind a per-output-channel DequantizeLinear (zero points 0)."""
+    from onnx import helper, numpy_helper
+
+    by_name = {i.name: i for i in graph.initializer}
+    nodes, initializers = [], []
+    for node, index, axis in weights:
+        source = by_name[node.input[index]]
+        q, scale = symmetric_int8(numpy_helper.to_array(source), axis)
+        base = f"{source.name}_{node.name}".replace("/", "_")
+        initializers += [numpy_helper.from_array(q, f"{base}_int8"),
+                         numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"),
+                         numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_wzero")]
+        nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int8", f"{base}_wscale", f"{base}_wzero"],
+                                      [f"{base}_wdq"], name=f"{base}_DequantizeLinear", axis=axis))
+        node.input[index] = f"{base}_wdq"
+    return nodes, initializers
+
+
 def qdq_graph(model_path: Path, out_path: Path, calibration: Samples, method: str = "minmax",
               batch_size: int = 8, keep_fp32: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write an FP32 graph with symmetric INT8 Q/DQ placed for TensorRT; return what was quantized."""
     import onnx
-    from onnx import helper, numpy_helper
 
     if calibration is None or len(calibration) == 0:
         raise BuildError("INT8 Q/DQ needs calibration data: pass --calib")
@@ -268,41 +316,13 @@ def qdq_graph(model_path: Path, out_path: Path, calibration: Samples, method: st
     graph = model.graph
     activations, weights = _placement(graph, keep_fp32)
     ranges = _calibrate(model_path, activations, calibration, method, batch_size)
-    consumers = _consumers(graph)
-    producers = {o: n for n in graph.node for o in n.output}
-    quantized_ops = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add"}
-    new_nodes, new_inits = [], []
-    for name in sorted(activations):
-        scale = max(ranges[name], 1e-8) / 127.0
-        base = name.replace("/", "_").replace(":", "_")
-        new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}_qscale"),
-                      numpy_helper.from_array(np.array(0, np.int8), f"{base}_qzero")]
-        new_nodes += [helper.make_node("QuantizeLinear", [name, f"{base}_qscale", f"{base}_qzero"], [f"{base}_q"],
-                                       name=f"{base}_QuantizeLinear"),
-                      helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_qscale", f"{base}_qzero"],
-                                       [f"{base}_dq"], name=f"{base}_DequantizeLinear")]
-        for node in consumers.get(name, []):
-            if node.op_type in quantized_ops and node.name not in keep_fp32:
-                for i, value in enumerate(node.input):
-                    if value == name and (node.op_type != "Add" or not _conv_fed(value, producers)
-                                          or all(_conv_fed(v, producers) for v in node.input)):
-                        node.input[i] = f"{base}_dq"
-    initializers = {i.name: i for i in graph.initializer}
-    for node, index, axis in weights:
-        source = initializers[node.input[index]]
-        q, scale = symmetric_int8(numpy_helper.to_array(source), axis)
-        base = f"{source.name}_{node.name}".replace("/", "_")
-        new_inits += [numpy_helper.from_array(q, f"{base}_int8"),
-                      numpy_helper.from_array(scale.astype(np.float32), f"{base}_wscale"),
-                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_wzero")]
-        new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int8", f"{base}_wscale", f"{base}_wzero"],
-                                          [f"{base}_wdq"], name=f"{base}_DequantizeLinear", axis=axis))
-        node.input[index] = f"{base}_wdq"
-    graph.initializer.extend(new_inits)
+    activation_nodes, activation_inits = _insert_activation_qdq(graph, activations, ranges, keep_fp32)
+    weight_nodes, weight_inits = _insert_weight_dq(graph, weights)
+    graph.initializer.extend(activation_inits + weight_inits)
     # Q/DQ nodes go first in the list; a topological sort puts them right after their producers.
     nodes = list(graph.node)
     del graph.node[:]
-    graph.node.extend(_toposort(new_nodes + nodes, graph))
+    graph.node.extend(_toposort(activation_nodes + weight_nodes + nodes, graph))
     used = {i for n in graph.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
