@@ -95,3 +95,25 @@ def test_failed_build_keeps_the_previous_bundle(tiny_checkpoint, tmp_path):
                             "--input-shape", "1x3x16x16", "--out", out))
     assert (out / "manifest.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_debug_prints_the_chained_cause_of_a_one_line_error(tmp_path):
+    """A corrupt checkpoint is the user's mistake: one line by default; with ``--debug`` (or
+    ``OPTIMIZE_DEBUG=1``) the traceback and the library error it came from are printed too."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "c.pt").write_bytes(b"\x00garbage" * 10)
+    args = ["build", str(tmp_path / "c.pt"), "--arch", "tests/tiny_models.py:tiny_cnn", "--input-shape", "1x3x16x16",
+            "--out", str(tmp_path / "b")]
+    quiet = run_cli(*args)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    loud = run_cli("--debug", *args)
+    assert loud.returncode == 2 and "Traceback" in loud.stderr and "CheckpointError" in loud.stderr
+    assert "The above exception was the direct cause" in loud.stderr  # the library's own error, chained
+    assert loud.stderr.rstrip().splitlines()[-1] == _one_line_error(quiet)
+    env = {**os.environ, "OPTIMIZE_DEBUG": "1"}
+    by_env = subprocess.run([sys.executable, "-m", "optimize", *args], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert by_env.returncode == 2 and "CheckpointError" in by_env.stderr

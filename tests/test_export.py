@@ -77,3 +77,18 @@ def test_weight_only_int8_keeps_outputs_close(tmp_path):
     int8_out = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})[0]
     cos = (fp32 * int8_out).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8_out, axis=1)
     assert cos.min() > 0.999 and not np.array_equal(fp32, int8_out)
+
+
+def test_weight_only_int8_on_an_old_opset_is_a_user_error_naming_the_fix(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from optimize.errors import BuildError
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), tmp_path / "old.onnx")
+    with pytest.raises(BuildError, match="opset 12: weight-only INT8 needs opset 13 or newer"):
+        quantize_weights(tmp_path / "old.onnx", tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
