@@ -58,13 +58,13 @@ def create_app(config: ServeConfig) -> InferenceApp:
     model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle), target,
                         manifest.record(target, bundle).precision, inputs, manifest.outputs,
                         config.batching.max_batch, TextEncoder.from_manifest(bundle, manifest))
-    runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
     if config.drift and (bundle / DRIFT_DIR / f"{target}.json").is_file():
         monitor = DriftMonitor(Profile.load(bundle, target), model.name, model.version, config.drift_window,
                                config.drift_alpha)
         metrics.attach(monitor)
+    runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
     batcher = Batcher(runners, config.batching, metrics)
 
     async def warm() -> None:
@@ -82,18 +82,26 @@ def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.nd
     """Engine instances. ONNX Runtime's threads stop spinning when a call returns: the spin would
     take a core from answering the request just computed (0.5 ms for ResNet-18 here). Stopping it
     costs a thread wake at the start of the next call, which a tiny model's call (well under a
-    millisecond) cannot afford, so those keep spinning."""
-    runners = [load_runner(bundle, target, idle_spin=False) for _ in range(count)]
-    times = []
-    for _ in range(WARMUP_CALLS):
-        start = time.perf_counter()
-        runners[0].infer(warmup)
-        times.append(time.perf_counter() - start)
-    if min(times) < SPIN_BELOW_S:
+    millisecond) cannot afford, so those keep spinning. On any failure the engines opened are closed."""
+    runners: list = []
+    try:
+        for _ in range(count):
+            runners.append(load_runner(bundle, target, idle_spin=False))
+        times = []
+        for _ in range(WARMUP_CALLS):
+            start = time.perf_counter()
+            runners[0].infer(warmup)
+            times.append(time.perf_counter() - start)
+        if min(times) < SPIN_BELOW_S:
+            while runners:
+                runners.pop().close()
+            for _ in range(count):
+                runners.append(load_runner(bundle, target))
+        return runners
+    except BaseException:
         for runner in runners:
             runner.close()
-        runners = [load_runner(bundle, target) for _ in range(count)]
-    return runners
+        raise
 
 
 def serve(config: ServeConfig) -> None:
