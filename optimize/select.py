@@ -113,7 +113,7 @@ def select(manifest: Any, report: dict[str, Any], slo: Slo | None, load: LoadSpe
         best = eligible[0]
         runner_up = f"; next: {eligible[1]['target']} at {eligible[1]['latency_ms']:.2f} ms" if len(eligible) > 1 else ""
         decision.update(target=best["target"], reason=(
-            f"{best['target']}: fastest of {len(eligible)} target(s) within the accuracy budget"
+            f"{best['target']}: fastest by {metric[:-3]} latency of {len(eligible)} target(s) within the accuracy budget"
             f"{' that meet ' + str(slo) if slo else ''}: {metric[:-3]} {best['latency_ms']:.2f} ms at "
             f"{load.label}{runner_up}"))
     else:

@@ -13,6 +13,7 @@ Caller mistakes are a 4xx with ``{"error": "..."}``; a full queue is a 503 at on
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -37,13 +38,28 @@ class Stats:
         self.success = [0, 0]
         self.fail = [0, 0]
         self.last_inference_ms = 0
+        self.outcomes: collections.Counter = collections.Counter()
+        self.durations: collections.deque = collections.deque(maxlen=100_000)  # for the summary at exit
 
-    def record(self, ok: bool, seconds: float) -> None:
+    def record(self, outcome: str, seconds: float) -> None:
+        ok = outcome == "ok"
         bucket = self.success if ok else self.fail
         bucket[0] += 1
         bucket[1] += int(seconds * 1e9)
+        self.outcomes[outcome] += 1
         if ok:
+            self.durations.append(seconds)
             self.last_inference_ms = int(time.time() * 1000)
+
+    def summary(self) -> str:
+        """One line: requests by outcome and the answered requests' p50/p99."""
+        total = sum(self.outcomes.values())
+        parts = ", ".join(f"{n} {name}" for name, n in sorted(self.outcomes.items())) or "none"
+        text = f"{total} inference request(s) ({parts})"
+        if self.durations:
+            ms = sorted(d * 1000 for d in self.durations)
+            text += f"; answered p50 {ms[len(ms) // 2]:.2f} ms, p99 {ms[min(len(ms) - 1, int(len(ms) * 0.99))]:.2f} ms"
+        return text
 
 
 class InferenceApp:
@@ -61,6 +77,8 @@ class InferenceApp:
         self.ready = False
         self.stats = Stats()
         self._engine_errors: dict[str, int] = {}
+        self.settings: dict[str, Any] = {}  # the engine's, for the start-up log
+        self.drift = "off"
         self._openapi = json.dumps(openapi(model)).encode()
         prefix = f"/v2/models/{model.name}"
         self._model_prefixes = (prefix, f"{prefix}/versions/{model.version}")
@@ -149,7 +167,7 @@ class InferenceApp:
             gauge.dec()
             elapsed = time.perf_counter() - started
             self.metrics.finished(outcome, elapsed)
-            self.stats.record(outcome == "ok", elapsed)
+            self.stats.record(outcome, elapsed)
 
     def _log_engine_error(self, exc: Exception) -> None:
         """The traceback of each distinct engine error once (a failing engine fails every request:
@@ -179,11 +197,18 @@ class InferenceApp:
                 if self.warmup is not None:
                     await self.warmup()  # the first calls of an engine are slow: not on a user's request
                 self.ready = True
+                LOG.info("ready: serving %s version %s", self.model.name, self.model.version)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.ready = False
-                await self.batcher.drain(self.grace_s)
+                queued = self.batcher.queued + self.batcher.busy
+                if queued:
+                    LOG.info("finishing %d queued or running request(s), at most %g s", queued, self.grace_s)
+                drained = await self.batcher.drain(self.grace_s)
+                if not drained:
+                    LOG.warning("stopped with %d request(s) unfinished after %g s", self.batcher.queued, self.grace_s)
                 self.batcher.close()
+                LOG.info("stopped: %s", self.stats.summary())
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from serve.metrics import ServerMetrics
 from serve.model import ServedModel, bundle_version
 from serve.monitor import DriftMonitor
 
+LOG = logging.getLogger("serve")
 WARMUP_CALLS = 3
 SPIN_BELOW_S = 0.002  # engines faster than this keep ONNX Runtime's threads spinning between calls
 
@@ -75,7 +77,10 @@ def create_app(config: ServeConfig) -> InferenceApp:
         finally:
             metrics.monitor = monitor
 
-    return InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s)
+    app = InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s)
+    app.settings = runners[0].settings
+    app.drift = f"window {metrics.monitor.window}" if metrics.monitor is not None else "off"
+    return app
 
 
 def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.ndarray]) -> list:
@@ -109,6 +114,12 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(config)
+    model, batching = app.model, config.batching
+    LOG.info("serving %s version %s from %s: target %s (%s) on http://%s:%d", model.name, model.version,
+             config.bundle, model.target, model.precision, config.host, config.port)
+    LOG.info("engine: %s", ", ".join(f"{k}={v}" for k, v in app.settings.items()))
+    LOG.info("batching: up to %d rows, wait %g ms, queue %d, %d instance(s); drift: %s", batching.max_batch,
+             batching.max_delay_s * 1000, batching.queue_capacity, batching.instances, app.drift)
 
     class DrainingServer(uvicorn.Server):
         # Not uvicorn's own handler: it re-raises the signal after shutdown, so a clean drain
@@ -118,6 +129,7 @@ def serve(config: ServeConfig) -> None:
                 self.force_exit = True
             elif app.ready and sig == signal.SIGTERM and config.drain_delay_s > 0:
                 app.ready = False  # load balancers stop sending; requests in the meantime are still served
+                LOG.info("SIGTERM: readiness false; still serving for %g s, then draining", config.drain_delay_s)
                 asyncio.get_event_loop().call_later(config.drain_delay_s, self._stop)
             else:
                 app.ready = False

@@ -373,3 +373,21 @@ def test_a_thousand_malformed_requests_get_4xx_and_the_server_keeps_serving(serv
     assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 950
     assert http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
     assert http("GET", server.url + "/v2/health/ready")[0] == 200
+
+
+def test_the_server_says_what_it_serves_when_ready_and_a_summary_when_it_stops(bundle):
+    running = Server(bundle, "--target", "ort-fp32")
+    x = np.zeros((2, 3, 16, 16), np.float32)
+    assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
+    assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x[:, :1]))[0] == 400
+    running.stop()
+    log = running.process.stderr.read()
+    assert "serving tiny version" in log and "target ort-fp32 (fp32) on http://127.0.0.1:" in log
+    assert "engine: backend=onnxruntime" in log and "batching: up to 8 rows" in log and "drift: window" in log
+    assert "ready: serving tiny" in log
+    assert "stopped: 2 inference request(s) (1 client_error, 1 ok); answered p50" in log, log
+
+
+def test_an_impossible_port_is_a_usage_error(bundle):
+    result = run_cli("serve", bundle, "--port", "99999")
+    assert result.returncode == 2 and "99999 is not in the range 1<=x<=65535" in result.stderr

@@ -14,7 +14,9 @@ from optimize.errors import InputSpecError
 @click.option("--target", help="Target to serve (default: the bundle's winner, else its first built target).")
 @click.option("--model-name", help="Name served under /v2/models/ (default: the manifest's model name).")
 @click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="What the server logs (to stderr): start-up, readiness, drain and a summary at info.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Most rows per engine call (1: no batching).")
 @click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
               help="How long a part-full batch may wait for company while engines are busy.")
@@ -32,7 +34,7 @@ from optimize.errors import InputSpecError
 @click.option("--no-drift", is_flag=True, help="Do not monitor drift.")
 def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
-            grace: float, drift_window: int, drift_alpha: float, no_drift: bool) -> None:
+            grace: float, drift_window: int, drift_alpha: float, no_drift: bool, log_level: str) -> None:
     """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
 
     \b
@@ -40,8 +42,12 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
       curl localhost:8000/v2/models/digits        # metadata
       curl localhost:8000/metrics                 # Prometheus
     """
+    import logging
+
     from serve.batching import BatchingConfig
     from serve.server import ServeConfig, serve
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     for flag, value in (("--max-batch", max_batch), ("--queue-capacity", queue_capacity), ("--instances", instances)):
         if value < 1:
