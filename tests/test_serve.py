@@ -274,27 +274,32 @@ def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
             status = http("POST", running.url + "/v2/models/tiny/infer", body, headers)[0]
             statuses.append((status, time.perf_counter() - started))
 
-    threads = [threading.Thread(target=hammer) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert {s for s, _ in statuses} <= {200, 503}, statuses
-    rejected = [t for s, t in statuses if s == 503]
-    answered = [t for s, t in statuses if s == 200]
-    assert rejected and answered, f"{len(rejected)} rejected, {len(answered)} answered"
-    print(f"{len(rejected)} rejected in at most {max(rejected):.3f} s (median {np.median(rejected):.3f}); "
-          f"{len(answered)} answered, median {np.median(answered):.3f} s")
-    assert max(rejected) < REJECT_WITHIN_S, sorted(rejected)[-5:]
-    assert np.median(rejected) < np.median(answered), (np.median(rejected), np.median(answered))
-    metrics = http("GET", running.url + "/metrics")[1].decode()
-    counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("inference_requests_total{") and 'outcome="rejected"' in line)
-    assert counted == len(rejected)
-    running.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: http("GET", running.url + "/v2/health/ready")[0] == 503, 5, "readiness to turn false")
-    assert http("POST", running.url + "/v2/models/tiny/infer", body, headers)[0] == 200  # still served while draining
-    assert running.process.wait(timeout=30) == 0
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {s for s, _ in statuses} <= {200, 503}, statuses
+        rejected = [t for s, t in statuses if s == 503]
+        answered = [t for s, t in statuses if s == 200]
+        assert rejected and answered, f"{len(rejected)} rejected, {len(answered)} answered"
+        print(f"{len(rejected)} rejected in at most {max(rejected):.3f} s (median {np.median(rejected):.3f}); "
+              f"{len(answered)} answered, median {np.median(answered):.3f} s")
+        assert max(rejected) < REJECT_WITHIN_S, sorted(rejected)[-5:]
+        assert np.median(rejected) < np.median(answered), (np.median(rejected), np.median(answered))
+        metrics = http("GET", running.url + "/metrics")[1].decode()
+        counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("inference_requests_total{") and 'outcome="rejected"' in line)
+        assert counted == len(rejected)
+        running.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: http("GET", running.url + "/v2/health/ready")[0] == 503, 5, "readiness to turn false")
+        assert http("POST", running.url + "/v2/models/tiny/infer", body, headers)[0] == 200  # still served while draining
+        assert running.process.wait(timeout=30) == 0
+    finally:
+        if running.process.poll() is None:  # a failed check above must not leave the server running
+            running.process.kill()
+            running.process.wait(timeout=30)
 
 
 def test_bench_drives_the_server_with_the_same_loads(server, bundle):
