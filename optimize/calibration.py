@@ -103,8 +103,14 @@ class Samples:
                 f"data {self.source} has arrays {extra} that are not model inputs ({names}); "
                 f"labels go under the key 'labels'")
         for spec in specs:
-            spec.check(self.arrays[spec.name], f"data {self.source}")
-            self.arrays[spec.name] = self.arrays[spec.name].astype(spec.dtype, copy=False)
+            array = self.arrays[spec.name]
+            spec.check(array, f"data {self.source}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = int((~np.isfinite(array)).any(axis=tuple(range(1, array.ndim))).sum()) if array.ndim > 1 else 1
+                raise CalibrationError(f"data {self.source}: input '{spec.name}' holds NaN or infinite values in "
+                                       f"{bad} sample(s): clean or drop them")
+        # In the model's argument order: engines and PyTorch are fed positionally.
+        self.arrays = {s.name: self.arrays[s.name].astype(s.dtype, copy=False) for s in specs}
         return self
 
 

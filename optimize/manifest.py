@@ -101,6 +101,7 @@ class Manifest:
     text: dict[str, Any] | None = None
     winner: dict[str, Any] | None = None
     bench: dict[str, Any] | None = _optional()
+    warnings: list[str] = dataclasses.field(default_factory=list)  # results that are probably wrong
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # --- reading -----------------------------------------------------------------------------
@@ -149,5 +150,5 @@ class Manifest:
         out["runner_config"] = self.runner_config.to_json()
         order = ("schema_version", "model_name", "created", "source", "task", "task_inferred", "model_kind",
                  "inputs", "outputs", "versions", "machine", "plan", "runner_config", "data", "stages", "text",
-                 "targets", "winner", "bench")
+                 "warnings", "targets", "winner", "bench")
         return {**{k: out[k] for k in order if k in out}, **{k: v for k, v in out.items() if k not in order}}

@@ -285,7 +285,9 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: P
               "calibration_samples": len(prepared.calibration) if prepared.calibration else 0,
               "calibration_sha256": prepared.calibration.sha256 if prepared.calibration else None,
               "eval_samples": len(prepared.evaluation) if prepared.evaluation else 0,
-              "image_preprocessing": plan.data.image.to_json(), "notes": prepared.notes},
+              "image_preprocessing": plan.data.image.to_json(), "notes": prepared.notes,
+              "chance_level": prepared.chance.to_json() if prepared.chance else None},
+        warnings=list(prepared.warnings),
         stages=stages, text=text, targets={n: TargetRecord.from_json(e) for n, e in entries.items()}, winner=None)
     write_manifest(root, manifest)
     return manifest

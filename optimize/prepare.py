@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from optimize.calibration import Samples, load_samples
+from optimize.calibration import ImageOptions, Samples, load_samples
 from optimize.checkpoint import LoadedModel, load_checkpoint
 from optimize.errors import CalibrationError, InputSpecError
 from optimize.passes.export import output_names_for, torch_outputs
 from optimize.passes.prune import HEAD_COUNT_ATTRS
 from optimize.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
-from optimize import validate
+from optimize import fit, validate
 
 if TYPE_CHECKING:
     from optimize.plan import BuildPlan
@@ -37,6 +38,8 @@ class Prepared:
     eval_reference: dict[str, np.ndarray] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     model_kind: str = "cnn"  # cnn | transformer: presets of pruning, recovery and quantization
+    warnings: list[str] = dataclasses.field(default_factory=list)  # results that are probably wrong
+    chance: validate.ChanceLevel | None = None
 
 
 ATTENTION_OPS = ("matmul", "bmm", "scaled_dot_product_attention", "baddbmm")
@@ -72,26 +75,32 @@ def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
     return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
 
-def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None) -> list[TensorSpec]:
+def _origin(plan: BuildPlan, source: str | None) -> fit.DataOrigin:
+    if source is None:
+        return fit.DataOrigin("--input-shape", "input-shape")
+    kind = "images" if Path(source).is_dir() else "file"
+    return fit.DataOrigin(source, kind, plan.data.image.grayscale)
+
+
+def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None, notes: list[str]) -> list[TensorSpec]:
+    """The model's input specs from ``--input-shape`` or from the data, checked against ``forward``."""
     names = loaded.input_names
+    required = fit.required_inputs(loaded.module, names)
     if plan.data.input_shapes:
         parsed = parse_input_shapes(plan.data.input_shapes, names)
+        fit.match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(plan, None))
         return [dynamic_spec(n, s, d, sequence=np.dtype(d).kind in "iu" and len(s) == 2)
                 for n, s, d in parsed]
     if samples is None:
         raise InputSpecError("give --input-shape (e.g. 1x3x224x224) or --calib data so the model's "
                              "input shapes are known")
-    arrays = samples.arrays
-    if len(arrays) == 1 and len(names) >= 1 and names[0] not in arrays:
-        arrays = {names[0]: next(iter(arrays.values()))}
-    ordered = [n for n in names if n in arrays] or list(arrays)
-    missing = [n for n in arrays if n not in ordered]
-    if missing:
-        raise InputSpecError(f"data {samples.source} has arrays {missing} that are not inputs of "
-                             f"the model's forward({', '.join(names)})")
-    return [dynamic_spec(n, arrays[n].shape, str(arrays[n].dtype),
-                         sequence=arrays[n].dtype.kind in "iu" and arrays[n].ndim == 2)
-            for n in ordered]
+    origin = _origin(plan, plan.data.calib)
+    if names:
+        samples.arrays = fit.match_arrays(samples.arrays, names, required, origin)
+    model_dtype = fit.model_float_dtype(loaded.module)
+    return [dynamic_spec(n, a.shape, fit.float_dtype_for(n, a, model_dtype, origin, notes),
+                         sequence=a.dtype.kind in "iu" and a.ndim == 2)
+            for n, a in samples.arrays.items()]
 
 
 def _random_samples(specs: list[TensorSpec], seed: int) -> Samples:
@@ -116,13 +125,76 @@ def infer_task(specs: list[TensorSpec], reference: dict[str, np.ndarray]) -> str
     return "regress"
 
 
-def load_labelled(plan: BuildPlan, source: str, flag: str, specs: list[TensorSpec], task: str) -> Samples:
-    """A data file fitted to the model's inputs; classifiers need its labels."""
-    samples = load_samples(source, plan.data.image, tuple(specs[0].shape) if len(specs) == 1 else None)
+def _fitted(plan: BuildPlan, loaded: LoadedModel, samples: Samples, specs: list[TensorSpec], source: str | None,
+            task: str | None, notes: list[str]) -> str:
+    """Conform ``samples`` to ``specs``, run the model on its first rows, check its labels; return the
+    task (``task``, or inferred from the trial outputs)."""
+    origin = _origin(plan, source)
     samples.conform(specs)
-    if task == "classify" and samples.labels is None:
+    image = plan.data.image
+    if origin.kind == "images" and image.grayscale and image.mean[:1] == ImageOptions.mean[:1] \
+            and image.std[:1] == ImageOptions.std[:1] and not any(origin.where in n for n in notes):
+        notes.append(f"grayscale images from {origin.where} are normalised with ImageNet's first-channel mean "
+                     f"{image.mean[0]:g} and std {image.std[0]:g}: pass --mean/--std if the model was trained "
+                     f"otherwise (--mean 0 --std 1 for [0, 1] pixels)")
+    trial = fit.trial_forward(loaded.module, samples.arrays, origin)
+    task = task or infer_task(specs, trial)
+    if task == "classify" and samples.labels is not None:
+        first = next(iter(trial.values()))
+        classes = int(first.shape[-1]) if first.ndim == 2 else None
+        samples.labels = fit.class_labels(samples.labels, classes, origin.where, notes)
+    return task
+
+
+def load_labelled(plan: BuildPlan, prepared: Prepared, source: str, flag: str) -> Samples:
+    """A data file fitted to the model's inputs; classifiers need its labels."""
+    specs = prepared.inputs
+    samples = load_samples(source, plan.data.image, tuple(specs[0].shape) if len(specs) == 1 else None)
+    _fitted(plan, prepared.loaded, samples, specs, source, prepared.task, prepared.notes)
+    if prepared.task == "classify" and samples.labels is None:
         raise CalibrationError(f"{flag} {source} has no 'labels' array")
     return samples
+
+
+def _preprocessing(plan: BuildPlan, source: str | None, samples: Samples) -> str:
+    """What was done to the data before the model saw it, in words, for a warning."""
+    if source and Path(source).is_dir():
+        image = plan.data.image
+        size = "x".join(map(str, image.size)) if image.size else "the input shape"
+        return (f"image folder read as {'grayscale' if image.grayscale else 'RGB'}, resized to {size}, scaled to "
+                f"[0, 1], then mean {','.join(f'{m:g}' for m in image.mean)} and std "
+                f"{','.join(f'{s:g}' for s in image.std)} (set --mean/--std to the training normalisation, "
+                f"e.g. --mean 0 --std 1 for [0, 1] pixels)")
+    ranges = ", ".join(f"'{k}' in [{v.min():.3g}, {v.max():.3g}]" for k, v in samples.arrays.items()
+                       if v.dtype.kind == "f")
+    return f"arrays fed as given ({ranges or 'integer inputs'})"
+
+
+def _chance_check(plan: BuildPlan, prepared: Prepared, say: Callable[[str], None]) -> None:
+    """Warn (or with --strict, stop) when the FP32 model itself scores at chance on labelled data."""
+    if prepared.task != "classify":
+        return
+    if prepared.evaluation is not None and prepared.evaluation.labels is not None:
+        samples, reference, source = prepared.evaluation, prepared.eval_reference, plan.data.eval_data
+    elif prepared.held_out.labels is not None:
+        samples, reference, source = prepared.held_out, prepared.reference, plan.data.calib
+    else:
+        return
+    first = reference[prepared.output_names[0]]
+    if first.ndim != 2:
+        return
+    level = validate.chance_level(first, samples.labels, str(source))
+    prepared.chance = level
+    if not level.at_chance:
+        return
+    message = (f"the FP32 model itself scores {level.accuracy_pct:.2f}% on the labelled data {source} "
+               f"({level.samples} samples), within chance ({level.chance_pct:.1f}%, 95% bound "
+               f"{level.bound_pct:.1f}%): is the data prepared as in training? In effect: "
+               f"{_preprocessing(plan, source, samples)}")
+    if plan.strict:
+        raise CalibrationError(message + " (--strict)")
+    prepared.warnings.append(message)
+    say(f"warning: {message}")
 
 
 def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
@@ -131,6 +203,8 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
     source = plan.source
     loaded = load_checkpoint(source.checkpoint, source.arch, source.arch_kwargs, source.trust_checkpoint)
     say(f"loaded {loaded.format} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
+    if plan.task is not None and plan.task not in TASKS:
+        raise InputSpecError(f"--task {plan.task!r} is not one of {', '.join(TASKS)}")
     notes: list[str] = []
     samples = None
     if plan.data.calib:
@@ -138,27 +212,26 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
         if plan.data.input_shapes:
             shape_hint = parse_input_shapes(plan.data.input_shapes[:1], loaded.input_names)[0][1]
         samples = load_samples(plan.data.calib, plan.data.image, shape_hint)
-    specs = _specs(plan, loaded, samples)
+    specs = _specs(plan, loaded, samples, notes)
     if samples is not None:
-        samples.conform(specs)
+        task = _fitted(plan, loaded, samples, specs, plan.data.calib, plan.task, notes)
         max_held = min(plan.data.max_held_out, max(1, len(samples) - 1))
         calibration, held_out = samples.split(plan.data.held_out_fraction, plan.data.seed, max_held)
         if len(calibration) > plan.data.max_calib_samples:
             calibration = calibration.take(np.arange(plan.data.max_calib_samples))
     else:
         calibration, held_out = None, _random_samples(specs, plan.data.seed)
+        task = _fitted(plan, loaded, held_out, specs, None, plan.task, notes)
         notes.append("no --calib data: accuracy is measured on random inputs and INT8 cannot be calibrated")
     reference = run_reference(loaded.module, held_out, None)
-    output_names = list(reference)
-    if plan.task is not None and plan.task not in TASKS:
-        raise InputSpecError(f"--task {plan.task!r} is not one of {', '.join(TASKS)}")
-    task = plan.task or infer_task(specs, reference)
-    prepared = Prepared(loaded, specs, output_names, task, plan.task is None, calibration,
+    prepared = Prepared(loaded, specs, list(reference), task, plan.task is None, calibration,
                         held_out, reference, notes=notes, model_kind=model_kind(specs, loaded.module))
     if plan.data.eval_data:
-        evaluation = load_labelled(plan, plan.data.eval_data, "--eval-data", specs, task)
-        prepared.evaluation = evaluation
-        prepared.eval_reference = run_reference(loaded.module, evaluation, output_names)
+        prepared.evaluation = load_labelled(plan, prepared, plan.data.eval_data, "--eval-data")
+        prepared.eval_reference = run_reference(loaded.module, prepared.evaluation, prepared.output_names)
+    for note in notes:
+        say(f"note: {note}")
+    _chance_check(plan, prepared, say)
     return prepared
 
 

@@ -62,7 +62,7 @@ def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
     """Calibration data (unlabelled is fine) plus ``--train-data`` (labelled) when given."""
     parts = [prepared.calibration] if prepared.calibration is not None else []
     if plan.data.train_data:
-        parts.append(load_labelled(plan, plan.data.train_data, "--train-data", prepared.inputs, prepared.task))
+        parts.append(load_labelled(plan, prepared, plan.data.train_data, "--train-data"))
     if not parts:
         return None
     names = [s.name for s in prepared.inputs]

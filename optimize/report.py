@@ -57,4 +57,5 @@ def targets_table(manifest: Any) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    lines += [f"warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)

@@ -90,3 +90,49 @@ def gate(task: str, result: dict[str, float], baseline: dict[str, float] | None,
     verdict = "within" if passed else "exceeds"
     return GateResult(passed, drop, max_drop, metric,
                       f"{metric} drop {drop:.3g}{unit} {verdict} the budget of {max_drop:g}{unit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChanceLevel:
+    """The FP32 model's own labelled accuracy against what guessing scores on the same labels."""
+
+    accuracy_pct: float
+    chance_pct: float  # the larger of 1/classes and the majority class's share
+    bound_pct: float  # the upper end of the central 95% binomial interval of guessing at chance
+    samples: int
+    data: str
+
+    @property
+    def at_chance(self) -> bool:
+        return self.accuracy_pct <= self.bound_pct + 1e-9
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "at_chance": self.at_chance}
+
+
+def binomial_upper(n: int, p: float, quantile: float = 0.975) -> int:
+    """The smallest k with P(X <= k) >= quantile for X ~ Binomial(n, p)."""
+    import math
+
+    if p <= 0:
+        return 0
+    if p >= 1:
+        return n
+    log_p, log_q, total = math.log(p), math.log1p(-p), 0.0
+    for k in range(n + 1):
+        total += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p
+                          + (n - k) * log_q)
+        if total >= quantile:
+            return k
+    return n
+
+
+def chance_level(logits: np.ndarray, labels: np.ndarray, data: str) -> ChanceLevel:
+    """Compare the model's labelled accuracy with chance on ``labels`` (class indices)."""
+    classes = int(logits.shape[-1])
+    labels = np.asarray(labels).astype(np.int64)
+    counts = np.bincount(labels, minlength=classes)
+    chance = max(1.0 / classes, counts.max() / len(labels))
+    accuracy = float((np.asarray(logits).argmax(-1) == labels).mean() * 100)
+    bound = binomial_upper(len(labels), chance) / len(labels)
+    return ChanceLevel(accuracy, chance * 100, bound * 100, len(labels), data)

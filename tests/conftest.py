@@ -41,15 +41,21 @@ def build_tiny(checkpoint: dict, out: Path, *flags: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> dict:
-    import torch
-
+def load_tiny():
+    """``tests/tiny_models.py`` as a module, loaded from its path as ``--arch`` loads it."""
     from importlib.util import module_from_spec, spec_from_file_location
 
     spec = spec_from_file_location("tiny_models", TINY)
     tiny = module_from_spec(spec)
     spec.loader.exec_module(tiny)
+    return tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> dict:
+    import torch
+
+    tiny = load_tiny()
     folder = tmp_path_factory.mktemp("tiny")
     model = tiny.tiny_cnn()
     torch.save(model.state_dict(), folder / "tiny.pt")

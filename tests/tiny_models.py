@@ -115,3 +115,14 @@ class TinyResNet(nn.Module):
 def tiny_resnet() -> TinyResNet:
     torch.manual_seed(0)
     return TinyResNet().eval()
+
+
+class TabularMLP(nn.Module):
+    """Standardised tabular features -> class logits."""
+
+    def __init__(self, features: int = 30, classes: int = 2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)

@@ -55,7 +55,7 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) ->
         quant=quant_config(options), task=options["task"], max_accuracy_drop=accuracy_drop(options["max_drop_text"]),
         name=options["name"], runner=RunnerConfig(threads=options["threads"]), use_cache=not options["no_cache"],
         prune=prune, distill=distill, batch_sizes=_numbers(options["batch_sizes"], "--batch-sizes"),
-        selection=selection)
+        selection=selection, strict=options["strict"])
     result = run_build(plan, say=lambda text: click.echo(text, err=True))
     click.echo(targets_table(result.manifest))
     click.echo(f"bundle: {result.bundle}")

@@ -37,9 +37,13 @@ DATA_OPTIONS = [
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split."),
     click.option("--image-size", help="Resize images to HEIGHTxWIDTH (default: the --input-shape)."),
     click.option("--mean", default="0.485,0.456,0.406", show_default=True,
-                 help="Per-channel mean after scaling to [0,1]."),
-    click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Per-channel std after scaling to [0,1]."),
-    click.option("--grayscale", is_flag=True, help="Read images as one grey channel."),
+                 help="Per-channel mean subtracted after scaling images to [0,1] (ImageNet's by default; "
+                      "--mean 0 --std 1 keeps [0,1] pixels)."),
+    click.option("--std", default="0.229,0.224,0.225", show_default=True,
+                 help="Per-channel std divided by after the mean."),
+    click.option("--grayscale", is_flag=True,
+                 help="Read images as one grey channel, normalised with the first --mean and --std value "
+                      "(0.485 and 0.229 unless given)."),
     click.option("--tokenizer", type=click.Path(path_type=Path),
                  help="Token models: the tokenizer.json (or its folder) to keep in the bundle, so the server takes text."),
 ]
@@ -58,6 +62,9 @@ QUANT_OPTIONS = [
     click.option("--max-accuracy-drop", "max_drop_text",
                  help="Budget in percentage points, e.g. 1 or 1% (classify: accuracy or agreement; embed: "
                       "100*(1-cosine)); regress: max abs error. Default 1.0 for classify and embed."),
+    click.option("--strict", is_flag=True,
+                 help="Stop with an error where a result is probably wrong (the FP32 model at chance level on "
+                      "the labelled data), instead of warning."),
 ]
 ENGINE_OPTIONS = [
     click.option("--threads", type=int, default=0, show_default=True, help="Inference threads (0: all physical cores)."),
