@@ -217,7 +217,8 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
         from optimize.bench.run import bench_bundle
 
         result.report, result.decision, result.report_folder = bench_bundle(
-            bundle, selection.bench_config(), selection.slo, selection.load, say=say, progress=selection.progress)
+            bundle, selection.bench_config(), selection.slo, selection.load, say=say, progress=selection.progress,
+            select=True)
         result.manifest = manifest if result.decision is None else _reread(bundle)
     return result
 

@@ -1,7 +1,8 @@
 """What the served model does: check a request's tensors against its inputs, run, describe itself.
 
-The name is the manifest's model name (or ``--model-name``); the version is the bundle's short
-hash, so two builds of the same model never answer as one. The target is the model's ``platform``.
+The name is the manifest's model name (or ``--model-name``); the version is a short hash of what
+answers requests (``bundle_version``), so two builds of the same model never answer as one. The
+target is the model's ``platform``.
 A token model built with a tokenizer takes one BYTES input (``text``, shape [-1, 1]: one string
 per row) and tokenizes it here; its token inputs are still accepted as they are.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,25 @@ from optimize.triton import model_config
 from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
 
 
-def bundle_version(bundle: Path) -> str:
-    """The first 12 hex digits of the manifest's hash: the bundle's identity."""
-    return hashlib.sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()[:12]
+def bundle_version(bundle: Path, manifest: Any, target: str) -> str:
+    """The first 12 hex digits of a hash of what answers requests: the target, its engine files, the
+    engine settings, the inputs and outputs, the tokenizer. Benchmark results, a new winner elsewhere
+    or a rewritten manifest leave it alone; a rebuilt engine moves it."""
+    bundle = Path(bundle)
+    record = manifest.record(target, bundle)
+    digest = hashlib.sha256()
+    served = {"target": target, "precision": record.precision, "runner_config": manifest.runner_config.to_json(),
+              "inputs": [s.to_json() for s in manifest.inputs], "outputs": manifest.outputs, "text": manifest.text}
+    digest.update(json.dumps(served, sort_keys=True, default=str).encode())
+    files = [bundle / record.folder / f for f in (record.files or [])]
+    if manifest.text:
+        files.append(bundle / manifest.text["tokenizer"])
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 @dataclasses.dataclass

@@ -57,7 +57,7 @@ def create_app(config: ServeConfig) -> InferenceApp:
     inputs = list(manifest.inputs)
     held = np.load(bundle / "data" / "heldout.npz")
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
-    model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle), target,
+    model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle, manifest, target), target,
                         manifest.record(target, bundle).precision, inputs, manifest.outputs,
                         config.batching.max_batch, TextEncoder.from_manifest(bundle, manifest))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,

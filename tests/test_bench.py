@@ -118,7 +118,7 @@ def test_build_target_auto_benchmarks_and_records_the_winner(tiny_checkpoint, tm
     assert manifest["targets"][winner["target"]]["gate"]["passed"]
     assert {c["target"] for c in winner["candidates"]} == set(manifest["targets"])
     assert manifest["plan"]["max_accuracy_drop"] == 1.0
-    assert (out / "bench" / "report.md").is_file() and result.stdout.rstrip().endswith(winner["reason"])
+    assert (out / "bench" / "report.md").is_file() and f"winner: {winner['reason']}\nwinner recorded: {winner['target']}" in result.stdout
     # torch-compile is built and measured as the baseline it is, never picked
     baseline = {c["target"]: c for c in winner["candidates"]}["torch-compile"]
     assert manifest["targets"]["torch-compile"]["status"] == "built" and winner["target"] != "torch-compile"
@@ -149,3 +149,57 @@ def test_ctrl_c_keeps_what_was_measured(bundle):
     data = json.loads(report.read_text())
     assert report.stat().st_mtime > before and data["interrupted"]
     assert data["engines"] and all(e["points"] for e in data["engines"].values())
+
+
+def _served(bundle):
+    """(the target ``optimize serve`` would serve, the version it would answer as)."""
+    from optimize.bundle import choose_target, read_manifest
+    from serve.model import bundle_version
+
+    manifest = read_manifest(bundle)
+    target = choose_target(manifest, None, bundle)
+    return target, bundle_version(bundle, manifest, target)
+
+
+@pytest.mark.slow
+def test_bench_changes_the_winner_only_when_asked(tiny_checkpoint, tmp_path):
+    t = tiny_checkpoint
+    out = tmp_path / "b"
+    built = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target",
+                    "ort-fp32,openvino-fp32", "--latency-slo", "p99=1000ms", "--out", out)
+    assert built.returncode == 0, built.stderr
+    winner, version = _served(out)
+    other = ({"ort-fp32", "openvino-fp32"} - {winner}).pop()
+    quick = ("--no-torch", "--no-cross-check", "--duration", "0.3s", "--batch-sizes", "1", "--concurrency", "1",
+             "--rate", "20")
+    subset = run_cli("bench", out, "--target", other, *quick)
+    assert subset.returncode == 0, subset.stderr
+    assert f"winner unchanged: {winner} (this run did not measure {winner}; pass --select" in subset.stdout, subset.stdout
+    missed = run_cli("bench", out, *quick, "--latency-slo", "p99=0.001ms", "--allow-slo-miss")
+    assert missed.returncode == 0 and f"winner unchanged: {winner} (no target qualified in this run" in missed.stdout
+    other_load = run_cli("bench", out, *quick, "--load", "concurrency=1")
+    assert "differ from those the winner was chosen by (batch=1, p99 <= 1000 ms)" in other_load.stdout
+    assert _served(out) == (winner, version)  # benchmark results were added; what is served did not move
+    report = json.loads((out / "bench" / "report.json").read_text())
+    assert report["winner_applied"] is False and report["winner"]["load"] == "concurrency=1"
+    chosen = run_cli("bench", out, "--target", other, *quick, "--select")
+    assert chosen.returncode == 0 and f"winner recorded: {other} (was {winner})" in chosen.stdout
+    assert _served(out)[0] == other and _served(out)[1] != version
+
+
+@pytest.mark.slow
+def test_the_version_moves_with_the_engine_not_with_the_manifest(tiny_checkpoint, tmp_path):
+    import torch
+
+    t = tiny_checkpoint
+    flags = ("--arch", t["arch"], "--calib", t["calib"], "--target", "ort-fp32")
+    assert run_cli("build", t["ckpt"], *flags, "--out", tmp_path / "a").returncode == 0
+    assert run_cli("build", t["ckpt"], *flags, "--out", tmp_path / "a2").returncode == 0
+    # Another build of the same model: another manifest (its time stamp), the same engine, the same version.
+    assert (tmp_path / "a" / "manifest.json").read_bytes() != (tmp_path / "a2" / "manifest.json").read_bytes()
+    assert _served(tmp_path / "a") == _served(tmp_path / "a2")
+    state = torch.load(t["ckpt"])
+    state["head.bias"] = state["head.bias"] + 0.5
+    torch.save(state, tmp_path / "changed.pt")
+    assert run_cli("build", tmp_path / "changed.pt", *flags, "--out", tmp_path / "c").returncode == 0
+    assert _served(tmp_path / "c")[1] != _served(tmp_path / "a")[1]

@@ -303,6 +303,11 @@ def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
 
 
 def test_bench_drives_the_server_with_the_same_loads(server, bundle):
+    from optimize.bundle import read_manifest
+    from serve.model import bundle_version
+
+    before = read_manifest(bundle)
+    version = bundle_version(bundle, before, "ort-fp32")
     result = run_cli("bench", bundle, "--url", server.url, "--target", "ort-fp32", "--no-torch", "--no-cross-check",
                      "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2", "--rate", "50")
     assert result.returncode == 0, result.stderr
@@ -314,7 +319,9 @@ def test_bench_drives_the_server_with_the_same_loads(server, bundle):
     added = report["server"]["added_latency"]["batch=1"]
     assert added["p50_ms"] > 0 and report["server"]["client_overhead_ms"] > 0
     assert "Server over its own engine" in (bundle / "bench" / "report.md").read_text()
-    assert json.loads((bundle / "manifest.json").read_text())["winner"]["target"] == "ort-fp32"
+    after = read_manifest(bundle)
+    assert after.winner == before.winner and "winner unchanged" in result.stdout and "(--url)" in result.stdout
+    assert after.bench["winner_applied"] is False and bundle_version(bundle, after, "ort-fp32") == version
 
 
 def mutations(rng: np.random.Generator, x: np.ndarray):

@@ -107,6 +107,8 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
     winner = report.get("winner")
     if winner:
         parts += ["## Winner\n", f"{winner['reason']}\n"]
+        if report.get("winner_note"):
+            parts.append(f"{report['winner_note']}\n")
     for image in images:
         parts.append(f"![{image}]({image})\n")
     for name in report["engines"]:

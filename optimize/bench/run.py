@@ -258,22 +258,57 @@ def plan_with_load(plan: LoadPlan, load: Any) -> LoadPlan:
     return plan
 
 
+def winner_change(manifest: Manifest, report: dict[str, Any], decision: dict[str, Any], config: BenchConfig,
+                  select: bool) -> str | None:
+    """Why this run's decision must not replace the bundle's winner, or None when it may.
+
+    A benchmark records its measurements; it changes what is served only when asked (``select``) or
+    when it measured every built target, and nothing else, under the plan the winner was chosen by."""
+    previous = manifest.winner or {}
+    had = previous.get("target")
+    if decision.get("target") is None and had:
+        return f"no target qualified in this run, so {had} stays"
+    if select:
+        return None
+    fix = "; pass --select to make this run's choice the winner"
+    if config.url:
+        return "this run also measured a server (--url)" + fix
+    unmeasured = [t for t in manifest.built_targets() if t not in report["engines"]]
+    if unmeasured:
+        return f"this run did not measure {', '.join(unmeasured)}" + fix
+    plan = (previous.get("load"), previous.get("slo"))
+    if had and plan != (decision["load"], decision["slo"]):
+        return (f"this run's load and SLO ({decision['load']}, {decision['slo'] or 'none'}) differ from those the "
+                f"winner was chosen by ({plan[0]}, {plan[1] or 'none'})" + fix)
+    return None
+
+
 def bench_bundle(bundle: Path, config: BenchConfig, slo: Any, load: Any, say: Callable[[str], None] = print,
-                 progress: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
-    """Benchmark, pick the winner at ``load`` under ``slo``, save the report and the manifest's winner."""
+                 progress: bool = True, select: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+    """Benchmark, decide the winner at ``load`` under ``slo``, save the report; record the decision as
+    the bundle's winner when ``winner_change`` allows (``select``: the caller asks for it)."""
     from optimize.bench.report import write_report
     from optimize.bundle import write_manifest
-    from optimize.select import select
+    from optimize.select import select as decide
 
     config = dataclasses.replace(config, plan=plan_with_load(config.plan, load))
     report = run_bench(bundle, config, say, progress)
     decision = None
     if not report["interrupted"]:
         manifest = read_manifest(bundle)
-        decision = select(manifest, report, slo, load)
+        decision = decide(manifest, report, slo, load)
         report["winner"] = decision
-        manifest.winner = decision
-        manifest.bench = {"report": "bench/report.md", "created": report["created"]}
+        held = winner_change(manifest, report, decision, config, select)
+        previous = manifest.winner_target
+        report["winner_applied"] = held is None
+        if held is None:
+            manifest.winner = decision
+            report["winner_note"] = (f"winner recorded: {decision['target']}" +
+                                     (f" (was {previous})" if previous and previous != decision["target"] else ""))
+        else:
+            report["winner_note"] = f"winner unchanged: {previous or 'none'} ({held})"
+        manifest.bench = {"report": "bench/report.md", "created": report["created"],
+                          "winner_applied": report["winner_applied"]}
         write_manifest(bundle, manifest)
     folder = write_report(bundle, report)
     return report, decision, folder

@@ -48,6 +48,8 @@ def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_mis
     if report["interrupted"]:
         sys.exit(130)
     click.echo(f"winner: {decision['reason']}")
+    if report.get("winner_note"):
+        click.echo(report["winner_note"])
     if decision["target"] is None and not allow_slo_miss:
         sys.exit(1)
 
@@ -70,15 +72,20 @@ def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_mis
 @click.option("--model-name", help="The server's model name (default: the bundle's).")
 @click.option("--no-torch", is_flag=True, help="Skip the torch-eager FP32 baseline.")
 @click.option("--no-cross-check", is_flag=True, help="Skip OpenVINO's benchmark_app cross-check.")
+@click.option("--select", "select_winner", is_flag=True,
+              help="Record this run's choice as the bundle's winner even when it measured a subset, another load "
+                   "or SLO, or a server. Without it the winner changes only when every built target was measured "
+                   "under the load and SLO the winner was chosen by.")
 def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrency: str, rate: str | None,
             duration: str, arrivals: str, max_in_flight: int, rounds: int, load_text: str, latency_slo: str | None,
             allow_slo_miss: bool, url: str | None, model_name: str | None, no_torch: bool,
-            no_cross_check: bool) -> None:
+            no_cross_check: bool, select_winner: bool) -> None:
     """Measure every built target under realistic loads; report and pick the winner.
 
     Latency percentiles (p50-p99, max) and throughput per batch size, concurrency and open-loop
     request rate, against torch eager FP32 measured in the same run. Saves bench/report.md (with
-    plots) and bench/report.json in the bundle and records the winner in its manifest.
+    plots) and bench/report.json in the bundle. The winner in its manifest changes only with
+    --select, or when every built target was measured under the load and SLO it was chosen by.
 
     \b
       optimize bench bundle/
@@ -102,5 +109,6 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
 
     slo = parse_slo(latency_slo) if latency_slo else None
     load = parse_load(load_text)
-    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True))
+    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True),
+                                            select=select_winner)
     print_bench(report, decision, folder, allow_slo_miss)
