@@ -151,7 +151,8 @@ def make_checkpoint(out_dir: str | Path) -> dict:
     np.savez(out / "minilm_extra_text.npz", **tokenize(extra))
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                 "sentence_bert_config.json"):
         shutil.copyfile(model_dir() / name, tok_dir / name)
     return {"sentences": len(texts), "extra_sentences": len(extra), "corpus_sha256": digest,
             "max_length": MAX_LENGTH}

@@ -166,9 +166,10 @@ def _failed(target: str, reason: str) -> dict[str, Any]:
 
 
 def _targets(plan: BuildPlan, prepared: Prepared, inputs: BuildInputs, onnx_sha: str, cache: StageCache,
-             say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+             say: Callable[[str], None], check: Callable[[], None] = lambda: None) -> dict[str, dict[str, Any]]:
     entries = {}
     for target in registry.expand(list(plan.targets)):
+        check()
         try:
             entries[target] = run_target(plan, target, prepared, inputs, onnx_sha, cache, say)
         except OptimizeError as exc:
@@ -177,9 +178,52 @@ def _targets(plan: BuildPlan, prepared: Prepared, inputs: BuildInputs, onnx_sha:
             say(traceback.format_exc().rstrip())
             entries[target] = {**_failed(target, f"internal error: {type(exc).__name__}: {exc}"),
                                "traceback": traceback.format_exc()}
+        check()  # a library may have swallowed the interrupt and let its stage finish
         entry = entries[target]
         say(f"{target}: {entry['status']}" + (f" ({entry['reason']})" if entry.get("reason") else ""))
     return entries
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM during a build: a ``KeyboardInterrupt`` now, and remembered, so that a
+    library that swallows it (a compiler's worker loop) still cannot let the build reach its commit:
+    ``check()`` at every stage boundary raises again. Only the main thread can install handlers;
+    elsewhere (a build in a worker thread) this does nothing."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        if self.received is None:
+            self.received = signal.Signals(number).name
+            self.say(f"{self.received}: stopping the build; the bundle is not written and a previous one is kept")
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResult:
@@ -191,9 +235,10 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
     _quiet_libraries()
     registry.expand(list(plan.targets))  # an unknown name fails before anything is loaded
     out = Path(plan.out)
-    with BundleWriter(out) as writer:
+    with StopOnSignal(say) as stop, BundleWriter(out) as writer:
         cache = StageCache(cache_dir_for(out) if plan.use_cache else None)
         prepared = prepare(plan, say)
+        stop.check()
         if plan.max_accuracy_drop is None:
             plan = dataclasses.replace(plan, max_accuracy_drop=validate.DEFAULT_MAX_DROP[prepared.task])
         say(f"task: {prepared.task}{' (inferred)' if prepared.task_inferred else ''}; "
@@ -202,14 +247,18 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
         if plan.data.tokenizer:  # checked before any long stage; serving then takes strings
             from optimize.tokenizer import text_section
 
-            text = text_section(Path(plan.data.tokenizer), prepared.inputs, prepared.held_out.arrays, writer.root)
+            length, source = prepared.max_length or (None, "")
+            text = text_section(Path(plan.data.tokenizer), prepared.inputs, prepared.held_out.arrays, writer.root,
+                                length, source)
         stages, export_dir, export_result, prune_dir = _model_stages(plan, prepared, cache, say)
+        stop.check()
         program = export_dir / "program.pt2" if export_result.get("program") else None
         inputs = BuildInputs(export_dir / "model.onnx", program,
                              cache.root / "timing.cache" if cache.root is not None else None)
-        entries = _targets(plan, prepared, inputs, export_result["onnx_sha256"], cache, say)
+        entries = _targets(plan, prepared, inputs, export_result["onnx_sha256"], cache, say, stop.check)
         manifest = _write_bundle(writer.root, plan, prepared, export_dir, export_result, prune_dir,
                                  stages, entries, text)
+        stop.check()
         bundle = writer.commit()
     result = BuildResult(bundle, manifest)
     selection = plan.winner_selection

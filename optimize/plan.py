@@ -41,6 +41,7 @@ class DataConfig:
     image: ImageOptions = ImageOptions()
     train_data: str | None = None  # labelled data for recovery after pruning
     tokenizer: str | None = None  # tokenizer.json (or its folder) kept in the bundle for text input
+    max_sequence_length: int | None = None  # token models: the longest sequence served (None: the model's own)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,9 @@ class Prepared:
     notes: list[str] = dataclasses.field(default_factory=list)
     model_kind: str = "cnn"  # cnn | transformer: presets of pruning, recovery and quantization
     warnings: list[str] = dataclasses.field(default_factory=list)  # results that are probably wrong
+    max_length: tuple[int, str] | None = None  # token models with a tokenizer: (serving length, its source)
+    long_held: Samples | None = None  # held-out token rows at the serving length, when beyond the data's
+    long_reference: dict[str, np.ndarray] | None = None
     chance: validate.ChanceLevel | None = None
 
 
@@ -229,10 +232,28 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
     if plan.data.eval_data:
         prepared.evaluation = load_labelled(plan, prepared, plan.data.eval_data, "--eval-data")
         prepared.eval_reference = run_reference(loaded.module, prepared.evaluation, prepared.output_names)
+    if plan.data.tokenizer:
+        _serving_length(plan, prepared)
     for note in notes:
         say(f"note: {note}")
     _chance_check(plan, prepared, say)
     return prepared
+
+
+def _serving_length(plan: BuildPlan, prepared: Prepared) -> None:
+    """The longest text served; beyond the data's length the gate also checks engines there."""
+    from optimize.tokenizer import long_samples, serving_length
+
+    ids = prepared.held_out.arrays.get("input_ids")
+    if ids is None:
+        return
+    length, source = serving_length(Path(plan.data.tokenizer), prepared.loaded.module,
+                                    plan.data.max_sequence_length, int(ids.shape[1]))
+    prepared.max_length = (length, source)
+    if length > ids.shape[1]:
+        prepared.long_held = Samples(long_samples(prepared.held_out.arrays, length), None, f"held-out at {length} tokens")
+        prepared.long_reference = run_reference(prepared.loaded.module, prepared.long_held, prepared.output_names, 8)
+    prepared.notes.append(f"texts are served up to {length} tokens ({source}); longer ones are cut and counted")
 
 
 def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared,
@@ -255,6 +276,14 @@ def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared
         accuracy["eval_fp32_torch"] = baseline
     measured = accuracy.get("eval", accuracy["held_out"])
     verdict = validate.gate(prepared.task, measured, baseline, max_drop)
+    if prepared.long_held is not None:
+        outputs = run(prepared.long_held)
+        length = prepared.max_length[0]
+        accuracy["held_out_max_length"] = {**validate.metrics(prepared.task, prepared.long_reference[first],
+                                                              outputs[first]), "tokens": length}
+        at_length = validate.gate(prepared.task, accuracy["held_out_max_length"], None, max_drop)
+        if verdict.passed and not at_length.passed:
+            verdict = dataclasses.replace(at_length, message=f"at {length} tokens: {at_length.message}")
     return {"accuracy": accuracy, "gate": verdict.to_json()}
 
 

@@ -41,15 +41,16 @@ def default_scheme(kind: str) -> str:
     return "weights" if kind == "transformer" else "static"
 
 
-def build_config(plan: Any, target: str, kind: str) -> BuildConfig:
-    """The target's ``BuildConfig`` from the plan; the batch range only for engines that fix it."""
+def build_config(plan: Any, target: str, kind: str, max_sequence_length: int | None = None) -> BuildConfig:
+    """The target's ``BuildConfig`` from the plan; the batch and sequence range only for engines that fix it."""
     info = registry.get(target)
     scheme = (plan.quant.int8_scheme or default_scheme(kind)) if info.precision == "int8" else None
     fixed = registry.facts(target).fixed_batch_profile
     return BuildConfig(precision=info.precision, int8_scheme=scheme, calib_method=plan.quant.calib_method,
                        per_channel=plan.quant.per_channel, model_kind=kind,
                        calib_batch_size=plan.quant.calib_batch_size,
-                       batch_sizes=tuple(plan.batch_sizes) if fixed else BuildConfig.batch_sizes)
+                       batch_sizes=tuple(plan.batch_sizes) if fixed else BuildConfig.batch_sizes,
+                       max_sequence_length=max_sequence_length if fixed else None)
 
 
 def build_engine(backend: Backend, target: str, inputs: BuildInputs, input_hashes: dict[str, str | None],
@@ -86,7 +87,7 @@ def run_target(plan: Any, target: str, prepared: Prepared, inputs: BuildInputs, 
     if reason:
         return {**entry, "status": "unavailable", "reason": reason}
     backend = registry.backend(target)
-    config = build_config(plan, target, prepared.model_kind)
+    config = build_config(plan, target, prepared.model_kind, prepared.max_length[0] if prepared.max_length else None)
     entry["build_config"] = config.to_json()
     calibration = prepared.calibration
     if config.precision == "int8" and config.int8_scheme == "static" and calibration is None:

@@ -4,10 +4,11 @@
 fills (``input_ids``, ``attention_mask``, ``token_type_ids``), that its vocabulary covers the ids
 in the held-out data, and copies its ``tokenizer.json`` into the bundle; the manifest's ``text``
 section records how to use it. ``TextEncoder`` (the ``tokenizers`` library, no PyTorch) turns a
-list of strings into the model's feeds: truncated and padded to the length the model was built,
-calibrated and validated at (so what is served is what was measured, whatever the model's pooling
-does with padding, and every request batches with every other), with the pad id the tokenizer
-declares.
+list of strings into the model's feeds, padded to the longest text of the call with the pad id
+the tokenizer declares, and cut at the serving length: ``--max-sequence-length``, else the
+model's own limit where its files tell it (``sentence_bert_config.json``'s ``max_seq_length``,
+``tokenizer_config.json``'s ``model_max_length``, ``tokenizer.json``'s truncation), never beyond
+its position embeddings. Every cut is counted, so a server can say so.
 """
 
 from __future__ import annotations
@@ -66,8 +67,57 @@ def _pad_id(tokenizer: Any, folder: Path) -> int:
     return 0
 
 
+LENGTH_FILES = (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length"))
+UNSET_LENGTH = 100_000  # transformers writes a huge model_max_length when none is known
+
+
+def position_limit(module: Any) -> int | None:
+    """The most positions the model embeds (``max_position_embeddings``), where it says."""
+    for child in module.modules():
+        config = getattr(child, "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    for name, child in module.named_modules():
+        if "position" in name and type(child).__name__ == "Embedding":
+            return int(child.num_embeddings)
+    return None
+
+
+def serving_length(tokenizer_path: Path, module: Any, override: int | None,
+                   calibration_length: int) -> tuple[int, str]:
+    """(the longest token sequence served, where that number comes from)."""
+    limit = position_limit(module)
+    if override is not None:
+        if override < 2:
+            raise InputSpecError(f"--max-sequence-length {override} must be at least 2")
+        if limit is not None and override > limit:
+            raise InputSpecError(f"--max-sequence-length {override} is beyond the model's {limit} position "
+                                 f"embeddings")
+        return override, "--max-sequence-length"
+    file = _tokenizer_file(Path(tokenizer_path))
+    found: tuple[int, str] | None = None
+    for name, key in LENGTH_FILES:
+        path = file.parent / name
+        value = json.loads(path.read_text()).get(key) if path.is_file() else None
+        if isinstance(value, int) and 0 < value < UNSET_LENGTH:
+            found = (value, f"{name} {key}")
+            break
+    if found is None:
+        truncation = json.loads(file.read_text()).get("truncation") or {}
+        if isinstance(truncation.get("max_length"), int):
+            found = (truncation["max_length"], "tokenizer.json truncation")
+    if found is None and limit is not None:
+        found = (limit, "the model's position embeddings")
+    if found is None:
+        return calibration_length, "the calibration data (neither tokenizer nor model states a maximum)"
+    if limit is not None and found[0] > limit:
+        return limit, f"the model's position embeddings (the tokenizer's {found[1]} says {found[0]})"
+    return found
+
+
 def text_section(tokenizer_path: Path, inputs: list[TensorSpec], held: dict[str, np.ndarray],
-                 bundle: Path) -> dict[str, Any]:
+                 bundle: Path, max_length: int | None = None, max_length_source: str = "") -> dict[str, Any]:
     """Check the tokenizer against the model, copy it into ``bundle``, return the manifest's ``text``."""
     tokenizer_path = Path(tokenizer_path)
     file = _tokenizer_file(tokenizer_path)
@@ -88,9 +138,31 @@ def text_section(tokenizer_path: Path, inputs: list[TensorSpec], held: dict[str,
     target = bundle / TOKENIZER_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(file, target)
-    return {"input": TEXT_INPUT, "tokenizer": TOKENIZER_FILE, "max_length": int(held["input_ids"].shape[1]),
-            "pad_id": _pad_id(tokenizer, file.parent),
+    calibration_length = int(held["input_ids"].shape[1])
+    return {"input": TEXT_INPUT, "tokenizer": TOKENIZER_FILE, "max_length": int(max_length or calibration_length),
+            "max_length_source": max_length_source or "the calibration data", "calibration_length": calibration_length,
+            "padding": "longest", "pad_id": _pad_id(tokenizer, file.parent),
             "fields": {s.name: FIELDS[s.name] for s in inputs}, "vocab_size": vocab}
+
+
+def pad_values(section: dict[str, Any]) -> dict[str, int]:
+    """What each token input is padded with: the pad id for ids, 0 for masks and type ids."""
+    return {name: (section["pad_id"] if field == "ids" else 0) for name, field in section["fields"].items()}
+
+
+def long_samples(arrays: dict[str, np.ndarray], length: int, rows: int = 16) -> dict[str, np.ndarray]:
+    """Held-out token rows made ``length`` long: each row's real tokens repeated, every position attended.
+
+    What the gate checks engines at beside the calibration length (the longest a server passes on)."""
+    ids = arrays["input_ids"][:rows]
+    mask = arrays.get("attention_mask")
+    out = {name: np.zeros((len(ids), length), array.dtype) for name, array in arrays.items()}
+    for row in range(len(ids)):
+        real = ids[row][mask[row][:ids.shape[1]] > 0] if mask is not None else ids[row]
+        out["input_ids"][row] = np.resize(real if len(real) else ids[row], length)
+    if "attention_mask" in out:
+        out["attention_mask"][:] = 1
+    return out
 
 
 class TextEncoder:
@@ -100,7 +172,9 @@ class TextEncoder:
         self.section = section
         self.input = section["input"]
         self.max_length = int(section["max_length"])
+        self.fixed = section.get("padding") != "longest"  # bundles of schema 1 pad to the built length
         self.fields = dict(section["fields"])
+        self.pads = pad_values(section)
         self.dtypes = {s.name: np.dtype(s.dtype) for s in inputs}
         file = Path(bundle) / section["tokenizer"]
         if not file.is_file():
@@ -117,14 +191,18 @@ class TextEncoder:
         return cls(bundle, manifest.text, list(manifest.inputs))
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self.encode_counted(texts)[0]
+
+    def encode_counted(self, texts: list[str]) -> tuple[dict[str, np.ndarray], int]:
+        """(the feeds, how many texts were cut at ``max_length``)."""
         encodings = self.tokenizer.encode_batch(list(texts))
-        length = self.max_length
+        truncated = sum(1 for e in encodings if e.overflowing)
+        length = self.max_length if self.fixed else max([len(e.ids) for e in encodings] + [1])
         out = {}
         for name, field in self.fields.items():
-            fill = self.section["pad_id"] if field == "ids" else 0
-            array = np.full((len(encodings), length), fill, dtype=self.dtypes[name])
+            array = np.full((len(encodings), length), self.pads[name], dtype=self.dtypes[name])
             for row, encoding in enumerate(encodings):
                 values = getattr(encoding, field)
                 array[row, :len(values)] = values
             out[name] = array
-        return out
+        return out, truncated

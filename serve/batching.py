@@ -1,8 +1,8 @@
 """Dynamic batching: one loop per process groups queued requests and feeds N engine instances.
 
 A request waits in a bounded queue. Whenever an engine instance is free, the loop takes the oldest
-request and every queued request whose inputs stack with it (same dtypes and non-batch shapes), up
-to ``max_batch`` rows, and runs them as one batch in a worker thread, off the event loop. An idle
+request and every queued request whose inputs stack with it (same dtypes and non-batch shapes;
+token inputs of any length, padded to the longest of the batch), up to ``max_batch`` rows, and runs them as one batch in a worker thread, off the event loop. An idle
 server therefore dispatches a lone request at once; under load, batches form from what queued up
 while the engines were busy, and ``max_delay_s`` may hold a part-full batch a little longer for
 company. Requests that carry their own batch dimension count as that many rows. A full queue
@@ -56,6 +56,7 @@ class _Item:
     signature: tuple
     future: asyncio.Future
     queued_at: float
+    timing: "Timing | None" = None
 
 
 class BatchObserver:
@@ -67,12 +68,31 @@ class BatchObserver:
 
     def served(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None: ...
 
+    def executed(self, rows: int, timing: "Timing") -> None:
+        """One engine call of ``rows`` rows, with the batch's input, infer and output seconds."""
+
+
+@dataclasses.dataclass
+class Timing:
+    """Where one request's (or one batch's) time went, in seconds, as Triton's statistics split it:
+    waiting for an engine, preparing the batch's inputs (stacking, padding), the engine call, and
+    cutting the request's rows out of the batch's outputs."""
+
+    queue_s: float = 0.0
+    input_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+    batch_rows: int = 0
+
 
 class Batcher:
     """``await batcher.infer(feeds)`` -> outputs for exactly those rows."""
 
-    def __init__(self, runners: list[Any], config: BatchingConfig, observer: BatchObserver | None = None):
+    def __init__(self, runners: list[Any], config: BatchingConfig, observer: BatchObserver | None = None,
+                 pad: dict[str, int] | None = None):
         self.config = config
+        # Token inputs batch across lengths: each padded to the longest of its batch with this value.
+        self._pad = dict(pad or {})
         self._runners = runners
         self._observer = observer or BatchObserver()
         self._pending: collections.deque[_Item] = collections.deque()
@@ -98,13 +118,15 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, feeds: dict[str, np.ndarray], timing: Timing | None = None) -> dict[str, np.ndarray]:
+        """The outputs for exactly these rows; ``timing``, when given, is filled in."""
         if len(self._pending) >= self.config.queue_capacity:
             raise Overloaded(f"the queue is full ({self.config.queue_capacity} requests waiting)")
         rows = len(next(iter(feeds.values())))
-        signature = tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items()))
+        signature = tuple((name, array.dtype.str, array.shape[2:] if name in self._pad else array.shape[1:])
+                          for name, array in sorted(feeds.items()))
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(feeds, rows, signature, future, time.perf_counter()))
+        self._pending.append(_Item(feeds, rows, signature, future, time.perf_counter(), timing))
         self._wake.set()
         return await future
 
@@ -150,20 +172,32 @@ class Batcher:
             self._observer.queued(started - item.queued_at)
         try:
             feeds = batch[0].feeds if len(batch) == 1 else {
-                name: np.concatenate([item.feeds[name] for item in batch]) for name in batch[0].feeds}
+                name: np.concatenate(self._padded([item.feeds[name] for item in batch], self._pad.get(name)))
+                for name in batch[0].feeds}
+            prepared = time.perf_counter()
             if self._inline():
                 outputs = runner.infer(feeds)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._pool, runner.infer, feeds)
-            elapsed = time.perf_counter() - started
+            computed = time.perf_counter()
+            elapsed = computed - prepared
             self._typical_compute_s = 0.8 * self._typical_compute_s + 0.2 * elapsed
-            self._observer.computed(elapsed, sum(i.rows for i in batch))
+            rows = sum(i.rows for i in batch)
+            self._observer.computed(elapsed, rows)
             self._observer.served(feeds, outputs)
-            offset = 0
+            offset, results = 0, []
             for item in batch:
-                if not item.future.done():
-                    item.future.set_result({k: v[offset:offset + item.rows] for k, v in outputs.items()})
+                results.append({k: v[offset:offset + item.rows] for k, v in outputs.items()})
                 offset += item.rows
+            timing = Timing(0.0, prepared - started, elapsed, time.perf_counter() - computed, rows)
+            self._observer.executed(rows, timing)
+            for item, result in zip(batch, results):
+                if item.timing is not None:
+                    item.timing.queue_s = started - item.queued_at
+                    item.timing.input_s, item.timing.infer_s = timing.input_s, timing.infer_s
+                    item.timing.output_s, item.timing.batch_rows = timing.output_s, rows
+                if not item.future.done():
+                    item.future.set_result(result)
         except Exception as exc:  # the engine failed: every request of the batch gets the error
             for item in batch:
                 if not item.future.done():
@@ -172,6 +206,15 @@ class Batcher:
             self._running -= 1
             self._free.put_nowait(runner)
             self._wake.set()
+
+    @staticmethod
+    def _padded(arrays: list[np.ndarray], value: int | None) -> list[np.ndarray]:
+        if value is None:
+            return arrays
+        longest = max(a.shape[1] for a in arrays)
+        return [a if a.shape[1] == longest else
+                np.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+                for a in arrays]
 
     def _inline(self) -> bool:
         typical = self._typical_compute_s

@@ -47,11 +47,14 @@ class ServerMetrics(BatchObserver):
                               registry=self.registry)
         self.info = Gauge("model_info", "The model served (always 1).", (*labels, "target", "precision", "bundle"),
                           registry=self.registry)
+        self.truncated = Counter("inference_text_truncated", "Texts cut at the model's serving length.", labels,
+                                 registry=self.registry)
         self._labels = {"model": model, "version": version}
         for outcome in OUTCOMES:
             self.requests.labels(**self._labels, outcome=outcome)
         self.capacity.labels(**self._labels).set(queue_capacity)
         self.info.labels(**self._labels, target=target, precision=precision, bundle=bundle).set(1)
+        self.texts_truncated = self.truncated.labels(**self._labels)
         self._duration = self.duration.labels(**self._labels)
         self._queue = self.queue.labels(**self._labels)
         self._compute = self.compute.labels(**self._labels)
@@ -60,6 +63,7 @@ class ServerMetrics(BatchObserver):
         self._outcomes = {o: self.requests.labels(**self._labels, outcome=o) for o in OUTCOMES}
         self.monitor: Any = None
         self.monitor_errors = 0
+        self.on_execution: Any = None  # the app's statistics (``/v2/models/{m}/stats``) of each engine call
 
     def finished(self, outcome: str, seconds: float) -> None:
         self._outcomes[outcome].inc()
@@ -72,6 +76,10 @@ class ServerMetrics(BatchObserver):
     def computed(self, seconds: float, rows: int) -> None:
         self._compute.observe(seconds)
         self._batch.observe(rows)
+
+    def executed(self, rows: int, timing: Any) -> None:
+        if self.on_execution is not None:
+            self.on_execution(rows, timing)
 
     def attach(self, monitor: Any) -> None:
         """Feed served batches to a drift monitor and export its series (made at scrape time)."""

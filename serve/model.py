@@ -95,7 +95,8 @@ class ServedModel:
         if len(rows) > 1:
             raise ProtocolError(f"inputs disagree on the batch size: {sorted(rows)}")
         if signature[0]["datatype"] == "BYTES":
-            return self.text.encode(request.inputs[self.text.input])
+            feeds, request.truncated = self.text.encode_counted(request.inputs[self.text.input])
+            return feeds
         return {n: np.ascontiguousarray(request.inputs[n], dtype=DATATYPES[r["datatype"]])
                 for n, r in ((r["name"], r) for r in signature)}
 

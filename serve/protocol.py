@@ -38,6 +38,7 @@ class InferRequest:
     binary_outputs: dict[str, bool]
     binary_default: bool
     requested: list[str] | None
+    truncated: int = 0  # texts cut at the model's serving length (reported in the response's parameters)
 
 
 datatype_of = oip_datatype
@@ -187,6 +188,8 @@ def encode_response(model: str, version: str, request: InferRequest,
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
+    if request.truncated:
+        response["parameters"] = {"text_truncated": request.truncated}
     if request.id is not None:
         response["id"] = request.id
     header = json.dumps(response, separators=(",", ":")).encode()

@@ -20,7 +20,7 @@ import numpy as np
 
 from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
-from optimize.tokenizer import TextEncoder
+from optimize.tokenizer import TextEncoder, pad_values
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
@@ -46,6 +46,7 @@ class ServeConfig:
     drift: bool = True
     drift_window: int | None = None  # None: the profile's (20 samples)
     drift_alpha: float | None = None  # None: the profile's (0.01)
+    access_log: bool = False  # one JSON line per request on the serve.access logger
 
 
 def create_app(config: ServeConfig) -> InferenceApp:
@@ -67,7 +68,7 @@ def create_app(config: ServeConfig) -> InferenceApp:
                                config.drift_alpha)
         metrics.attach(monitor)
     runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
-    batcher = Batcher(runners, config.batching, metrics)
+    batcher = Batcher(runners, config.batching, metrics, pad_values(manifest.text) if manifest.text else None)
 
     async def warm() -> None:
         monitor, metrics.monitor = metrics.monitor, None  # warm-up is not traffic to watch
@@ -77,7 +78,7 @@ def create_app(config: ServeConfig) -> InferenceApp:
         finally:
             metrics.monitor = monitor
 
-    app = InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s)
+    app = InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s, config.access_log)
     app.settings = runners[0].settings
     app.drift = f"window {metrics.monitor.window}" if metrics.monitor is not None else "off"
     return app
@@ -120,6 +121,11 @@ def serve(config: ServeConfig) -> None:
     LOG.info("engine: %s", ", ".join(f"{k}={v}" for k, v in app.settings.items()))
     LOG.info("batching: up to %d rows, wait %g ms, queue %d, %d instance(s); drift: %s", batching.max_batch,
              batching.max_delay_s * 1000, batching.queue_capacity, batching.instances, app.drift)
+    if model.text is not None:
+        LOG.info("text: input '%s', tokenizer %s, up to %d tokens (%s), longer texts cut and counted",
+                 model.text.input, model.text.section["tokenizer"], model.text.max_length,
+                 model.text.section.get("max_length_source", "the built length"))
+    LOG.info("access log: %s", "JSON lines on stderr" if config.access_log else "off (--access-log)")
 
     class DrainingServer(uvicorn.Server):
         # Not uvicorn's own handler: it re-raises the signal after shutdown, so a clean drain

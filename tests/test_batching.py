@@ -103,6 +103,29 @@ def test_requests_stack_only_with_the_same_signature_and_get_their_own_rows():
     assert b["y"].shape == (1, 6) and first["y"].shape == (1, 4)
 
 
+def test_token_inputs_of_any_length_batch_together_padded_to_the_longest():
+    async def main():
+        engine = HeldEngine()
+        batcher = Batcher([engine], BatchingConfig(max_batch=8), pad={"x": -1})
+        batcher.start()
+        engine.hold()
+        first = asyncio.ensure_future(batcher.infer(rows(1)))
+        await started(engine)
+        a = asyncio.ensure_future(batcher.infer(rows(2, width=3, start=100)))
+        b = asyncio.ensure_future(batcher.infer(rows(1, width=6, start=200)))
+        await asyncio.sleep(0.01)
+        engine.release()
+        results = await asyncio.gather(first, a, b)
+        batcher.close()
+        return engine.calls, results
+
+    calls, (_, a, b) = run(main())
+    assert [call["x"] for call in calls] == [(1, 4), (3, 6)]  # lengths 3 and 6 in one call of length 6
+    np.testing.assert_array_equal(a["y"][:, :3], rows(2, width=3, start=100)["x"] * 2)
+    assert (a["y"][:, 3:] == -2).all()  # the padding, doubled by this engine
+    np.testing.assert_array_equal(b["y"], rows(1, width=6, start=200)["x"] * 2)
+
+
 def test_batches_never_exceed_max_batch_rows():
     async def main():
         engine, batcher, first = await busy(BatchingConfig(max_batch=4, queue_capacity=32))

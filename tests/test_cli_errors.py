@@ -117,3 +117,39 @@ def test_debug_prints_the_chained_cause_of_a_one_line_error(tmp_path):
     by_env = subprocess.run([sys.executable, "-m", "optimize", *args], capture_output=True, text=True, env=env,
                             timeout=300)
     assert by_env.returncode == 2 and "CheckpointError" in by_env.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["building torch-compile", "task: "])
+def test_ctrl_c_at_any_stage_keeps_the_previous_bundle(tiny_checkpoint, tmp_path, stage):
+    """SIGINT to the whole process group, as a terminal sends it, while the torch-compile target
+    compiles (a C++ compiler runs) or while the data is prepared: exit 130, the old bundle as it was,
+    no staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    t = tiny_checkpoint
+    out = tmp_path / "b"
+    flags = ("--arch", t["arch"], "--calib", t["calib"], "--no-cache", "--out", out)
+    assert run_cli("build", t["ckpt"], *flags, "--target", "ort-fp32").returncode == 0
+    before = (out / "manifest.json").read_bytes()
+    log = tmp_path / "build.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "optimize", "build", t["ckpt"], *map(str, flags),
+                                    "--target", "torch-compile,ort-fp32"], stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for(lambda: stage in log.read_text(), 300, f"the build to reach '{stage}'")
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and "interrupted: stopped" in text
+    assert (out / "manifest.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -113,6 +113,37 @@ def test_metadata_health_config_and_stats(server):
     assert stats["model_stats"][0]["name"] == "tiny"
 
 
+def test_stats_follow_tritons_definitions_and_the_access_log_is_json_lines(bundle):
+    """A fresh server: one batch-4 request adds 4 inferences, 1 execution, 1 request to every phase."""
+    running = Server(bundle, "--target", "ort-fp32", "--access-log")
+    try:
+        before = json.loads(http("GET", running.url + "/v2/models/tiny/stats")[1])["model_stats"][0]
+        assert before["inference_count"] == 0 and before["execution_count"] == 0  # warm-up is not counted
+        x = np.load(bundle / "data" / "heldout.npz")["x"][:4]
+        assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
+        assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x[:1], "nope"))[0] == 400
+        stats = json.loads(http("GET", running.url + "/v2/models/tiny/stats")[1])["model_stats"][0]
+    finally:
+        running.stop()
+    log = running.process.stderr.read()
+    assert stats["inference_count"] == 4 and stats["execution_count"] == 1
+    phases = stats["inference_stats"]
+    assert phases["success"]["count"] == 1 and phases["fail"]["count"] == 1
+    for name in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert phases[name]["count"] == 1 and phases[name]["ns"] > 0, name
+    inside = sum(phases[n]["ns"] for n in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert inside <= phases["success"]["ns"]  # the phases are parts of the request's time
+    assert phases["cache_hit"] == {"count": 0, "ns": 0}
+    (batch,) = stats["batch_stats"]
+    assert batch["batch_size"] == 4 and batch["compute_infer"]["count"] == 1
+    assert batch["compute_infer"]["ns"] == phases["compute_infer"]["ns"]
+    lines = [json.loads(ln) for ln in log.splitlines() if ln.startswith("{")]
+    infer = [ln for ln in lines if ln["route"] == "/v2/models/tiny/infer"]
+    assert [(ln["method"], ln["status"]) for ln in infer] == [("POST", 200), ("POST", 400)]
+    assert infer[0]["rows"] == 4 and infer[0]["duration_ms"] > 0 and infer[0]["client"] == "127.0.0.1"
+    assert "access log: JSON lines on stderr" in log and "serving tiny version" in log
+
+
 def test_tritonclient_json_and_binary_match_the_engine(server, bundle):
     import tritonclient.http as triton
 

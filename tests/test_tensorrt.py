@@ -227,3 +227,21 @@ def test_torch_compile_target_matches_pytorch(tiny_checkpoint, tmp_path):
         want = t["model"](torch.from_numpy(x)).numpy()
     with load_runner(tmp_path / "b", "torch-compile") as runner:
         np.testing.assert_allclose(runner.infer({"x": x})["output"], want, atol=1e-4, rtol=1e-4)
+
+
+def test_profile_spans_the_sequence_axis_up_to_the_serving_length(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from optimize.calibration import Samples
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "sequence"])
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["output"], to=TensorProto.FLOAT)],
+                              "tokens", [ids], [out])
+    onnx.save(helper.make_model(graph), tmp_path / "tokens.onnx")
+    calibration = Samples({"input_ids": np.zeros((4, 64), np.int64)})
+    assert profile_shapes(tmp_path / "tokens.onnx", calibration, (1, 8, 32), 256) == {
+        "input_ids": [[1, 1], [8, 64], [32, 256]]}
+    assert profile_shapes(tmp_path / "tokens.onnx", calibration, (1, 8, 32)) == {
+        "input_ids": [[1, 64], [8, 64], [32, 64]]}

@@ -55,18 +55,50 @@ def encode_padded(path, texts):
     return (np.array([e.ids for e in encodings], np.int64), np.array([e.attention_mask for e in encodings], np.int64))
 
 
-def test_encoder_pads_to_the_built_length_like_the_tokenizer_itself(tokenizer_file, tmp_path):
+def test_encoder_pads_to_the_longest_text_and_counts_what_it_cuts(tokenizer_file, tmp_path):
     ids, mask = encode_padded(tokenizer_file, sentences()[:20])
-    section = text_section(tokenizer_file, TOKENS, {"input_ids": ids, "attention_mask": mask}, tmp_path)
-    assert section["max_length"] == LENGTH and section["pad_id"] == 0
+    section = text_section(tokenizer_file, TOKENS, {"input_ids": ids, "attention_mask": mask}, tmp_path, 24, "test")
+    assert section["max_length"] == 24 and section["calibration_length"] == LENGTH and section["pad_id"] == 0
     assert section["fields"] == {"input_ids": "ids", "attention_mask": "attention_mask"}
     assert (tmp_path / section["tokenizer"]).read_bytes() == tokenizer_file.read_bytes()
     encoder = TextEncoder(tmp_path, section, TOKENS)
-    texts = sentences()[:5] + ["", "a " * 40]  # empty and over-long strings too
-    feeds = encoder.encode(texts)
-    want_ids, want_mask = encode_padded(tokenizer_file, texts)
-    assert feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].shape == (7, LENGTH)
-    assert (feeds["input_ids"] == want_ids).all() and (feeds["attention_mask"] == want_mask).all()
+    short = sentences()[:5] + [""]
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_file(str(tokenizer_file))
+    feeds, cut = encoder.encode_counted(short)
+    longest = max(len(plain.encode(t).ids) for t in short)
+    assert cut == 0 and feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].shape == (6, longest) and longest < 24
+    for row, text in enumerate(short):  # each row is the tokenizer's own encoding, then pad ids and a zero mask
+        want = plain.encode(text).ids
+        assert feeds["input_ids"][row, :len(want)].tolist() == want and not feeds["input_ids"][row, len(want):].any()
+        assert feeds["attention_mask"][row].sum() == len(want)
+    feeds, cut = encoder.encode_counted(["a " * 40, "b c", "a " * 24])
+    assert cut == 1 and feeds["input_ids"].shape == (3, 24)
+
+
+def test_serving_length_comes_from_the_model_files(tokenizer_file, tmp_path):
+    import json as json_module
+    import shutil
+
+    from optimize.tokenizer import serving_length
+    from tiny_models import tiny_encoder
+
+    model = tiny_encoder()  # 32 position embeddings
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    assert serving_length(folder, model, None, LENGTH) == (32, "the model's position embeddings")
+    (folder / "tokenizer_config.json").write_text(json_module.dumps({"model_max_length": 1000000000000}))
+    assert serving_length(folder, model, None, LENGTH)[0] == 32  # transformers' "unset" value is ignored
+    (folder / "sentence_bert_config.json").write_text(json_module.dumps({"max_seq_length": 24}))
+    assert serving_length(folder, model, None, LENGTH) == (24, "sentence_bert_config.json max_seq_length")
+    (folder / "sentence_bert_config.json").write_text(json_module.dumps({"max_seq_length": 256}))
+    length, source = serving_length(folder, model, None, LENGTH)
+    assert length == 32 and "says 256" in source
+    assert serving_length(folder, model, 20, LENGTH) == (20, "--max-sequence-length")
+    with pytest.raises(InputSpecError, match="beyond the model's 32 position embeddings"):
+        serving_length(folder, model, 64, LENGTH)
 
 
 def test_tokenizer_errors_name_what_is_wrong(tokenizer_file, tmp_path):
@@ -103,6 +135,10 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(out)
     assert manifest.text["tokenizer"] == "tokenizer/tokenizer.json"
+    assert manifest.text["max_length"] == 32 and manifest.text["calibration_length"] == LENGTH
+    checked = manifest.targets["ort-fp32"].accuracy["held_out_max_length"]
+    assert checked["tokens"] == 32 and checked["mean_cosine"] > 0.9999
+    assert "texts are served up to 32 tokens (the model's position embeddings)" in result.stderr
 
     server = Server(out)
     try:
@@ -129,8 +165,23 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
         body = json.dumps({"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]}).encode()
         status, answer, _ = http("POST", server.url + "/v2/models/words/infer", body)
         assert status == 400 and "[-1, 1]" in json.loads(answer)["error"]
+        # Beyond the serving length (the encoder's 32 positions) a text is cut, and that is said.
+        long = " ".join(sentences())
+        body = json.dumps({"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES",
+                                       "data": [long, texts[0]]}]}).encode()
+        status, answer, _ = http("POST", server.url + "/v2/models/words/infer", body)
+        assert status == 200 and json.loads(answer)["parameters"] == {"text_truncated": 1}
+        metrics = http("GET", server.url + "/metrics")[1].decode()
+        assert re.search(r'inference_text_truncated_total\{model="words",version="\w+"\} 1\.0', metrics), metrics
+        status, answer, _ = http("POST", server.url + "/v2/models/words/infer", infer_text([texts[0]]))
+        assert "parameters" not in json.loads(answer)
     finally:
         server.stop()
+
+
+def infer_text(texts):
+    return json.dumps({"inputs": [{"name": "text", "shape": [len(texts), 1], "datatype": "BYTES",
+                                   "data": list(texts)}]}).encode()
 
 
 def _tensor(triton, name, feeds):

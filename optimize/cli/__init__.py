@@ -41,6 +41,10 @@ class LazyGroup(click.Group):
                 traceback.print_exception(exc, file=sys.stderr)  # with the chained cause
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted: stopped; nothing half-written was kept (an existing bundle is unchanged)",
+                        fg="yellow", err=True)
+            sys.exit(130)
 
 
 def debug_enabled(ctx: click.Context | None = None) -> bool:

@@ -46,6 +46,9 @@ DATA_OPTIONS = [
                       "(0.485 and 0.229 unless given)."),
     click.option("--tokenizer", type=click.Path(path_type=Path),
                  help="Token models: the tokenizer.json (or its folder) to keep in the bundle, so the server takes text."),
+    click.option("--max-sequence-length", type=click.IntRange(2, None),
+                 help="Token models: the longest token sequence served, validated and (TensorRT) built for; longer "
+                      "texts are cut and counted. Default: the model's own limit where its tokenizer files say."),
 ]
 QUANT_OPTIONS = [
     click.option("--task", type=click.Choice(["classify", "embed", "regress"]),
@@ -125,7 +128,8 @@ def data_config(o: dict[str, Any]) -> Any:
                          std=floats(o["std"], "--std"), grayscale=o["grayscale"])
     return DataConfig(o["input_shapes"], o["calib"], o["eval_data"], o["held_out"], o["max_held_out"],
                       o["max_calib_samples"], o["seed"], image, train_data=o["train_data"],
-                      tokenizer=str(o["tokenizer"]) if o["tokenizer"] else None)
+                      tokenizer=str(o["tokenizer"]) if o["tokenizer"] else None,
+                      max_sequence_length=o["max_sequence_length"])
 
 
 def quant_config(o: dict[str, Any]) -> Any:

@@ -32,9 +32,13 @@ from optimize.errors import InputSpecError
 @click.option("--drift-alpha", type=click.FloatRange(0.0001, 0.5), default=0.01, show_default=True,
               help="False-alarm rate per window on unshifted traffic.")
 @click.option("--no-drift", is_flag=True, help="Do not monitor drift.")
+@click.option("--access-log", is_flag=True,
+              help="Log every request as one JSON line on stderr: time, client, method, route, status, duration_ms, "
+                   "rows (and text_truncated).")
 def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
-            grace: float, drift_window: int, drift_alpha: float, no_drift: bool, log_level: str) -> None:
+            grace: float, drift_window: int, drift_alpha: float, no_drift: bool, log_level: str,
+            access_log: bool) -> None:
     """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
 
     \b
@@ -48,6 +52,13 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
     from serve.server import ServeConfig, serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if access_log:  # bare JSON lines, whatever --log-level says
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("serve.access")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
 
     for flag, value in (("--max-batch", max_batch), ("--queue-capacity", queue_capacity), ("--instances", instances)):
         if value < 1:
@@ -58,4 +69,5 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
                               instances=instances)
     serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=port, batching=batching,
                       max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace,
-                      drift=not no_drift, drift_window=drift_window, drift_alpha=drift_alpha))
+                      drift=not no_drift, drift_window=drift_window, drift_alpha=drift_alpha,
+                      access_log=access_log))

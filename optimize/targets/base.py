@@ -42,6 +42,7 @@ class BuildConfig:
     calib_batch_size: int = 8
     keep_fp32: tuple[str, ...] = ()  # node names left unquantized (accuracy recovery)
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # engines with a fixed batch range (TensorRT's profile)
+    max_sequence_length: int | None = None  # token models: the longest sequence an engine with a fixed range takes
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

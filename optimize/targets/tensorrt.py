@@ -57,9 +57,12 @@ def prepare_graph(onnx_path: Path, config: BuildConfig, calibration: Samples | N
     return {"qdq": qdq, "fp16": fp16}
 
 
-def profile_shapes(graph: Path, calibration: Samples | None, batch_sizes: tuple[int, ...]) -> dict[str, list]:
+def profile_shapes(graph: Path, calibration: Samples | None, batch_sizes: tuple[int, ...],
+                   max_sequence_length: int | None = None) -> dict[str, list]:
     """min/opt/max shapes per input: the batch axis spans ``batch_sizes``, other axes as exported
-    (or as the calibration data has them, where the graph leaves them open)."""
+    (or as the calibration data has them, where the graph leaves them open). With
+    ``max_sequence_length``, the open sequence axis of a token input spans 1 to it, tuned at the
+    calibration data's length."""
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
@@ -82,6 +85,11 @@ def profile_shapes(graph: Path, calibration: Samples | None, batch_sizes: tuple[
                 raise BuildError(f"input '{value.name}' has an open axis {axis}; TensorRT needs its size "
                                  f"(give calibration data with --calib)")
         shapes[value.name] = [[b, *dims[1:]] for b in (low, opt, high)]
+        sequence = value.type.tensor_type.shape.dim[1] if len(dims) == 2 else None
+        if max_sequence_length and sequence is not None and not sequence.HasField("dim_value"):
+            data_length = min(dims[1], max_sequence_length)
+            for shape, length in zip(shapes[value.name], (1, data_length, max_sequence_length)):
+                shape[1] = length
     return shapes
 
 
@@ -112,7 +120,7 @@ class TensorRTBackend(Backend):
 
 def _build(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, out_dir: Path) -> Engine:
     details = prepare_graph(inputs.onnx, config, calibration, out_dir)
-    shapes = profile_shapes(out_dir / GRAPH_FILE, calibration, config.batch_sizes)
+    shapes = profile_shapes(out_dir / GRAPH_FILE, calibration, config.batch_sizes, config.max_sequence_length)
     record = build_engine(out_dir / GRAPH_FILE, out_dir / ENGINE_FILE, shapes, inputs.timing_cache)
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
     files = [ENGINE_FILE, RECORD_FILE, GRAPH_FILE] + ([QDQ_FILE] if config.precision == "int8" else [])
