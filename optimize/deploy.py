@@ -1,6 +1,11 @@
 """Kubernetes manifests for the serving image: a KServe InferenceService, or a plain
 Deployment + Service + HorizontalPodAutoscaler.
 
+KServe's two modes scale differently, and the InferenceService says which it uses: raw deployment
+(``--mode raw``, the default: a Deployment, no Knative) scales with an HPA on CPU utilisation, or with
+KEDA (``--autoscaler keda``) on the mean queue time read from Prometheus; serverless (``--mode
+serverless``, Knative) scales on requests in flight per pod, and Knative routes one container port.
+
 Both speak the Open Inference Protocol on the container port, probe ``/v2/health/ready`` (readiness)
 and ``/v2/health/live`` (liveness), and give the pod time to drain: SIGTERM turns readiness off and
 the server keeps serving for the drain delay, then finishes queued work within its grace period,
@@ -25,6 +30,8 @@ from optimize.bundle import choose_target, read_manifest
 from optimize.errors import InputSpecError
 
 QUEUE_METRIC = "inference_queue_time_seconds"  # per pod, from prometheus-adapter
+KSERVE_MODES = ("raw", "serverless")
+AUTOSCALERS = ("hpa", "keda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,25 @@ class DeployConfig:
     drain_delay_s: float = 5.0
     grace_s: float = 30.0
     port: int = 8080
+    mode: str = "raw"  # KServe: raw (a Deployment and an HPA or KEDA) | serverless (Knative)
+    autoscaler: str = "hpa"  # raw mode: hpa (on CPU) | keda (on the queue time, from Prometheus)
+    cpu_target_pct: int = 70  # raw + hpa: the CPU utilisation the HPA holds
+    concurrency_target: int = 8  # serverless: requests in flight per pod Knative holds
+    prometheus_url: str | None = None  # raw + keda: where KEDA reads the queue time
+
+    def check(self) -> None:
+        if self.mode not in KSERVE_MODES:
+            raise InputSpecError(f"--mode {self.mode!r} is not one of {', '.join(KSERVE_MODES)}")
+        if self.autoscaler not in AUTOSCALERS:
+            raise InputSpecError(f"--autoscaler {self.autoscaler!r} is not one of {', '.join(AUTOSCALERS)}")
+        if self.mode == "serverless" and self.autoscaler != "hpa":
+            raise InputSpecError("--autoscaler keda is for --mode raw; serverless mode scales on concurrency "
+                                 "with Knative's autoscaler")
+        if self.autoscaler == "keda" and not self.prometheus_url:
+            raise InputSpecError("--autoscaler keda reads the queue time from Prometheus: pass --prometheus-url, "
+                                 "e.g. http://prometheus.monitoring:9090")
+        if not 1 <= self.cpu_target_pct <= 100 or self.concurrency_target < 1:
+            raise InputSpecError("--cpu-target must be 1-100 (percent) and --concurrency-target at least 1")
 
 
 def _name(text: str) -> str:
@@ -79,8 +105,34 @@ def _termination_s(config: DeployConfig) -> int:
     return int(math.ceil(config.drain_delay_s + config.grace_s + 5))
 
 
+def queue_time_query(model: str) -> str:
+    """PromQL: the mean time a request of ``model`` waited for an engine over the last minute."""
+    selector = f'{{model="{model}"}}'
+    return (f"sum(rate(inference_queue_duration_seconds_sum{selector}[1m])) / "
+            f"clamp_min(sum(rate(inference_queue_duration_seconds_count{selector}[1m])), 1e-9)")
+
+
+def _kserve_scaling(config: DeployConfig, model: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(annotations, predictor fields) of the mode: KServe's raw mode scales with an HPA on CPU or
+    memory, or with KEDA on an external metric; only serverless (Knative) mode scales on concurrency."""
+    if config.mode == "serverless":
+        return ({"serving.kserve.io/deploymentMode": "Serverless"},
+                {"scaleMetric": "concurrency", "scaleTarget": config.concurrency_target})
+    annotations = {"serving.kserve.io/deploymentMode": "RawDeployment",
+                   "serving.kserve.io/autoscalerClass": config.autoscaler}
+    if config.autoscaler == "hpa":
+        return annotations, {"scaleMetric": "cpu", "scaleTarget": config.cpu_target_pct}
+    annotations.update({"serving.kserve.io/enable-prometheus-scraping": "true", "prometheus.io/scrape": "true",
+                        "prometheus.io/path": "/metrics", "prometheus.io/port": str(config.port)})
+    metric = {"type": "External", "external": {
+        "metric": {"backend": "prometheus", "serverAddress": config.prometheus_url, "query": queue_time_query(model)},
+        "target": {"type": "Value", "value": f"{config.queue_target_s:g}"}}}
+    return annotations, {"autoScaling": {"metrics": [metric]}}
+
+
 def kserve_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]:
     """One InferenceService running the serving image as a custom predictor container."""
+    config.check()
     manifest = read_manifest(bundle)
     target = choose_target(manifest, config.target, bundle)
     name = _name(config.name or manifest.model_name)
@@ -88,13 +140,12 @@ def kserve_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]
     container = _container(config, path, target, config.drain_delay_s, name="kserve-container")
     if config.storage_uri:
         container["env"] = [{"name": "STORAGE_URI", "value": config.storage_uri}]
+    annotations, scaling = _kserve_scaling(config, manifest.model_name)
     metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/name": name},
-                                "annotations": {"serving.kserve.io/deploymentMode": "RawDeployment",
-                                                "optimize/target": target}}
+                                "annotations": {**annotations, "optimize/target": target}}
     if config.namespace:
         metadata["namespace"] = config.namespace
-    predictor = {"minReplicas": config.min_replicas, "maxReplicas": config.max_replicas,
-                 "scaleMetric": "concurrency", "scaleTarget": 8,
+    predictor = {"minReplicas": config.min_replicas, "maxReplicas": config.max_replicas, **scaling,
                  "terminationGracePeriodSeconds": _termination_s(config), "containers": [container]}
     return [{"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": metadata,
              "spec": {"predictor": predictor}}]
@@ -137,6 +188,11 @@ def plain_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]:
 
 
 def to_yaml(documents: list[dict[str, Any]]) -> str:
+    """Plain YAML: a value used twice is written twice, never as an anchor and alias."""
     import yaml
 
-    return "---\n".join(yaml.safe_dump(d, sort_keys=False, default_flow_style=False) for d in documents)
+    class Plain(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return "---\n".join(yaml.dump(d, Dumper=Plain, sort_keys=False, default_flow_style=False) for d in documents)

@@ -167,3 +167,49 @@ def test_inference_service_passes_its_schema_and_kubernetes_podspec(manifests):
     wrong["spec"]["predictor"]["scaleMetric"] = "queue"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(wrong, schema)
+    # Raw deployment (the default) scales with an HPA on CPU; concurrency is Knative's, serverless only.
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert annotations["serving.kserve.io/autoscalerClass"] == "hpa"
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("cpu", 70)
+    mixed = json.loads(json.dumps(service))
+    mixed["spec"]["predictor"]["scaleMetric"] = "concurrency"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(mixed, schema)
+
+
+@pytest.mark.parametrize("flags,check", [
+    (("--mode", "serverless"), lambda service, predictor: (
+        service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+        and (predictor["scaleMetric"], predictor["scaleTarget"]) == ("concurrency", 8))),
+    (("--autoscaler", "keda", "--prometheus-url", "http://prometheus.monitoring:9090"), lambda service, predictor: (
+        service["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
+        and "scaleMetric" not in predictor
+        and 'inference_queue_duration_seconds_sum{model="tiny"}' in
+        predictor["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
+        and predictor["autoScaling"]["metrics"][0]["external"]["target"] == {"type": "Value", "value": "0.05"})),
+])
+def test_each_kserve_mode_scales_as_kserve_documents_it(bundle, tmp_path, flags, check):
+    import jsonschema
+
+    result = run_cli("export", "kserve", bundle, "--image", "registry.example.com/tiny:1", "--out", tmp_path,
+                     "--target", "ort-int8", *flags)
+    assert result.returncode == 0, result.stderr
+    (service,) = yaml.safe_load_all((tmp_path / "inferenceservice.yaml").read_text())
+    jsonschema.validate(service, json.loads((ROOT / "deploy" / "schemas" / "inferenceservice-v1beta1.json").read_text()))
+    assert check(service, service["spec"]["predictor"])
+
+
+def test_kserve_mode_mistakes_are_one_line(bundle, tmp_path):
+    for flags, message in [(("--mode", "serverless", "--autoscaler", "keda"), "is for --mode raw"),
+                           (("--autoscaler", "keda"), "pass --prometheus-url")]:
+        result = run_cli("export", "kserve", bundle, "--image", "x:1", "--out", tmp_path / "k", *flags)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "k").exists()
+
+
+def test_manifests_are_plain_yaml_without_anchors(bundle, tmp_path):
+    assert run_cli("export", "kserve", bundle, "--image", "x:1", "--out", tmp_path).returncode == 0
+    for name in ("inferenceservice.yaml", "deployment.yaml"):
+        text = (tmp_path / name).read_text()
+        assert "&id" not in text and "*id" not in text, name

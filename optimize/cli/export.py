@@ -56,12 +56,22 @@ def triton(bundle: Path, repo: Path, target: str | None, name: str | None, max_b
 @click.option("--min-replicas", type=int, default=1, show_default=True)
 @click.option("--max-replicas", type=int, default=4, show_default=True)
 @click.option("--queue-target-ms", type=float, default=50.0, show_default=True,
-              help="Mean queue time per pod the autoscaler holds (plain variant).")
+              help="Mean queue time the autoscaler holds (the plain Deployment's HPA; KServe raw mode with KEDA).")
 @click.option("--drain-delay", type=float, default=5.0, show_default=True, help="Seconds to keep serving after SIGTERM.")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds to finish queued work.")
+@click.option("--mode", type=click.Choice(["raw", "serverless"]), default="raw", show_default=True,
+              help="KServe deployment mode: raw (Deployment + HPA or KEDA, no Knative) or serverless (Knative, "
+                   "scales on concurrency).")
+@click.option("--autoscaler", type=click.Choice(["hpa", "keda"]), default="hpa", show_default=True,
+              help="Raw mode: an HPA on CPU utilisation, or KEDA on the mean queue time from Prometheus.")
+@click.option("--cpu-target", type=int, default=70, show_default=True, help="Raw mode with the HPA: CPU utilisation %.")
+@click.option("--concurrency-target", type=int, default=8, show_default=True,
+              help="Serverless mode: requests in flight per pod.")
+@click.option("--prometheus-url", help="Raw mode with KEDA: the Prometheus KEDA queries for the queue time.")
 def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str | None, target: str | None,
            storage_uri: str | None, cpu: str, memory: str, gpus: int, min_replicas: int, max_replicas: int,
-           queue_target_ms: float, drain_delay: float, grace: float) -> None:
+           queue_target_ms: float, drain_delay: float, grace: float, mode: str, autoscaler: str, cpu_target: int,
+           concurrency_target: int, prometheus_url: str | None) -> None:
     """Write a KServe InferenceService (inferenceservice.yaml) and a plain Deployment, Service and
     HorizontalPodAutoscaler (deployment.yaml) that run the serving image on this bundle.
 
@@ -83,7 +93,10 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
     if registry.facts(target).needs_gpu_to_serve and gpus == 0:
         gpus = 1  # e.g. a TensorRT engine needs its GPU
     config = DeployConfig(image, name, namespace, target, storage_uri, cpu, memory, gpus, min_replicas, max_replicas,
-                          queue_target_ms / 1000, drain_delay, grace)
+                          queue_target_ms / 1000, drain_delay, grace, mode=mode, autoscaler=autoscaler,
+                          cpu_target_pct=cpu_target, concurrency_target=concurrency_target,
+                          prometheus_url=prometheus_url)
+    config.check()
     files = {"inferenceservice.yaml": to_yaml(kserve_manifests(bundle, config)),
              "deployment.yaml": to_yaml(plain_manifests(bundle, config))}
     from optimize import atomic
