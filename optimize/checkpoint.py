@@ -9,11 +9,14 @@ because unpickling can run arbitrary code. Everything else is read with ``weight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import pickle
+import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -126,12 +129,13 @@ def _load_saved_object(path: Path, sha: str, arch: str | None, arch_kwargs: dict
     """A ``torch.save`` file: a pickled module (trusted only), or a state_dict in one of its wrappings."""
     import torch
 
-    obj = _torch_load(path, trust)
+    _check_format(path)
+    if _is_safetensors(path):
+        return _load_state_dict(_load_safetensors(path), path, sha, arch, arch_kwargs)
+    with _arch_importable(arch if trust else None):
+        obj = _torch_load(path, trust)
     if isinstance(obj, torch.nn.Module):
-        if arch:
-            raise CheckpointError(
-                f"checkpoint {path} holds a whole module; drop --arch (it is for state_dicts)")
-        obj.eval()
+        obj.eval()  # --arch, if given, only made the pickled classes importable
         return LoadedModel(obj, "pickled-module", sha, path, forward_input_names(obj))
     if isinstance(obj, dict):
         return _load_state_dict(obj, path, sha, arch, arch_kwargs)
@@ -206,8 +210,70 @@ def _torch_load(path: Path, trust: bool) -> Any:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({_first_line(exc)})") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} pickles classes from module '{exc.name}', which cannot be imported here: pass "
+            f"--arch path/to/{exc.name.split('.')[0]}.py:ClassName (its folder is then importable), or put the "
+            f"folder holding {exc.name.split('.')[0]}.py on PYTHONPATH") from exc
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: trusted load failed ({_first_line(exc)})") from exc
+
+
+PICKLE_PROTOCOL_2_AND_UP = 0x80  # torch.save writes protocol 2 or later: PROTO opcode first
+
+
+def _check_format(path: Path) -> None:
+    """A file that is neither a zip archive, a pickle nor safetensors is not a checkpoint at all: say so
+    (and not that it holds untrusted code)."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    if head.startswith(b"PK") or head[0] == PICKLE_PROTOCOL_2_AND_UP:
+        return
+    if _is_safetensors(path):
+        return
+    printable = head[:24].decode("utf-8", errors="replace")
+    looks = "text" if all(c.isprintable() or c.isspace() for c in printable) else "another binary format"
+    raise CheckpointError(f"checkpoint {path} is not a PyTorch file: it starts with {printable!r} ({looks}); give "
+                          f"a torch.save file, a TorchScript archive, a torch.export .pt2 or a .safetensors file")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then that much JSON."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise CheckpointError(f"checkpoint {path} is a safetensors file: pip install safetensors") from exc
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # the library's own errors for a damaged file
+        raise CheckpointError(f"checkpoint {path} is a damaged safetensors file ({_first_line(exc)})") from exc
+
+
+@contextlib.contextmanager
+def _arch_importable(arch: str | None):
+    """While a trusted pickle loads: the ``--arch`` file's folder on ``sys.path`` and the file importable
+    under its own name, so the classes it pickled (``mynet.MyNet``) resolve without PYTHONPATH."""
+    if not arch or ":" not in arch or not arch.rpartition(":")[0].endswith(".py"):
+        yield
+        return
+    file = Path(arch.rpartition(":")[0]).resolve()
+    folder = str(file.parent)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -216,12 +282,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unsafe_global(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """What the refused pickle holds, in our words: torch's own text is long and quoting part of it
+    cuts names in half."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it pickles {found.group(1)}, a Python class or function"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for i, line in enumerate(lines):
-        if "Unsupported global" in line:
-            return line.rstrip(".")[:160]
         if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
-            return lines[i + 1].rstrip(".")[:160]
+            detail = lines[i + 1].rstrip(".")
+            return detail if len(detail) <= 120 else detail[:120].rsplit(" ", 1)[0] + " ..."
     return "non-tensor objects"
 
 

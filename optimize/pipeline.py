@@ -97,9 +97,19 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
 
 
+# Warnings libraries print on every build that say nothing about the user's model.
+HARMLESS_WARNINGS = (
+    (FutureWarning, r".*isinstance\(treespec, LeafSpec\)"),  # torch's pytree, from its own exporter
+)
+
+
 def _quiet_libraries() -> None:
+    import warnings
+
     for name in ("torch.onnx", "torch._export", "nncf", "torch.export"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for category, pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
 def source_hash(plan: BuildPlan, prepared: Prepared) -> str:

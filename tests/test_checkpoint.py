@@ -83,7 +83,9 @@ def test_pickled_module_loads_only_with_trust(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "corrupt or not a PyTorch file"),
+    (b"", "is empty"),
+    (b"hello, these are my notes\n", "is not a PyTorch file: it starts with 'hello, these are my note' \\(text\\)"),
+    (b"\x00\x01garbage", "is not a PyTorch file"),
     (b"PK\x03\x04 truncated zip", "corrupt or not a PyTorch file"),
     (pickle.dumps([1, 2, 3]), "refusing to load it"),
 ])
@@ -92,6 +94,47 @@ def test_corrupt_files(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
+
+
+MYNET = """
+import torch
+
+
+class MyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+def test_a_trusted_pickle_of_the_users_class_loads_with_arch_naming_its_file(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "mynet.py").write_text(MYNET)
+    subprocess.run([sys.executable, "-c", "import torch, mynet; torch.save(mynet.MyNet(), 'full.pt')"],
+                   cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "net")}, check=True)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path / "full.pt")
+    assert "(it pickles mynet.MyNet, a Python class or function)" in str(refused.value)
+    with pytest.raises(CheckpointError, match="pickles classes from module 'mynet', which cannot be imported here: "
+                                              "pass --arch path/to/mynet.py:ClassName"):
+        load_checkpoint(tmp_path / "full.pt", trust=True)
+    loaded = load_checkpoint(tmp_path / "full.pt", f"{tmp_path}/net/mynet.py:MyNet", trust=True)
+    assert loaded.format == "pickled-module" and loaded.input_names == ["x"]
+
+
+def test_safetensors_weights_load_like_a_state_dict(tmp_path, tiny_checkpoint):
+    from safetensors.torch import save_file
+
+    save_file(tiny_checkpoint["model"].state_dict(), tmp_path / "tiny.safetensors")
+    loaded = load_checkpoint(tmp_path / "tiny.safetensors", tiny_checkpoint["arch"])
+    x = torch.randn(2, 3, 16, 16)
+    assert loaded.format == "state-dict" and torch.allclose(loaded.module(x), tiny_checkpoint["model"](x))
 
 
 def test_missing_file_and_bad_arch(tmp_path, tiny_checkpoint):

@@ -139,6 +139,8 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
     checked = manifest.targets["ort-fp32"].accuracy["held_out_max_length"]
     assert checked["tokens"] == 32 and checked["mean_cosine"] > 0.9999
     assert "texts are served up to 32 tokens (the model's position embeddings)" in result.stderr
+    shown = run_cli("inspect", out).stdout
+    assert "input   text  [-1, 1]  BYTES" in shown and "tokenizer tokenizer/tokenizer.json" in shown
 
     server = Server(out)
     try:

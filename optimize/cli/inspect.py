@@ -23,12 +23,23 @@ def command(bundle: Path, as_json: bool) -> None:
     source = manifest.source
     click.echo(f"model   {manifest.model_name}  ({source['kind']}, sha256 {source['sha256'][:12]})")
     click.echo(f"task    {manifest.task}  ({manifest.model_kind})")
+    text = manifest.text
+    if text:
+        click.echo(f"input   {text['input']}  [-1, 1]  BYTES (strings; tokenized by the server, up to "
+                   f"{text['max_length']} tokens)")
     for spec in manifest.inputs:
-        click.echo(f"input   {spec.name}  {list(spec.shape)}  {spec.dtype}")
+        click.echo(f"input   {spec.name}  {list(spec.shape)}  {spec.dtype}" + ("  (also taken as is)" if text else ""))
     for spec in manifest.outputs:
         click.echo(f"output  {spec['name']}  {spec['shape']}  {spec['dtype']}")
+    if text:
+        click.echo(f"text    tokenizer {text['tokenizer']} ({text.get('vocab_size', '?')} tokens, pad id "
+                   f"{text['pad_id']}); up to {text['max_length']} tokens from "
+                   f"{text.get('max_length_source', 'the calibration data')}, built and calibrated at "
+                   f"{text.get('calibration_length', text['max_length'])}")
     data = manifest.data
     click.echo(f"data    {data['calibration_samples']} calibration, {data['held_out_samples']} held out"
                + (f", {data['eval_samples']} labelled eval" if data["eval_samples"] else ""))
+    winner = manifest.winner_target
+    click.echo(f"winner  {winner or 'none'}" + (f"  ({manifest.winner['reason']})" if winner else ""))
     click.echo("")
     click.echo(targets_table(manifest))
