@@ -13,6 +13,7 @@ Caller mistakes are a 4xx with ``{"error": "..."}``; a full queue is a 503 at on
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 import json
@@ -250,6 +251,14 @@ class InferenceApp:
         return self.stats.to_json(self.model.name, self.model.version)
 
     async def _lifespan(self, receive: Callable, send: Callable) -> None:
+        try:
+            await self._lifespan_events(receive, send)
+        except asyncio.CancelledError:  # a second Ctrl-C: the socket server stops at once
+            LOG.warning("stopped at once (second interrupt) with %d request(s) unfinished; %s",
+                        self.batcher.queued + self.batcher.busy, self.stats.summary())
+            self.batcher.close()
+
+    async def _lifespan_events(self, receive: Callable, send: Callable) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":

@@ -431,6 +431,15 @@ def test_the_server_says_what_it_serves_when_ready_and_a_summary_when_it_stops(b
     assert "stopped: 2 inference request(s) (1 client_error, 1 ok); answered p50" in log, log
 
 
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(bundle):
+    running = Server(bundle, "--target", "ort-fp32")
+    running.process.send_signal(signal.SIGINT)
+    running.process.send_signal(signal.SIGINT)
+    assert running.process.wait(timeout=60) == 0
+    log = running.process.stderr.read()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
 def test_an_impossible_port_is_a_usage_error(bundle):
     result = run_cli("serve", bundle, "--port", "99999")
     assert result.returncode == 2 and "99999 is not in the range 1<=x<=65535" in result.stderr
