@@ -234,9 +234,10 @@ def _check_format(path: Path) -> None:
     if _is_safetensors(path):
         return
     printable = head[:24].decode("utf-8", errors="replace")
-    looks = "text" if all(c.isprintable() or c.isspace() for c in printable) else "another binary format"
-    raise CheckpointError(f"checkpoint {path} is not a PyTorch file: it starts with {printable!r} ({looks}); give "
-                          f"a torch.save file, a TorchScript archive, a torch.export .pt2 or a .safetensors file")
+    text = all(c.isprintable() or c.isspace() for c in printable)
+    what = "is not a PyTorch file" if text else "is corrupt or not a PyTorch file"
+    raise CheckpointError(f"checkpoint {path} {what}: it starts with {printable!r} ({'text' if text else 'binary'}); "
+                          f"give a torch.save file, a TorchScript archive, a torch.export .pt2 or a .safetensors file")
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -32,6 +32,8 @@ def _json(record: Any) -> dict[str, Any]:
         value = getattr(record, field.name)
         if value is None and field.metadata.get("omit_none"):
             continue
+        if not value and field.metadata.get("omit_empty"):
+            continue
         out[field.name] = value
     return {**out, **record.extra}
 
@@ -101,7 +103,8 @@ class Manifest:
     text: dict[str, Any] | None = None
     winner: dict[str, Any] | None = None
     bench: dict[str, Any] | None = _optional()
-    warnings: list[str] = dataclasses.field(default_factory=list)  # results that are probably wrong
+    warnings: list[str] = dataclasses.field(default_factory=list,  # results that are probably wrong
+                                            metadata={"omit_empty": True})
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # --- reading -----------------------------------------------------------------------------

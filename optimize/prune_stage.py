@@ -30,6 +30,7 @@ PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
 PRUNE_STAGE = Stage("prune", ("optimize.prune_stage", "optimize.passes.prune", "optimize.passes.distill",
                               "optimize.passes.export", "optimize.passes.pruned_checkpoint", "optimize.prepare", "optimize.calibration",
+                              "optimize.fit", "optimize.tokenizer",
                               "optimize.checkpoint", "optimize.factory", "optimize.specs", "optimize.validate",
                               "optimize.errors"),
                     packages=("torch", "torch-pruning"))

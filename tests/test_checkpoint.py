@@ -85,7 +85,7 @@ def test_pickled_module_loads_only_with_trust(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"hello, these are my notes\n", "is not a PyTorch file: it starts with 'hello, these are my note' \\(text\\)"),
-    (b"\x00\x01garbage", "is not a PyTorch file"),
+    (b"\x00\x01garbage", "is corrupt or not a PyTorch file: it starts with .* \\(binary\\)"),
     (b"PK\x03\x04 truncated zip", "corrupt or not a PyTorch file"),
     (pickle.dumps([1, 2, 3]), "refusing to load it"),
 ])

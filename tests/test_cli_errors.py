@@ -104,7 +104,7 @@ def test_debug_prints_the_chained_cause_of_a_one_line_error(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "c.pt").write_bytes(b"\x00garbage" * 10)
+    (tmp_path / "c.pt").write_bytes(b"PK\x03\x04 a truncated zip archive")
     args = ["build", str(tmp_path / "c.pt"), "--arch", "tests/tiny_models.py:tiny_cnn", "--input-shape", "1x3x16x16",
             "--out", str(tmp_path / "b")]
     quiet = run_cli(*args)

@@ -142,7 +142,7 @@ def test_safe_conversions_are_made_with_a_note(digits, tmp_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["inputs"][0]["dtype"] == "float32"
     assert manifest["targets"]["ort-fp32"]["accuracy"]["eval"]["accuracy_pct"] > 90
-    assert manifest["data"]["chance_level"]["at_chance"] is False and manifest["warnings"] == []
+    assert manifest["data"]["chance_level"]["at_chance"] is False and "warnings" not in manifest
 
 
 @pytest.mark.slow

@@ -56,4 +56,4 @@ def test_exposition_is_exactly_as_designed():
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     assert families == {"inference_requests_total", "inference_request_duration_seconds", "inference_queue_duration_seconds",
                         "inference_compute_duration_seconds", "inference_batch_size", "inference_requests_in_flight",
-                        "inference_queue_capacity", "model_info"}
+                        "inference_queue_capacity", "inference_text_truncated_total", "model_info"}
