@@ -163,7 +163,11 @@ def test_python_api_auto_builds_benchmarks_and_picks_the_winner_like_the_cli(tin
     report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), say=said.append,
                                        progress=False)
     assert set(report["engines"]) == {"ort-int8"} and decision["target"] == "ort-int8"
-    assert read_manifest(result.bundle).winner_target == "ort-int8"
+    winner = result.decision["target"]
+    assert read_manifest(result.bundle).winner_target == winner and not report["winner_applied"]  # a subset
+    report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), say=said.append,
+                                       progress=False, select=True)
+    assert read_manifest(result.bundle).winner_target == "ort-int8" and report["winner_applied"]
     # "auto" in the targets alone selects too: the same path the CLI takes.
     auto = run_build(BuildPlan(source=SourceConfig(t["ckpt"], t["arch"]), out=tmp_path / "auto",
                                targets=("auto",), data=DataConfig(calib=str(t["calib"]))), say=said.append)

@@ -30,8 +30,9 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(tmp_path):
         # trained model varies run to run; 0.5 was seen to fail at 0.56 for ort-int8).
         assert entry["accuracy"]["eval"]["accuracy_pct"] >= fp32 - 1.0, name
     assert "openvino-int8" in result.stdout and "labelled eval" in result.stdout
-    # It ends with the benchmark report and the winner.
-    assert "winner: " in result.stdout.splitlines()[-1]
+    # It ends with the benchmark report, the winner and that the build recorded it.
+    last = result.stdout.splitlines()[-2:]
+    assert last[0].startswith("winner: ") and last[1].startswith("winner recorded: "), last
     report = json.loads((tmp_path / "bundle" / "bench" / "report.json").read_text())
     # torch-compile is measured beside them as the compiled-PyTorch baseline, and never wins
     assert set(report["engines"]) == {"torch-eager-fp32", "torch-compile", *CPU_TARGETS}
