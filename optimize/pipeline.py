@@ -246,6 +246,8 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
     registry.expand(list(plan.targets))  # an unknown name fails before anything is loaded
     out = Path(plan.out)
     with StopOnSignal(say) as stop, BundleWriter(out) as writer:
+        for folder, pid in writer.removed_stale:
+            say(f"removed {folder.name}, the staging folder of a build (pid {pid}) that was killed before it finished")
         cache = StageCache(cache_dir_for(out) if plan.use_cache else None)
         prepared = prepare(plan, say)
         stop.check()

@@ -153,3 +153,44 @@ def test_ctrl_c_at_any_stage_keeps_the_previous_bundle(tiny_checkpoint, tmp_path
     assert "Traceback" not in text and "interrupted: stopped" in text
     assert (out / "manifest.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_and_a_live_one_is_not(tiny_checkpoint, tmp_path):
+    """``kill -9`` leaves ``.b.tmp-*`` beside the bundle; the next build removes it once its process is
+    gone. A folder whose process still runs, or that another host made, is never touched."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+    from optimize.atomic import OWNER_FILE
+
+    t = tiny_checkpoint
+    flags = ("--arch", t["arch"], "--calib", t["calib"], "--no-cache", "--target", "ort-fp32", "--out", tmp_path / "b")
+    killed = subprocess.Popen([sys.executable, "-m", "optimize", "build", str(t["ckpt"]), *map(str, flags)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = wait_for(lambda: [p for p in tmp_path.glob(".b.tmp-*") if (p / OWNER_FILE).is_file()], 120,
+                      "the build's staging folder")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert staged[0].is_dir()  # what kill -9 leaves
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        others = []
+        for name, record in (("live", {"pid": live.pid, "host": socket.gethostname()}),
+                             ("remote", {"pid": killed.pid, "host": "another-host"})):
+            folder = tmp_path / f".b.tmp-{name}"
+            folder.mkdir()
+            (folder / OWNER_FILE).write_text(json.dumps(record))
+            others.append(folder)
+        result = run_cli("build", t["ckpt"], *flags)
+        assert result.returncode == 0, result.stderr
+        assert f"removed {staged[0].name}, the staging folder of a build (pid {killed.pid})" in result.stderr
+        assert not staged[0].exists() and all(folder.is_dir() for folder in others)
+        assert not (tmp_path / "b" / OWNER_FILE).exists()
+    finally:
+        live.kill()
+        live.wait()
