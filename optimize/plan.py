@@ -35,7 +35,7 @@ class DataConfig:
     calib: str | None = None
     eval_data: str | None = None
     held_out_fraction: float = 0.2
-    max_held_out: int = 500
+    max_held_out: int = 2000
     max_calib_samples: int = 1000
     seed: int = 0
     image: ImageOptions = ImageOptions()

@@ -267,6 +267,7 @@ def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared
     accuracy = {"held_out": validate.metrics(prepared.task, prepared.reference[first], outputs[first],
                                              prepared.held_out.labels)}
     baseline = None
+    gated = (prepared.reference[first], outputs[first], prepared.held_out.labels)
     if prepared.evaluation is not None:
         outputs = run(prepared.evaluation)
         accuracy["eval"] = validate.metrics(prepared.task, prepared.eval_reference[first],
@@ -274,8 +275,11 @@ def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared
         baseline = validate.metrics(prepared.task, prepared.eval_reference[first],
                                     prepared.eval_reference[first], prepared.evaluation.labels)
         accuracy["eval_fp32_torch"] = baseline
+        gated = (prepared.eval_reference[first], outputs[first], prepared.evaluation.labels)
     measured = accuracy.get("eval", accuracy["held_out"])
     verdict = validate.gate(prepared.task, measured, baseline, max_drop)
+    labelled = verdict.metric == "labelled accuracy"
+    verdict = validate.with_interval(verdict, validate.drop_interval(prepared.task, *gated, labelled), len(gated[0]))
     if prepared.long_held is not None:
         outputs = run(prepared.long_held)
         length = prepared.max_length[0]

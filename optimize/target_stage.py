@@ -113,6 +113,8 @@ def run_target(plan: Any, target: str, prepared: Prepared, inputs: BuildInputs, 
         if recovered is not None:
             recovered.pop("precision", None)
             entry.update(recovered)
+    if entry["gate"].get("straddles_budget"):
+        say(f"{target}: warning: {entry['gate']['message']}")
     if entry["gate"]["passed"]:
         entry["status"] = "built"
     else:

@@ -27,9 +27,81 @@ class GateResult:
     budget: float | None
     metric: str
     message: str
+    interval: tuple[float, float] | None = None  # 95% interval of the drop, same units
+    samples: int | None = None  # what the drop was measured on
+    more_samples: int | None = None  # about how many more would settle a verdict the interval straddles
+
+    @property
+    def straddles(self) -> bool:
+        return (self.interval is not None and self.budget is not None
+                and self.interval[0] <= self.budget < self.interval[1])
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["interval"] = list(self.interval) if self.interval else None
+        out["straddles_budget"] = self.straddles
+        return out
+
+
+BOOTSTRAP_ROUNDS = 2000
+Z95 = 1.959964
+
+
+def wilson_interval(count: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``count / n``, in percent."""
+    if n == 0:
+        return 0.0, 100.0
+    p = count / n
+    centre = (p + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
+    half = Z95 * np.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / (1 + Z95 ** 2 / n)
+    return float(max(0.0, centre - half) * 100), float(min(1.0, centre + half) * 100)
+
+
+def bootstrap_interval(per_sample: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the mean of ``per_sample`` (resampling samples)."""
+    per_sample = np.asarray(per_sample, np.float64)
+    if len(per_sample) < 2:
+        value = float(per_sample.mean()) if len(per_sample) else 0.0
+        return value, value
+    rng = np.random.default_rng(seed)
+    means = per_sample[rng.integers(0, len(per_sample), (BOOTSTRAP_ROUNDS, len(per_sample)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def drop_interval(task: str, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+                  labelled: bool) -> tuple[float, float] | None:
+    """The 95% interval of the gate's drop, per task and metric (see ``gate``). Labelled accuracy: the
+    drop is the share of samples FP32 gets right and the engine wrong, less the reverse; each share
+    gets Wilson's interval and the difference takes their far ends (conservative, and not empty when
+    no sample changed). Top-1 agreement: Wilson's interval of the disagreement count. Embeddings:
+    bootstrap of 100*(1-cosine) over samples. A maximum error has none."""
+    reference = np.asarray(reference, np.float64)
+    candidate = np.asarray(candidate, np.float64)
+    if task == "classify":
+        ref_top, cand_top = reference.argmax(-1), candidate.argmax(-1)
+        if labelled and labels is not None:
+            fp32_right, engine_right = ref_top == labels, cand_top == labels
+            lost = wilson_interval(int((fp32_right & ~engine_right).sum()), len(labels))
+            gained = wilson_interval(int((engine_right & ~fp32_right).sum()), len(labels))
+            return lost[0] - gained[1], lost[1] - gained[0]
+        return wilson_interval(int((ref_top != cand_top).sum()), len(ref_top))
+    if task == "embed":
+        return bootstrap_interval((1.0 - _cosine(reference, candidate)) * 100)
+    return None
+
+
+def samples_to_settle(drop: float, budget: float, interval: tuple[float, float], n: int) -> int | None:
+    """About how many more samples would put the budget outside the interval (its width falls as
+    1/sqrt(n)); None when it does not straddle."""
+    low, high = interval
+    if not low <= budget < high:
+        return None
+    half = (high - low) / 2
+    gap = abs(drop - budget)
+    if gap < 1e-9:
+        return None  # at the budget itself: no number of samples settles it
+    return max(1, int(np.ceil(n * (half / gap) ** 2)) - n)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -69,6 +141,19 @@ def metrics(task: str, reference: np.ndarray, candidate: np.ndarray,
                 "retrieval_agreement_pct": retrieval_agreement(reference, candidate)}
     error = np.abs(reference - candidate)
     return {"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean())}
+
+
+def with_interval(verdict: GateResult, interval: tuple[float, float] | None, samples: int) -> GateResult:
+    """The verdict (unchanged: the point estimate against the budget) with the drop's 95% interval,
+    and, when the interval straddles the budget, that said and how many more samples would settle it."""
+    if interval is None or verdict.drop is None:
+        return dataclasses.replace(verdict, samples=samples)
+    more = samples_to_settle(verdict.drop, verdict.budget, interval, samples) if verdict.budget is not None else None
+    message = f"{verdict.message} (95% interval {interval[0]:.3g} to {interval[1]:.3g}, {samples} samples)"
+    if verdict.budget is not None and interval[0] <= verdict.budget < interval[1]:
+        message += ("; the interval straddles the budget: " +
+                    (f"about {more} more held-out samples would settle it" if more else "the drop sits at the budget"))
+    return dataclasses.replace(verdict, message=message, interval=interval, samples=samples, more_samples=more)
 
 
 def gate(task: str, result: dict[str, float], baseline: dict[str, float] | None,
