@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+from conftest import TINY, run_cli
 from optimize import fit, validate
 from optimize.errors import CalibrationError
 
