@@ -90,18 +90,7 @@ class Samples:
     def conform(self, specs: list[TensorSpec]) -> "Samples":
         """Check names, ranks and fixed dims against the model's inputs; cast dtypes."""
         names = [s.name for s in specs]
-        if len(specs) == 1 and len(self.arrays) == 1 and names[0] not in self.arrays:
-            self.arrays = {names[0]: next(iter(self.arrays.values()))}
-        missing = [n for n in names if n not in self.arrays]
-        if missing:
-            raise CalibrationError(
-                f"data {self.source} has arrays {sorted(self.arrays)} but the model's inputs are "
-                f"{names}: missing {missing}. Name the .npz arrays after the inputs")
-        extra = [n for n in self.arrays if n not in names]
-        if extra:
-            raise CalibrationError(
-                f"data {self.source} has arrays {extra} that are not model inputs ({names}); "
-                f"labels go under the key 'labels'")
+        self.arrays = match_arrays(self.arrays, names, names, DataOrigin(self.source))
         for spec in specs:
             array = self.arrays[spec.name]
             spec.check(array, f"data {self.source}")
@@ -112,6 +101,37 @@ class Samples:
         # In the model's argument order: engines and PyTorch are fed positionally.
         self.arrays = {s.name: self.arrays[s.name].astype(s.dtype, copy=False) for s in specs}
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOrigin:
+    """Where the arrays came from, for the likely fix: a file, an image folder, or --input-shape."""
+
+    where: str
+    kind: str = "file"  # file | images | input-shape
+    grayscale: bool = False
+
+
+def match_arrays(arrays: dict[str, np.ndarray], names: list[str], required: list[str],
+                 origin: DataOrigin) -> dict[str, np.ndarray]:
+    """The data's arrays keyed and ordered by the model's input names; one line for what does not match."""
+    signature = f"forward({', '.join(names)})"
+    if len(arrays) == 1 and len(required) <= 1 and names and names[0] not in arrays:
+        return {names[0]: next(iter(arrays.values()))}
+    matched = {n: arrays[n] for n in names if n in arrays}
+    extra = [k for k in arrays if k not in matched]
+    missing = [n for n in required if n not in matched]
+    if missing and not matched and origin.kind == "file":
+        raise CalibrationError(f"data {origin.where} has arrays {sorted(arrays)}, none named after the inputs of "
+                           f"the model's {signature}: name each array after its input (labels go under 'labels')")
+    if missing:
+        fix = (f"repeat --input-shape for each, e.g. {missing[0]}:1xDIMS[:dtype]" if origin.kind == "input-shape"
+               else f"add an array named '{missing[0]}'")
+        raise CalibrationError(f"{origin.where} has no data for input(s) {missing} of the model's {signature}: {fix}")
+    if extra:
+        raise CalibrationError(f"data {origin.where} has arrays {extra} that are not inputs of the model's {signature}; "
+                           f"labels go under the key 'labels'")
+    return matched
 
 
 def load_samples(source: str, image_options: ImageOptions | None = None,

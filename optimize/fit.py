@@ -3,8 +3,8 @@
 Three checks, each ending in one line that names the input, what it is, what the model wants
 where the model tells, and the likely fix:
 
-- ``specs_from_data``: names and count (every required argument of ``forward`` has an array, no
-  array is left over), dtype (float data takes the model's parameter dtype, a wider float is cast
+- names and count (``optimize.calibration.match_arrays``: every required argument of ``forward`` has
+  an array, no array is left over) and dtype (float data takes the model's parameter dtype, a wider float is cast
   with a note; integers are never fed to a float model or the reverse);
 - ``trial_forward``: the model's own forward on two samples; a failure is explained from the first
   layer (a missing channel axis, channels-last data, one channel where three were given and the
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from optimize.calibration import DataOrigin
 from optimize.errors import CalibrationError
 
 LAYER_RANK = {"Conv1d": 3, "Conv2d": 4, "Conv3d": 5}
@@ -54,15 +55,6 @@ class FirstLayer:
         return f"integer ids below {self.width} from its first layer Embedding"
 
 
-@dataclasses.dataclass(frozen=True)
-class DataOrigin:
-    """Where the arrays came from, for the likely fix: a file, an image folder, or --input-shape."""
-
-    where: str
-    kind: str = "file"  # file | images | input-shape
-    grayscale: bool = False
-
-
 def first_layer(module: Any) -> FirstLayer | None:
     for child in module.modules():
         kind = type(child).__name__
@@ -91,28 +83,6 @@ def required_inputs(module: Any, names: list[str]) -> list[str]:
     except (TypeError, ValueError, AttributeError):
         return list(names)
     return [n for n in names if n not in parameters or parameters[n].default is inspect.Parameter.empty]
-
-
-def match_arrays(arrays: dict[str, np.ndarray], names: list[str], required: list[str],
-                 origin: DataOrigin) -> dict[str, np.ndarray]:
-    """The data's arrays keyed and ordered by the model's input names; one line for what does not match."""
-    signature = f"forward({', '.join(names)})"
-    if len(arrays) == 1 and len(required) <= 1 and names and names[0] not in arrays:
-        return {names[0]: next(iter(arrays.values()))}
-    matched = {n: arrays[n] for n in names if n in arrays}
-    extra = [k for k in arrays if k not in matched]
-    missing = [n for n in required if n not in matched]
-    if missing and not matched and origin.kind == "file":
-        raise DataFitError(f"data {origin.where} has arrays {sorted(arrays)}, none named after the inputs of "
-                           f"the model's {signature}: name each array after its input (labels go under 'labels')")
-    if missing:
-        fix = (f"repeat --input-shape for each, e.g. {missing[0]}:1xDIMS[:dtype]" if origin.kind == "input-shape"
-               else f"add an array named '{missing[0]}'")
-        raise DataFitError(f"{origin.where} has no data for input(s) {missing} of the model's {signature}: {fix}")
-    if extra:
-        raise DataFitError(f"data {origin.where} has arrays {extra} that are not inputs of the model's {signature}; "
-                           f"labels go under the key 'labels'")
-    return matched
 
 
 def float_dtype_for(name: str, array: np.ndarray, model_dtype: str, origin: DataOrigin,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from optimize.calibration import ImageOptions, Samples, load_samples
+from optimize.calibration import DataOrigin, ImageOptions, Samples, load_samples, match_arrays
 from optimize.checkpoint import LoadedModel, load_checkpoint
 from optimize.errors import CalibrationError, InputSpecError
 from optimize.passes.export import output_names_for, torch_outputs
@@ -78,11 +78,11 @@ def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
     return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
 
-def _origin(plan: BuildPlan, source: str | None) -> fit.DataOrigin:
+def _origin(plan: BuildPlan, source: str | None) -> DataOrigin:
     if source is None:
-        return fit.DataOrigin("--input-shape", "input-shape")
+        return DataOrigin("--input-shape", "input-shape")
     kind = "images" if Path(source).is_dir() else "file"
-    return fit.DataOrigin(source, kind, plan.data.image.grayscale)
+    return DataOrigin(source, kind, plan.data.image.grayscale)
 
 
 def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None, notes: list[str]) -> list[TensorSpec]:
@@ -91,7 +91,7 @@ def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None, notes:
     required = fit.required_inputs(loaded.module, names)
     if plan.data.input_shapes:
         parsed = parse_input_shapes(plan.data.input_shapes, names)
-        fit.match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(plan, None))
+        match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(plan, None))
         return [dynamic_spec(n, s, d, sequence=np.dtype(d).kind in "iu" and len(s) == 2)
                 for n, s, d in parsed]
     if samples is None:
@@ -99,7 +99,7 @@ def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None, notes:
                              "input shapes are known")
     origin = _origin(plan, plan.data.calib)
     if names:
-        samples.arrays = fit.match_arrays(samples.arrays, names, required, origin)
+        samples.arrays = match_arrays(samples.arrays, names, required, origin)
     model_dtype = fit.model_float_dtype(loaded.module)
     return [dynamic_spec(n, a.shape, fit.float_dtype_for(n, a, model_dtype, origin, notes),
                          sequence=a.dtype.kind in "iu" and a.ndim == 2)
