@@ -254,7 +254,8 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
         if plan.max_accuracy_drop is None:
             plan = dataclasses.replace(plan, max_accuracy_drop=validate.DEFAULT_MAX_DROP[prepared.task])
         say(f"task: {prepared.task}{' (inferred)' if prepared.task_inferred else ''}; "
-            f"{len(prepared.held_out)} held-out samples")
+            f"{len(prepared.held_out)} held-out samples"
+            + (f", {len(prepared.selection)} for selection" if prepared.selection is not None else ""))
         text = None
         if plan.data.tokenizer:  # checked before any long stage; serving then takes strings
             from optimize.tokenizer import text_section
@@ -346,6 +347,8 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export_dir: P
         data={"held_out_samples": len(held), "held_out_source": held.source, "held_out_sha256": held.sha256,
               "calibration_samples": len(prepared.calibration) if prepared.calibration else 0,
               "calibration_sha256": prepared.calibration.sha256 if prepared.calibration else None,
+              "selection_samples": len(prepared.selection) if prepared.selection else 0,
+              "train_samples": len(prepared.train) if prepared.train else 0,
               "eval_samples": len(prepared.evaluation) if prepared.evaluation else 0,
               "image_preprocessing": plan.data.image.to_json(), "notes": prepared.notes,
               "chance_level": prepared.chance.to_json() if prepared.chance else None},

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from optimize.plan import BuildPlan
 
 RANDOM_HELD_OUT = 64
+# The selection split: what recovery and INT8 candidates are chosen on, never the gate's held-out
+# data (choosing on it would bias the gate). A tenth of the data, at most this many samples.
+SELECTION_FRACTION = 0.1
+MAX_SELECTION = 1000
+MIN_SELECTION = 20
 
 
 @dataclasses.dataclass
@@ -43,6 +48,16 @@ class Prepared:
     long_held: Samples | None = None  # held-out token rows at the serving length, when beyond the data's
     long_reference: dict[str, np.ndarray] | None = None
     chance: validate.ChanceLevel | None = None
+    train: Samples | None = None  # every sample neither held out nor selection: all of it for recovery
+    selection: Samples | None = None  # chooses recovery's stopping point and INT8 candidates
+    selection_reference: dict[str, np.ndarray] | None = None
+
+    def selection_split(self) -> tuple[Samples, dict[str, np.ndarray], str]:
+        """(samples, FP32 reference outputs, name) to choose on: the selection split, or where the data
+        were too few for one, the held-out data (said in the name, and in the build's notes)."""
+        if self.selection is not None and self.selection_reference is not None:
+            return self.selection, self.selection_reference, "selection split"
+        return self.held_out, self.reference, "held-out data (too few samples for a selection split)"
 
 
 ATTENTION_OPS = ("matmul", "bmm", "scaled_dot_product_attention", "baddbmm")
@@ -219,16 +234,21 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
     if samples is not None:
         task = _fitted(plan, loaded, samples, specs, plan.data.calib, plan.task, notes)
         max_held = min(plan.data.max_held_out, max(1, len(samples) - 1))
-        calibration, held_out = samples.split(plan.data.held_out_fraction, plan.data.seed, max_held)
+        train, held_out = samples.split(plan.data.held_out_fraction, plan.data.seed, max_held)
+        train, selection = _selection(train, len(samples), plan.data.seed)
+        calibration = train
         if len(calibration) > plan.data.max_calib_samples:
             calibration = calibration.take(np.arange(plan.data.max_calib_samples))
     else:
-        calibration, held_out = None, _random_samples(specs, plan.data.seed)
+        calibration, held_out, train, selection = None, _random_samples(specs, plan.data.seed), None, None
         task = _fitted(plan, loaded, held_out, specs, None, plan.task, notes)
         notes.append("no --calib data: accuracy is measured on random inputs and INT8 cannot be calibrated")
     reference = run_reference(loaded.module, held_out, None)
     prepared = Prepared(loaded, specs, list(reference), task, plan.task is None, calibration,
-                        held_out, reference, notes=notes, model_kind=model_kind(specs, loaded.module))
+                        held_out, reference, notes=notes, model_kind=model_kind(specs, loaded.module),
+                        train=train, selection=selection)
+    if selection is not None:
+        prepared.selection_reference = run_reference(loaded.module, selection, prepared.output_names)
     if plan.data.eval_data:
         prepared.evaluation = load_labelled(plan, prepared, plan.data.eval_data, "--eval-data")
         prepared.eval_reference = run_reference(loaded.module, prepared.evaluation, prepared.output_names)
@@ -238,6 +258,16 @@ def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
         say(f"note: {note}")
     _chance_check(plan, prepared, say)
     return prepared
+
+
+def _selection(rest: Samples, total: int, seed: int) -> tuple[Samples, Samples | None]:
+    """(the rest, the selection split): a tenth of all samples from what is not held out, when that
+    leaves at least as many for calibration and recovery."""
+    count = min(MAX_SELECTION, int(round(total * SELECTION_FRACTION)))
+    if count < MIN_SELECTION or len(rest) - count < MIN_SELECTION:
+        return rest, None
+    train, selection = rest.split(count / len(rest), seed + 1)
+    return train, Samples(selection.arrays, selection.labels, f"{rest.source} (selection split)")
 
 
 def _serving_length(plan: BuildPlan, prepared: Prepared) -> None:
@@ -289,6 +319,17 @@ def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared
         if verdict.passed and not at_length.passed:
             verdict = dataclasses.replace(at_length, message=f"at {length} tokens: {at_length.message}")
     return {"accuracy": accuracy, "gate": verdict.to_json()}
+
+
+def judge_selection(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared,
+                    max_drop: float | None) -> dict[str, Any]:
+    """A model (``run(samples) -> outputs``) judged on the selection split against the original FP32
+    model: its metrics and verdict, for choosing among candidates without touching the gate's data."""
+    samples, reference, name = prepared.selection_split()
+    first = prepared.output_names[0]
+    outputs = run(samples)
+    result, verdict = validate.judge(prepared.task, reference[first], outputs[first], samples.labels, max_drop)
+    return {"data": name, "samples": len(samples), "metrics": result, "gate": verdict.to_json()}
 
 
 def evaluate_runner(runner: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from optimize.cache import Stage, StageCache
 from optimize.calibration import Samples
-from optimize.prepare import Prepared, evaluate_runner
+from optimize.prepare import Prepared, evaluate_runner, judge_selection
 from optimize.targets import registry
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, RunnerConfig, engine_size
 
@@ -77,6 +77,13 @@ def evaluate_folder(backend: Backend, folder: Path, runner_config: RunnerConfig,
         return evaluate_runner(runner, prepared, max_drop), runner.settings
 
 
+def select_folder(backend: Backend, folder: Path, runner_config: RunnerConfig, prepared: Prepared,
+                  max_drop: float | None) -> dict[str, Any]:
+    """The engine in ``folder`` judged on the selection split."""
+    with backend.runner(folder, runner_config) as runner:
+        return judge_selection(lambda samples: runner.infer_all(samples.batches(32)), prepared, max_drop)
+
+
 def run_target(plan: Any, target: str, prepared: Prepared, inputs: BuildInputs, onnx_sha: str,
                cache: StageCache, say: Callable[[str], None]) -> dict[str, Any]:
     """The target's manifest record (as JSON fields): built and within budget, failed with the
@@ -101,14 +108,16 @@ def run_target(plan: Any, target: str, prepared: Prepared, inputs: BuildInputs, 
     entry["precision"] = result.pop("precision", None) or info.precision  # torch-compile: fp16 on a GPU
     entry.update(result, runner_settings=settings, cache_folder=str(folder), **evaluation)
     if not evaluation["gate"]["passed"] and config.precision == "int8" and plan.quant.recover_accuracy:
-        say(f"{target}: {evaluation['gate']['message']}; keeping sensitive layers in higher precision")
+        say(f"{target}: {evaluation['gate']['message']}; searching INT8 variants")
+        selection, selection_reference, selection_name = prepared.selection_split()
         context = RecoveryContext(
             inputs=inputs, config=config, calibration=calibration, built=folder, held_out=prepared.held_out,
             reference=prepared.reference, task=prepared.task, max_drop=plan.max_accuracy_drop,
             build=lambda trial, label, builder=None, extra=None: build_engine(
                 backend, target, inputs, hashes, trial, calibration, cache, label, builder, extra),
             evaluate=lambda path: evaluate_folder(backend, path, plan.runner, prepared, plan.max_accuracy_drop),
-            say=say)
+            say=say, selection=selection, selection_reference=selection_reference, selection_name=selection_name,
+            select=lambda path: select_folder(backend, path, plan.runner, prepared, plan.max_accuracy_drop))
         recovered = backend.recover(context)
         if recovered is not None:
             recovered.pop("precision", None)

@@ -156,6 +156,16 @@ def with_interval(verdict: GateResult, interval: tuple[float, float] | None, sam
     return dataclasses.replace(verdict, message=message, interval=interval, samples=samples, more_samples=more)
 
 
+def judge(task: str, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+          max_drop: float | None) -> tuple[dict[str, float], GateResult]:
+    """Metrics and verdict (top-1 agreement, cosine or max error: never labelled accuracy, which needs
+    the FP32 model's own labelled score as the baseline) with the drop's interval, of ``candidate``
+    against ``reference``: how a selection split judges a candidate engine or a recovery step."""
+    result = metrics(task, reference, candidate, labels)
+    verdict = gate(task, result, None, max_drop)
+    return result, with_interval(verdict, drop_interval(task, reference, candidate, labels, False), len(reference))
+
+
 def gate(task: str, result: dict[str, float], baseline: dict[str, float] | None,
          max_drop: float | None) -> GateResult:
     """Decide whether ``result`` is within ``max_drop`` (see module docstring for units)."""

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 INT8_SCHEMES = ("static", "dynamic", "weights")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+ALL_NODES = "*"  # in ``keep_fp32``: every node stays FP32 (the guarantee that a search can reach FP32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +139,9 @@ class RecoveryContext:
     """What a backend's accuracy recovery works with: the build it improves on and ways to build
     a variant through the stage cache and to measure one against the FP32 model.
 
-    ``build(config, label, extra_key)`` -> (folder, result) builds ``config`` through the cache;
-    ``evaluate(folder)`` -> (evaluation, runner settings) runs the accuracy gate on an engine folder.
+    ``build(config, label, builder, extra)`` -> (folder, result) builds ``config`` through the cache;
+    ``select(folder)`` judges an engine on the selection split (what candidates are chosen on);
+    ``evaluate(folder)`` -> (evaluation, runner settings) runs the accuracy gate on the held-out data.
     """
 
     inputs: BuildInputs
@@ -153,6 +155,16 @@ class RecoveryContext:
     build: Callable[..., tuple[Path, dict[str, Any]]]
     evaluate: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]]
     say: Callable[[str], None]
+    selection: "Samples | None" = None  # what candidates are chosen on (None: the held-out data)
+    selection_reference: dict[str, np.ndarray] | None = None
+    selection_name: str = "held-out data"
+    select: Callable[[Path], dict[str, Any]] | None = None
+
+    def choice_data(self) -> tuple["Samples", dict[str, np.ndarray]]:
+        """The samples and FP32 outputs to choose on: the selection split where there is one."""
+        if self.selection is not None and self.selection_reference is not None:
+            return self.selection, self.selection_reference
+        return self.held_out, self.reference
 
 
 class Backend(abc.ABC):

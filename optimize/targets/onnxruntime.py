@@ -10,8 +10,8 @@ INT8 schemes (``--int8-scheme``):
   engine carries ``session_options.json`` turning off ONNX Runtime's QDQ fusions, so constant
   folding dequantizes the weights once at load instead of on every run (FP32 speed, not 0.6x).
 
-Accuracy recovery (static INT8): the nodes that add the most error are kept in FP32, see
-``OnnxRuntimeBackend.recover``.
+Accuracy recovery (static INT8): other calibrations, then the quantized nodes that add the most
+error kept in FP32, chosen on the selection split; see ``OnnxRuntimeBackend.recover``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import dataclasses
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,13 @@ import numpy as np
 from optimize.calibration import Samples
 from optimize.errors import BuildError
 from optimize.specs import TensorSpec
-from optimize.targets.base import (INT8_SCHEMES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner,
+from optimize.targets.base import (ALL_NODES, CALIBRATION_METHODS, INT8_SCHEMES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner,
                                    RunnerConfig, TritonEntry)
 
 ENGINE_FILE = "model.onnx"
 SESSION_OPTIONS_FILE = "session_options.json"
 RECOVERY_BUDGET_S = 300.0
 SENSITIVITY_SAMPLES = 32
-QUANTIZABLE = ("Conv", "MatMul", "Gemm")
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
                "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
@@ -46,7 +44,7 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: an ``.onnx`` graph (FP32, Q/DQ INT8 or weight-only INT8) run by an InferenceSession."""
 
     name = "onnxruntime"
-    modules = ("optimize.targets.onnxruntime", "optimize.targets.base", "optimize.passes.weight_only",
+    modules = ("optimize.targets.onnxruntime", "optimize.targets.base", "optimize.candidates", "optimize.passes.weight_only",
                "optimize.passes.ort_calibration", "optimize.calibration", "optimize.factory", "optimize.specs", "optimize.errors",
                "optimize.validate")
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
@@ -84,31 +82,49 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeRunner(folder, config)
 
     def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
-        """Keep the most sensitive Conv/MatMul/Gemm nodes in FP32, in growing steps (1, 2, 4, ...)
-        until the gate passes or the time budget runs out. Nodes are ranked by the error each adds
-        over its inputs on held-out samples."""
+        """Static INT8 over budget: first every other calibration method and weight granularity, the
+        best kept; then the most sensitive quantized nodes (any op with Q/DQ at its inputs, not only
+        Conv/MatMul/Gemm) kept in FP32 in growing steps (1, 2, 4, ... all of them, which is the FP32
+        graph), until the selection split and then the gate are within budget. Nodes are ranked by
+        the error each adds over its inputs on the selection split. One ``CandidateSearch``."""
+        from optimize.candidates import Candidate, CandidateSearch, calibration_candidates, growing
+
         if context.config.int8_scheme != "static":
             return None
-        count = min(SENSITIVITY_SAMPLES, len(context.held_out))
-        feeds = list(context.held_out.take(np.arange(count)).batches(8))
-        ranking = sensitivity_ranking(context.inputs.onnx, context.built / ENGINE_FILE, feeds)
-        deadline = time.monotonic() + RECOVERY_BUDGET_S
-        best = None
-        k = 1
-        while k <= len(ranking) and time.monotonic() < deadline:
-            keep = tuple(name for name, _ in ranking[:k])
-            trial = dataclasses.replace(context.config, keep_fp32=keep)
-            folder, result = context.build(trial, "keep")
-            evaluation, settings = context.evaluate(folder)
-            context.say(f"kept {k} node(s) in FP32: {evaluation['gate']['message']}")
-            best = {**result, **evaluation, "cache_folder": str(folder), "runner_settings": settings,
-                    "build_config": trial.to_json(),
-                    "recovery": {"method": "exclude most sensitive nodes", "kept_fp32": list(keep),
-                                 "candidates": len(ranking)}}
-            if evaluation["gate"]["passed"]:
-                return best
-            k *= 2
-        return best
+        method = "calibration variants, then sensitive nodes kept in FP32"
+        search = CandidateSearch(context, RECOVERY_BUDGET_S)
+        first = search.judge(Candidate("first", context.config, f"{context.config.calib_method} calibration, "
+                                       f"per-{'channel' if context.config.per_channel else 'tensor'} weights "
+                                       f"(as built)"))
+        calibrated = search.best(calibration_candidates(context.config, CALIBRATION_METHODS))
+        best = min([j for j in (first, calibrated) if j is not None], key=lambda j: j.drop)
+        gate_passed = {}
+
+        def within_gate(judged) -> bool:
+            if judged.folder not in gate_passed:
+                gate_passed[judged.folder] = context.evaluate(judged.folder)[0]["gate"]["passed"]
+            return gate_passed[judged.folder]
+
+        if best.passed and within_gate(best):
+            return search.finish(best, "the best calibration within budget on the selection split", method)
+        samples, _ = context.choice_data()
+        count = min(SENSITIVITY_SAMPLES, len(samples))
+        feeds = list(samples.take(np.arange(count)).batches(8))
+        ranking = sensitivity_ranking(context.inputs.onnx, best.folder / ENGINE_FILE, feeds)
+        base = best.candidate.config
+        candidates = (Candidate(f"keep-{k}", dataclasses.replace(base, keep_fp32=tuple(n for n, _ in ranking[:k])),
+                                f"{k} of {len(ranking)} quantized nodes in FP32"
+                                + (" (all: the FP32 graph)" if k == len(ranking) else ""))
+                      for k in growing(len(ranking)))
+        chosen = search.first_within(candidates, within_gate)
+        if chosen is None or not chosen.passed:
+            chosen = min(search.judged, key=lambda j: j.drop)
+            reason = ("no candidate within budget on the selection split" +
+                      (" before the time budget ran out" if search.skipped else "") + ": the smallest drop")
+        else:
+            reason = "the fewest FP32 nodes within budget on the selection split and the gate"
+        kept = list(chosen.candidate.config.keep_fp32)
+        return search.finish(chosen, reason, method, kept_fp32=kept, ranked_nodes=len(ranking))
 
     def triton_notes(self, folder: Path) -> list[str]:
         options = folder / SESSION_OPTIONS_FILE
@@ -137,12 +153,17 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
                  "CalibMovingAverage": False}
         if config.calib_method == "percentile":
             extra["CalibPercentile"] = 99.99
+        excluded = list(config.keep_fp32)
+        if ALL_NODES in excluded:
+            import onnx
+
+            excluded = [n.name for n in onnx.load(str(prepared)).graph.node if n.name]
         reader = calibration_reader(calibration, config.calib_batch_size, "calibrating ort-int8")
         try:
             quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                             per_channel=config.per_channel, reduce_range=False,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(config.keep_fp32) or None,
+                            nodes_to_exclude=excluded or None,
                             calibrate_method=calibration_method(config.calib_method), extra_options=extra)
         except Exception as exc:  # ONNX Runtime's quantizer refused the graph (--debug shows why)
             raise BuildError(f"ONNX Runtime static quantization failed: {exc}") from exc
@@ -165,15 +186,27 @@ def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dic
             "per_channel": config.per_channel, "kept_fp32": list(config.keep_fp32)}
 
 
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def quantized_nodes(int8_graph: Any) -> list[Any]:
+    """The nodes of a Q/DQ graph that read a dequantized tensor: every candidate for FP32."""
+    dequantized = {n.output[0] for n in int8_graph.node if n.op_type == "DequantizeLinear"}
+    return [n for n in int8_graph.node if n.op_type not in QDQ_OPS and n.name
+            and any(i in dequantized for i in n.input)]
+
+
 def sensitivity_ranking(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
-    """(node name, error it adds) for quantized nodes, worst first."""
+    """(node name, error it adds) for every quantized node of ``int8_path``, worst first: the relative
+    error of its output against the FP32 graph's, less the worst already at its inputs."""
     import onnx
     import onnxruntime as ort
 
-    fp32 = onnx.load(str(fp32_path))
-    nodes = [n for n in fp32.graph.node if n.op_type in QUANTIZABLE]
-    produced_by = {o: n for n in fp32.graph.node for o in n.output}
-    tensors = sorted({n.output[0] for n in nodes})
+    int8 = onnx.load(str(int8_path))
+    fp32_tensors = {o for n in onnx.load(str(fp32_path)).graph.node for o in n.output}
+    nodes = quantized_nodes(int8.graph)
+    produced_by = {o: n for n in int8.graph.node for o in n.output}
+    tensors = sorted({o for n in int8.graph.node if n.op_type not in QDQ_OPS for o in n.output} & fp32_tensors)
 
     def outputs_of(path: Path) -> dict[str, np.ndarray]:
         model = onnx.load(str(path))
@@ -182,37 +215,41 @@ def sensitivity_ranking(fp32_path: Path, int8_path: Path, feeds: list[dict[str, 
         for name in tensors:
             if name in available and name not in existing:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs() if o.name in tensors]
         collected: dict[str, list] = {n: [] for n in names}
         for feed in feeds:
             for name, value in zip(names, session.run(names, feed)):
-                collected[name].append(value)
-        return {k: np.concatenate(v) for k, v in collected.items()}
+                collected[name].append(np.asarray(value))
+        return {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in collected.items()}
 
     ref, got = outputs_of(fp32_path), outputs_of(int8_path)
 
     def error(name: str) -> float:
-        if name not in ref or name not in got:
+        if name not in ref or name not in got or ref[name].dtype.kind != "f" or ref[name].shape != got[name].shape:
             return 0.0
         r, g = ref[name].astype(np.float64), got[name].astype(np.float64)
         return float(np.linalg.norm(r - g) / max(np.linalg.norm(r), 1e-12))
 
     def upstream_error(node) -> float:
-        # Error already present at the node's input: nearest tracked producers upstream.
+        # Error already present at the node's inputs: nearest tracked producers upstream (through Q/DQ).
         seen, frontier, worst = set(), list(node.input), 0.0
         while frontier:
             name = frontier.pop()
             if name in seen:
                 continue
             seen.add(name)
-            if name in ref:
+            producer = produced_by.get(name)
+            if name in ref and (producer is None or producer.op_type not in QDQ_OPS):
                 worst = max(worst, error(name))
-            elif name in produced_by:
-                frontier.extend(produced_by[name].input)
+            elif producer is not None:
+                frontier.extend(producer.input)
         return worst
 
-    ranked = [(n.name, error(n.output[0]) - upstream_error(n)) for n in nodes]
+    ranked = [(n.name, max((error(o) for o in n.output), default=0.0) - upstream_error(n)) for n in nodes]
     return sorted(ranked, key=lambda item: item[1], reverse=True)
 
 

@@ -8,12 +8,15 @@ model type when the model is one), ``weights`` (``nncf.compress_weights``: int8 
 per-channel weights). NNCF's range estimators are min-max or quantile (``percentile``); it has no
 entropy calibration and OpenVINO has no dynamic scheme: both are errors, not substitutes.
 
-Accuracy recovery is NNCF's accuracy-controlled quantization; the vendor cross-check of our
+Accuracy recovery tries the other range estimators and weight granularities, then NNCF's
+accuracy-controlled quantization, then every op in NNCF's ignored scope (the FP32 graph), all
+judged on the selection split; the vendor cross-check of our
 latency harness is OpenVINO's ``benchmark_app`` on the same files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from pathlib import Path
 from typing import Any, Callable
@@ -23,10 +26,11 @@ import numpy as np
 from optimize.calibration import Samples
 from optimize.errors import BuildError
 from optimize.specs import TensorSpec
-from optimize.targets.base import (Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner, RunnerConfig,
+from optimize.targets.base import (ALL_NODES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner, RunnerConfig,
                                    TritonEntry)
 
 ENGINE_FILES = ["model.xml", "model.bin"]
+RECOVERY_BUDGET_S = 300.0
 
 
 def _read(onnx_path: Path):
@@ -45,7 +49,7 @@ class OpenVinoBackend(Backend):
     """OpenVINO on the CPU: ``model.xml``/``model.bin`` (FP32, or INT8 by NNCF) compiled by OpenVINO."""
 
     name = "openvino"
-    modules = ("optimize.targets.openvino", "optimize.targets.base", "optimize.calibration", "optimize.factory", "optimize.specs",
+    modules = ("optimize.targets.openvino", "optimize.targets.base", "optimize.candidates", "optimize.calibration", "optimize.factory", "optimize.specs",
                "optimize.errors", "optimize.validate")
     triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
 
@@ -67,38 +71,39 @@ class OpenVinoBackend(Backend):
         return OpenVinoRunner(folder, config)
 
     def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
-        """NNCF's accuracy-controlled quantization: it ranks and reverts quantizers itself against
-        the held-out agreement with the FP32 model."""
+        """Static INT8 over budget: every other range estimator and weight granularity, the best
+        kept; then NNCF's accuracy-controlled quantization (it ranks and reverts quantizers itself)
+        against agreement with the FP32 model on the selection split; last, every op in the ignored
+        scope, which is the FP32 graph. One ``CandidateSearch``."""
+        from optimize.candidates import Candidate, CandidateSearch, calibration_candidates
+
         if context.config.int8_scheme != "static":
             return None
-        first = next(iter(context.reference))
-        reference, task = context.reference[first], context.task
-        items = list(context.held_out.batches(1))
-
-        def metric(outputs: list[dict[str, np.ndarray]]) -> float:
-            from optimize import validate
-
-            got = np.concatenate([next(iter(o.values())) for o in outputs])
-            result = validate.metrics(task, reference[:len(got)], got)
-            if task == "classify":
-                return result["top1_agreement_pct"] / 100
-            if task == "embed":
-                return result["mean_cosine"]
-            return -result["max_abs_error"]
-
-        budget = context.max_drop if task == "regress" else context.max_drop / 100
-        control = AccuracyControl(items, metric, budget, "held-out agreement with FP32")
+        method = "calibration variants, then nncf.quantize_with_accuracy_control, then all ops ignored"
+        search = CandidateSearch(context, RECOVERY_BUDGET_S)
+        config = context.config
+        first = search.judge(Candidate("first", config, f"{config.calib_method} calibration, "
+                                       f"per-{'channel' if config.per_channel else 'tensor'} weights (as built)"))
+        calibrated = search.best(calibration_candidates(config, ("minmax", "percentile")))
+        best = min([j for j in (first, calibrated) if j is not None], key=lambda j: j.drop)
+        if best.passed:
+            return search.finish(best, "the best calibration within budget on the selection split", method)
+        control = _accuracy_control(context, best.candidate.config)
 
         def builder(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
             return build_engine(inputs, config, calibration, workdir, accuracy_control=control)
 
-        folder, result = context.build(context.config, "accuracy-control", builder=builder,
-                                       extra={"accuracy_control": budget, "metric": "held-out agreement",
-                                              "held_out": context.held_out.sha256})
-        evaluation, settings = context.evaluate(folder)
-        context.say(f"accuracy control: {evaluation['gate']['message']}")
-        return {**result, **evaluation, "cache_folder": str(folder), "runner_settings": settings,
-                "recovery": {"method": "nncf.quantize_with_accuracy_control"}}
+        selection, _ = context.choice_data()
+        controlled = search.first_within([
+            Candidate("accuracy-control", best.candidate.config, "NNCF accuracy control", builder,
+                      {"accuracy_control": control.max_drop, "metric": control.metric_name,
+                       "data": selection.sha256}),
+            Candidate("keep-all", dataclasses.replace(best.candidate.config, keep_fp32=(ALL_NODES,)),
+                      "every op in the ignored scope (the FP32 graph)")])
+        chosen = controlled if controlled is not None and controlled.passed else min(search.judged, key=lambda j: j.drop)
+        reason = ("within budget on the selection split" if chosen.passed else
+                  "no candidate within budget on the selection split: the smallest drop")
+        return search.finish(chosen, reason, method)
 
     def vendor_benchmark(self, folder: Path, shapes: str, threads: int, seconds: int) -> list[str] | str | None:
         """OpenVINO's ``benchmark_app``: synchronous, latency hint, FP32 inference precision like our Runner."""
@@ -143,15 +148,18 @@ def build_engine(inputs: BuildInputs, config: BuildConfig, calibration: Samples 
     details: dict[str, Any] = {"scheme": "static", "model_type": config.model_kind,
                                "calib_method": config.calib_method, "calib_samples": len(calibration),
                                "preset": "performance (symmetric)"}
+    ignored = _ignored_scope(config.keep_fp32)
+    if config.keep_fp32:
+        details["ignored_scope"] = list(config.keep_fp32)
     try:
         if accuracy_control is None:
             model = nncf.quantize(model, dataset, subset_size=len(calibration), model_type=model_type,
-                                  advanced_parameters=advanced)
+                                  ignored_scope=ignored, advanced_parameters=advanced)
         else:
             model = nncf.quantize_with_accuracy_control(
                 model, dataset, nncf.Dataset(accuracy_control.items), accuracy_control.validate,
                 max_drop=accuracy_control.max_drop, drop_type=nncf.DropType.ABSOLUTE,
-                subset_size=len(calibration), model_type=model_type,
+                subset_size=len(calibration), model_type=model_type, ignored_scope=ignored,
                 advanced_quantization_parameters=advanced)
             details["accuracy_control"] = {"max_drop": accuracy_control.max_drop,
                                            "metric": accuracy_control.metric_name}
@@ -161,13 +169,48 @@ def build_engine(inputs: BuildInputs, config: BuildConfig, calibration: Samples 
     return Engine(list(ENGINE_FILES), details)
 
 
+def _ignored_scope(keep_fp32: tuple[str, ...]):
+    """NNCF's ignored scope for ops kept in FP32: names, or every op for ``ALL_NODES``."""
+    import nncf
+
+    if not keep_fp32:
+        return None
+    if ALL_NODES in keep_fp32:
+        return nncf.IgnoredScope(patterns=[".*"], validate=False)
+    return nncf.IgnoredScope(names=list(keep_fp32), validate=False)
+
+
 def _advanced(config: BuildConfig):
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    estimator = (RangeEstimatorParametersSet.QUANTILE if config.calib_method == "percentile"
+    estimator = (RangeEstimatorParametersSet.MEAN_QUANTILE if config.calib_method == "percentile"
                  else RangeEstimatorParametersSet.MINMAX)
-    return AdvancedQuantizationParameters(activations_range_estimator_params=estimator)
+    return AdvancedQuantizationParameters(activations_range_estimator_params=estimator,
+                                          weights_quantization_params=QuantizationParameters(
+                                              per_channel=config.per_channel))
+
+
+def _accuracy_control(context: RecoveryContext, config: BuildConfig) -> "AccuracyControl":
+    """NNCF's accuracy control judged by agreement with the FP32 model on the selection split."""
+    samples, references = context.choice_data()
+    first = next(iter(references))
+    reference, task = references[first], context.task
+    items = list(samples.batches(1))
+
+    def metric(outputs: list[dict[str, np.ndarray]]) -> float:
+        from optimize import validate
+
+        got = np.concatenate([next(iter(o.values())) for o in outputs])
+        result = validate.metrics(task, reference[:len(got)], got)
+        if task == "classify":
+            return result["top1_agreement_pct"] / 100
+        if task == "embed":
+            return result["mean_cosine"]
+        return -result["max_abs_error"]
+
+    budget = context.max_drop if task == "regress" else context.max_drop / 100
+    return AccuracyControl(items, metric, budget, f"agreement with FP32 on the {context.selection_name}")
 
 
 class AccuracyControl:

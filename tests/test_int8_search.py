@@ -1,0 +1,88 @@
+"""The INT8 search can reach FP32: every candidate node kept in FP32 gives the FP32 engine's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from optimize.calibration import Samples
+from optimize.targets.base import ALL_NODES, BuildConfig, BuildInputs
+
+
+@pytest.fixture(scope="module")
+def se_model(tmp_path_factory):
+    """A small CNN with a squeeze-excitation Mul, a residual Add and pooling, exported to ONNX."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1), nn.SiLU(), nn.Conv2d(4, 8, 1),
+                                    nn.Sigmoid())
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            y = nn.functional.silu(self.dw(x))
+            y = y * self.se(y)
+            x = nn.functional.max_pool2d(x + y, 2)
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("se")
+    model = Net().eval()
+    x = np.random.default_rng(0).standard_normal((48, 3, 12, 12)).astype(np.float32)
+    torch.onnx.export(model, (torch.from_numpy(x[:2]),), str(folder / "model.onnx"), input_names=["x"],
+                      output_names=["out"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return folder / "model.onnx", Samples({"x": x}, None, "random"), folder
+
+
+def _run(backend, folder, samples):
+    with backend.runner(folder) as runner:
+        return runner.infer_all(samples.batches(16))["out"]
+
+
+def test_ort_ranking_covers_every_quantized_node_and_all_kept_is_fp32(se_model, tmp_path):
+    from optimize.targets import onnxruntime as ort_target
+
+    onnx_path, samples, _ = se_model
+    backend = ort_target.BACKEND
+    fp32 = backend.build(BuildInputs(onnx_path), BuildConfig("fp32"), None, tmp_path / "fp32")
+    assert fp32.files
+    config = BuildConfig("int8", "static")
+    backend.build(BuildInputs(onnx_path), config, samples, tmp_path / "int8")
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    quantized = ort_target.quantized_nodes(graph)
+    kinds = {n.op_type for n in quantized}
+    assert {"Conv", "Gemm"} <= kinds and kinds - {"Conv", "Gemm", "MatMul"}, kinds  # not only weight ops
+    ranking = ort_target.sensitivity_ranking(onnx_path, tmp_path / "int8" / "model.onnx",
+                                             list(samples.take(np.arange(16)).batches(8)))
+    assert sorted(n for n, _ in ranking) == sorted(n.name for n in quantized)
+    reference = _run(backend, tmp_path / "fp32", samples)
+    int8 = _run(backend, tmp_path / "int8", samples)
+    assert np.abs(int8 - reference).max() > 1e-4  # the INT8 engine really differs
+    for keep, name in [((ALL_NODES,), "all"), (tuple(n for n, _ in ranking), "named")]:
+        backend.build(BuildInputs(onnx_path), BuildConfig("int8", "static", keep_fp32=keep), samples, tmp_path / name)
+        kept = onnx.load(str(tmp_path / name / "model.onnx")).graph
+        assert not [n for n in kept.node if n.op_type == "QuantizeLinear"], name
+        np.testing.assert_allclose(_run(backend, tmp_path / name, samples), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_openvino_all_in_ignored_scope_is_fp32(se_model, tmp_path):
+    from optimize.targets import openvino as ov_target
+
+    onnx_path, samples, _ = se_model
+    backend = ov_target.BACKEND
+    backend.build(BuildInputs(onnx_path), BuildConfig("fp32"), None, tmp_path / "fp32")
+    backend.build(BuildInputs(onnx_path), BuildConfig("int8", "static"), samples, tmp_path / "int8")
+    assert "FakeQuantize" in (tmp_path / "int8" / "model.xml").read_text()
+    backend.build(BuildInputs(onnx_path), BuildConfig("int8", "static", keep_fp32=(ALL_NODES,)), samples,
+                  tmp_path / "all")
+    assert "FakeQuantize" not in (tmp_path / "all" / "model.xml").read_text()
+    reference = _run(backend, tmp_path / "fp32", samples)
+    assert np.abs(_run(backend, tmp_path / "int8", samples) - reference).max() > 1e-4
+    np.testing.assert_allclose(_run(backend, tmp_path / "all", samples), reference, rtol=1e-5, atol=1e-5)
