@@ -60,8 +60,10 @@ def _tensors(samples: Samples, names: list[str], index: np.ndarray | slice) -> t
 
 
 def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
-    """Calibration data (unlabelled is fine) plus ``--train-data`` (labelled) when given."""
-    parts = [prepared.calibration] if prepared.calibration is not None else []
+    """All the ``--calib`` data not held out for the gate or kept for selection (unlabelled is fine;
+    the calibration cap does not apply), plus ``--train-data`` (labelled) when given."""
+    own = prepared.train if prepared.train is not None else prepared.calibration
+    parts = [own] if own is not None else []
     if plan.data.train_data:
         parts.append(load_labelled(plan, prepared, plan.data.train_data, "--train-data"))
     if not parts:
@@ -93,20 +95,42 @@ def _recover(original: Any, pruned: Any, data: Samples | None, prepared: Prepare
              accuracy: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     """Distil the pruned model towards the original; (the recovery report or None, warnings)."""
     distill_config = config.distill
-    if distill_config.steps <= 0 or data is None:
-        why = "--recover-steps 0" if distill_config.steps <= 0 else "no --calib or --train-data to learn from"
+    if not distill_config.enabled or data is None:
+        why = "--recover-steps 0" if not distill_config.enabled else "no --calib or --train-data to learn from"
         return None, [f"the pruned model was NOT recovered ({why}): expect a large accuracy drop"]
     names = [s.name for s in prepared.inputs]
     teacher = run_reference(original, data, prepared.output_names)
-    recovery = distill_pass.distill(pruned, data, teacher, names, prepared.task, distill_config, config.model_kind)
+    recovery = distill_pass.distill(pruned, data, teacher, names, prepared.task, distill_config, config.model_kind,
+                                    selection_judge(prepared, config.max_accuracy_drop), config.max_accuracy_drop)
+    recovery["selection"] = {"data": prepared.selection_split()[2], "samples": len(prepared.selection_split()[0])}
     recovered = evaluate_module(pruned, prepared, config.max_accuracy_drop)
     accuracy["recovered"] = recovered["accuracy"]
     warnings = [w for w in [distill_pass.too_little_data(len(data))] if w]
     if not recovered["gate"]["passed"]:
+        lever = recovery["advice"] or ("it met the budget on the selection split, so the gap may be the held-out "
+                                       "data's noise; more held-out data would tell")
         warnings.append(f"after recovery the pruned model is still short of the original: "
-                        f"{recovered['gate']['message']}; more recovery data (used {len(data)}), "
-                        f"more --recover-steps or a smaller --prune ratio would help")
+                        f"{recovered['gate']['message']}; {lever}")
     return recovery, warnings
+
+
+def selection_judge(prepared: Prepared, budget: float | None) -> Callable[[Any], distill_pass.Check]:
+    """The student judged against the original on the selection split (a recovery step's check)."""
+    from optimize import validate
+
+    samples, reference, _ = prepared.selection_split()
+    first = prepared.output_names[0]
+    ref = reference[first].astype(np.float64)
+    spread = max(float(ref.var()), 1e-12)
+
+    def judge(student: Any) -> distill_pass.Check:
+        got = run_reference(student, samples, prepared.output_names)[first]
+        result, verdict = validate.judge(prepared.task, reference[first], got, samples.labels, budget)
+        distance = float(((got.astype(np.float64) - ref) ** 2).mean() / spread)
+        shown = {k: v for k, v in result.items() if k in ("top1_agreement_pct", "accuracy_pct", "mean_cosine",
+                                                          "mean_abs_error")}
+        return distill_pass.Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, shown, 0.0)
+    return judge
 
 
 def _prune_and_recover(folder: Path, original: Any, data: Samples | None, prepared: Prepared,
@@ -157,9 +181,31 @@ def run_prune_stage(plan: BuildPlan, prepared: Prepared, model_hash: str, cache:
                                               saved["pruned_architecture"])
     for line in _accuracy_lines(prepared.task, result["accuracy"]):
         say(line)
+    if result.get("recovery"):
+        for line in curve_lines(result["recovery"]):
+            say(line)
     for warning in result["warnings"]:
         say(f"warning: {warning}")
     return module, folder, result
+
+
+def curve_lines(recovery: dict[str, Any]) -> list[str]:
+    """The recovery curve in a few console lines: step -> drop on the selection split, and why it stopped."""
+    curve = recovery["curve"]
+    shown = curve if len(curve) <= 8 else [*curve[:3], *curve[-5:]]
+    points = []
+    for check in shown:
+        extra = "".join(f", {k.replace('_pct', '')} {v:.4g}" for k, v in check["metrics"].items()
+                        if k in ("top1_agreement_pct", "accuracy_pct"))
+        drop = "-" if check["drop"] is None else f"{check['drop']:.3g}"
+        points.append(f"{check['step']}: drop {drop}{extra}")
+    lines = [f"  recovery on the {recovery['selection']['data']} ({recovery['selection']['samples']} samples), "
+             f"step -> drop: " + "; ".join(points),
+             f"  recovery {recovery['stopped']} after {recovery['steps']} steps ({recovery['epochs']:g} epochs "
+             f"over {recovery['samples']} samples, {recovery['seconds']:g} s); kept step {recovery['best_step']}"]
+    if recovery.get("advice"):
+        lines.append(f"  recovery stopped short: {recovery['advice']}")
+    return lines
 
 
 def _accuracy_lines(task: str, accuracy: dict[str, Any]) -> list[str]:

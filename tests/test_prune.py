@@ -104,20 +104,67 @@ def test_pruned_checkpoint_rebuilds_from_the_original_class(tmp_path, tiny_check
         load_checkpoint(tmp_path / "pruned.pt", "tiny_models:tiny_encoder")
 
 
+def _judge(model, x, budget):
+    """A selection-split check of a student: agreement with ``model`` on ``x``."""
+    from optimize import validate
+    from optimize.passes.distill import Check
+
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+
+    def judge(student):
+        with torch.no_grad():
+            got = student(torch.from_numpy(x)).numpy()
+        result, verdict = validate.judge("classify", reference, got, None, budget)
+        distance = float(((got - reference) ** 2).mean() / reference.var())
+        return Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, result, 0.0)
+    return judge
+
+
 def test_distillation_pulls_the_pruned_model_towards_the_original():
     model = tiny_cnn(width=16)
     pruned = prune_module(model, X, PruneConfig(0.5)).module
-    data = Samples({"x": np.random.default_rng(0).standard_normal((256, 3, 16, 16)).astype(np.float32)})
+    rng = np.random.default_rng(0)
+    data = Samples({"x": rng.standard_normal((256, 3, 16, 16)).astype(np.float32)})
+    selection = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         teacher = {"output": model(torch.from_numpy(data.arrays["x"])).numpy()}
         before = float(torch.nn.functional.mse_loss(pruned(torch.from_numpy(data.arrays["x"])),
                                                     torch.from_numpy(teacher["output"])))
-    summary = distill(pruned, data, teacher, ["x"], "classify", DistillConfig(steps=80), "cnn", progress=False)
+    summary = distill(pruned, data, teacher, ["x"], "classify", DistillConfig(steps=80), "cnn",
+                      _judge(model, selection, 1.0), 1.0, progress=False)
     with torch.no_grad():
         after = float(torch.nn.functional.mse_loss(pruned(torch.from_numpy(data.arrays["x"])),
                                                    torch.from_numpy(teacher["output"])))
     assert summary["loss_last"] < summary["loss_first"] and after < before
-    assert not pruned.training and summary["samples"] == 256
+    assert not pruned.training and summary["samples"] == 256 and summary["steps"] <= 80
+    curve = summary["curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == summary["steps"] and len(curve) >= 3
+    best = min(curve, key=lambda c: c["distance"])
+    assert summary["best"]["step"] == best["step"] == summary["best_step"]  # the closest check is what is kept
+    assert abs(_judge(model, selection, 1.0)(pruned).distance - best["distance"]) < 1e-6
+
+
+def test_distillation_stops_when_good_on_a_plateau_and_at_the_time_limit():
+    model = tiny_cnn(width=16)
+    rng = np.random.default_rng(1)
+    data = Samples({"x": rng.standard_normal((64, 3, 16, 16)).astype(np.float32)})
+    selection = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        teacher = {"output": model(torch.from_numpy(data.arrays["x"])).numpy()}
+
+    def run(config, budget):
+        pruned = prune_module(model, X, PruneConfig(0.5)).module
+        return distill(pruned, data, teacher, ["x"], "classify", config, "cnn", _judge(model, selection, budget),
+                       budget, progress=False)
+
+    good = run(DistillConfig(), 99.0)  # any model is within a 99-point budget with a margin: no step taken
+    assert good["steps"] == 0 and good["stopped"].startswith("met the budget") and good["advice"] is None
+    flat = run(DistillConfig(check_every=25, patience=2), 0.0)  # a zero budget is never met with a margin
+    assert flat["stopped"].startswith("plateaued") and flat["steps"] < 10_000
+    assert "more recovery data" in flat["advice"]  # 64 samples, many epochs
+    timed = run(DistillConfig(time_limit_s=0.5, check_every=25), 0.0)
+    assert timed["stopped"] == "reached --recover-time 0.5s" and timed["seconds"] < 5
 
 
 def test_build_with_prune_records_each_step_and_reloads(tmp_path, tiny_checkpoint):
@@ -128,7 +175,10 @@ def test_build_with_prune_records_each_step_and_reloads(tmp_path, tiny_checkpoin
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     stage = manifest["stages"]["prune"]
-    assert stage["recovered"] and stage["recovery"]["steps"] == 40
+    recovery = stage["recovery"]
+    assert stage["recovered"] and recovery["steps"] <= 40 and recovery["steps_cap"] == 40
+    assert recovery["curve"][0]["step"] == 0 and recovery["stopped"]
+    assert "recovery on the " in result.stderr and "step -> drop" in result.stderr
     assert set(stage["accuracy"]) == {"original", "pruned", "recovered"}
     assert stage["macs_after"] < stage["macs_before"] / 2
     assert any("only 96 samples" in w for w in stage["warnings"]) and "warning: recovery saw only" in result.stderr

@@ -24,8 +24,11 @@ OPTIONS = [
     click.option("--prune-ignore", multiple=True,
                  help="Module name to leave whole, with every channel it touches. Repeatable. "
                       "The layer producing the model's output is always kept whole."),
-    click.option("--recover-steps", type=int, default=600, show_default=True,
-                 help="Distillation steps after pruning (0: no recovery, reported as such)."),
+    click.option("--recover-steps", type=int,
+                 help="Cap on distillation steps after pruning (0: no recovery, reported as such). By default "
+                      "recovery runs until the selection split is within budget with a margin, or stops improving."),
+    click.option("--recover-time", default="10m", show_default=True,
+                 help="Time limit of recovery (e.g. 90s, 10m, 1h)."),
     click.option("--recover-lr", type=float, help="Recovery learning rate (default 1e-3 CNN, 1e-4 transformer)."),
     click.option("--recover-batch-size", type=int, default=32, show_default=True, help="Recovery batch size."),
     click.option("--train-data", help="Labelled data (.npz with 'labels', or image class folders) added to "
@@ -41,8 +44,17 @@ def prune_configs(options: dict[str, Any]) -> tuple[Any, Any]:
     from optimize.passes.distill import DistillConfig
     from optimize.passes.prune import PruneConfig
 
-    distill = DistillConfig(steps=options["recover_steps"], batch_size=options["recover_batch_size"],
-                            lr=options["recover_lr"])
+    from optimize.errors import PruneError
+    from optimize.passes.distill import parse_duration
+
+    try:
+        limit = parse_duration(options["recover_time"])
+    except ValueError as exc:
+        raise PruneError(f"--recover-time {exc}") from None
+    if options["recover_steps"] is not None and options["recover_steps"] < 0:
+        raise PruneError(f"--recover-steps {options['recover_steps']} must be 0 or more")
+    distill = DistillConfig(steps=options["recover_steps"], time_limit_s=limit,
+                            batch_size=options["recover_batch_size"], lr=options["recover_lr"])
     if options["prune_ratio"] is None:
         return None, distill
     config = PruneConfig(ratio=options["prune_ratio"], granularity=options["prune_granularity"],
