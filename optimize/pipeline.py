@@ -252,7 +252,11 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
         prepared = prepare(plan, say)
         stop.check()
         if plan.max_accuracy_drop is None:
-            plan = dataclasses.replace(plan, max_accuracy_drop=validate.DEFAULT_MAX_DROP[prepared.task])
+            budget, said = validate.default_max_drop(prepared.task, prepared.reference[prepared.output_names[0]])
+            plan = dataclasses.replace(plan, max_accuracy_drop=budget)
+            if said:
+                prepared.notes.append(said)
+                say(f"note: {said}")
         say(f"task: {prepared.task}{' (inferred)' if prepared.task_inferred else ''}; "
             f"{len(prepared.held_out)} held-out samples"
             + (f", {len(prepared.selection)} for selection" if prepared.selection is not None else ""))

@@ -7,7 +7,11 @@ Per task:
   retrieval agreement among the samples. The drop is (1 - mean cosine) in points, so the default
   budget of 1.0 is a floor of 0.99.
 - ``regress``: max and mean absolute error. The budget is a bound on the max absolute error,
-  in output units.
+  in output units; by default 5% of the FP32 outputs' standard deviation on the held-out data.
+
+A classifier's output may be dense (``N x classes x ...``, per-pixel classes): the class axis is
+the second, agreement is per element, and intervals resample whole samples (their elements are
+not independent).
 """
 
 from __future__ import annotations
@@ -18,6 +22,38 @@ from typing import Any
 import numpy as np
 
 DEFAULT_MAX_DROP = {"classify": 1.0, "embed": 1.0, "regress": None}
+REGRESS_BUDGET_SHARE = 0.05  # of the FP32 outputs' standard deviation
+
+
+def default_max_drop(task: str, reference: np.ndarray) -> tuple[float, str | None]:
+    """The budget when none is given, and for a regressor, what it is in words."""
+    if task != "regress":
+        return DEFAULT_MAX_DROP[task], None
+    spread = float(np.asarray(reference, np.float64).std())
+    budget = float(f"{max(spread * REGRESS_BUDGET_SHARE, 1e-6):.3g}")
+    return budget, (f"the accuracy budget is a max abs error of {budget:g} ({REGRESS_BUDGET_SHARE:.0%} of the FP32 "
+                    f"outputs' standard deviation {spread:.3g} on the held-out data); set --max-accuracy-drop "
+                    f"in output units to change it")
+
+
+def class_scores(x: np.ndarray) -> np.ndarray:
+    """Scores as ``(elements, classes)``: dense outputs (class axis second) become one row per element."""
+    x = np.asarray(x)
+    if x.ndim <= 2:
+        return x
+    return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+
+
+def _dense_interval(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+                    labelled: bool) -> tuple[float, float]:
+    """Per-sample drop of a dense classifier, bootstrapped over samples."""
+    ref_top, cand_top = reference.argmax(1), candidate.argmax(1)
+    axes = tuple(range(1, ref_top.ndim))
+    if labelled and labels is not None:
+        per_sample = ((ref_top == labels).mean(axes) - (cand_top == labels).mean(axes)) * 100
+    else:
+        per_sample = (ref_top != cand_top).mean(axes) * 100
+    return bootstrap_interval(per_sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +114,8 @@ def drop_interval(task: str, reference: np.ndarray, candidate: np.ndarray, label
     bootstrap of 100*(1-cosine) over samples. A maximum error has none."""
     reference = np.asarray(reference, np.float64)
     candidate = np.asarray(candidate, np.float64)
+    if task == "classify" and reference.ndim > 2:
+        return _dense_interval(reference, candidate, labels, labelled)
     if task == "classify":
         ref_top, cand_top = reference.argmax(-1), candidate.argmax(-1)
         if labelled and labels is not None:
@@ -129,6 +167,8 @@ def metrics(task: str, reference: np.ndarray, candidate: np.ndarray,
     reference = np.asarray(reference, np.float64)
     candidate = np.asarray(candidate, np.float64)
     if task == "classify":
+        reference, candidate = class_scores(reference), class_scores(candidate)
+        labels = None if labels is None else np.asarray(labels).reshape(-1)
         ref_top, cand_top = reference.argmax(-1), candidate.argmax(-1)
         out = {"top1_agreement_pct": float((ref_top == cand_top).mean() * 100),
                "max_abs_error": float(np.abs(reference - candidate).max())}

@@ -92,3 +92,13 @@ def test_weight_only_int8_on_an_old_opset_is_a_user_error_naming_the_fix(tmp_pat
     with pytest.raises(BuildError, match="opset 12: weight-only INT8 needs opset 13 or newer"):
         quantize_weights(tmp_path / "old.onnx", tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_batch_size_fixed_by_forward_names_the_cause_and_fix():
+    from conftest import load_tiny
+
+    spec = dynamic_spec("x", (2, 4), "float32", sequence=False)
+    with pytest.raises(ExportError) as info:
+        export_program(load_tiny().LenBatch().eval(), {"x": np.ones((2, 4), np.float32)}, [spec])
+    message = str(info.value)
+    assert "fixes the batch axis" in message and "len(x)" in message and "x.shape[0]" in message

@@ -126,3 +126,15 @@ class TabularMLP(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
+
+
+class LenBatch(nn.Module):
+    """Uses ``len(x)`` in forward: torch.export turns the batch size into a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(x + self.token.expand(len(x), -1))

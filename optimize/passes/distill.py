@@ -66,7 +66,7 @@ def task_loss(task: str) -> Callable[[Any, Any | None], Any] | None:
 
     def loss(outputs: Any, labels: Any | None) -> Any:
         first = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        target = first.argmax(-1).detach() if labels is None else labels
+        target = first.argmax(1).detach() if labels is None else labels
         return nn.functional.cross_entropy(first, target)
     return loss
 
@@ -81,8 +81,8 @@ def _distill_loss(task: str, config: DistillConfig) -> Callable:
         total = torch.zeros(())
         for index, (s, t) in enumerate(zip(student, teacher)):
             if index == 0 and task == "classify":
-                soft = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, -1),
-                                            nn.functional.log_softmax(t / temperature, -1),
+                soft = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, 1),
+                                            nn.functional.log_softmax(t / temperature, 1),
                                             log_target=True, reduction="batchmean")
                 total = total + soft * temperature ** 2
                 if labels is not None and bool((labels >= 0).any()):

@@ -130,6 +130,13 @@ def export_program(module: Any, example: dict[str, np.ndarray], specs: list[Tens
     try:
         return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(specs), strict=False)
     except Exception as exc:
+        text = str(exc)
+        if "specialized it to be a constant" in text:
+            head = text.split("specialized", 1)[0]
+            axis = "batch" if "batch" in head or "size()[0]" in head else "sequence"
+            raise ExportError(f"torch.export failed: forward fixes the {axis} axis to the example's size "
+                              f"(a len(x), int(x.shape[0]), .item() or a Python loop over it turns the size into a "
+                              f"constant): use x.shape[0] or x.size(0) directly so the engine takes any batch") from exc
         raise ExportError(f"torch.export failed: {_summarise(exc)}. Models with data-dependent "
                           f"control flow need torch.cond or a fixed shape") from exc
 
