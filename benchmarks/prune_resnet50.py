@@ -1,6 +1,7 @@
 """ResNet-50 pruned by 30% and 50% of its channels: MACs against measured latency, same run.
 
-Builds ``ort-fp32`` and ``openvino-fp32`` for the unpruned model and for each pruning ratio with
+Builds ``--targets`` (default ``ort-fp32`` and ``openvino-fp32``; add ``ort-int8,openvino-int8`` for
+pruning with INT8 on top) for the unpruned model and for each pruning ratio with
 ``optimize`` (the same plan the CLI makes: torch-pruning, magnitude importance, uniform,
 channels rounded to multiples of 8), then times every engine and torch eager (unpruned) interleaved,
 round after round. Weights are random (no ImageNet weights can be downloaded), so this measures
@@ -8,7 +9,7 @@ speed only and recovery is skipped. Reports per engine the median p50 over round
 paired speedup over the same backend's unpruned engine, and the MACs ratio beside it: MACs are
 not latency.
 
-    python -m benchmarks.prune_resnet50 [--ratios 0.3,0.5] [--rounds 5] [--threads 2] [--depth 50]
+    python -m benchmarks.prune_resnet50 [--ratios 0.3,0.5] [--rounds 5] [--threads 2] [--depth 50] [--targets ...]
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from optimize.targets.base import RunnerConfig
 BACKENDS = ("ort-fp32", "openvino-fp32")
 
 
-def build(work: Path, depth: int, ratio: float | None, threads: int):
+def build(work: Path, depth: int, ratio: float | None, threads: int, backends: tuple[str, ...]):
     plan = BuildPlan(source=SourceConfig(work / f"resnet{depth}.pt", f"models.resnet:resnet{depth}"),
-                     out=work / f"bundle-{ratio or 0}", targets=BACKENDS,
+                     out=work / f"bundle-{ratio or 0}", targets=backends,
                      data=DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.25),
                      runner=RunnerConfig(threads=threads), max_accuracy_drop=100.0,
                      prune=PruneConfig(ratio, round_to=8) if ratio else None, distill=DistillConfig(steps=0))
@@ -45,8 +46,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--depth", type=int, choices=(18, 50), default=50)
+    parser.add_argument("--targets", default=",".join(BACKENDS))
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    backends = tuple(t for t in args.targets.split(",") if t)
 
     import torch
 
@@ -55,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-prune-"))
-    make_checkpoint(work, args.depth, calib_samples=32)
+    make_checkpoint(work, args.depth, calib_samples=64 if any("int8" in b for b in backends) else 32)
     model = {18: resnet18, 50: resnet50}[args.depth]()
     model.load_state_dict(torch.load(work / f"resnet{args.depth}.pt", weights_only=True))
     model.eval()
@@ -65,7 +68,7 @@ def main() -> None:
     bundles, models = {}, {}
     for ratio in [None, *ratios]:
         label = "unpruned" if ratio is None else f"pruned {ratio:.0%}"
-        result = build(work, args.depth, ratio, args.threads)
+        result = build(work, args.depth, ratio, args.threads, backends)
         stage = result.manifest.to_json()["stages"].get("prune")
         macs = stage["macs_after"] if stage else base_macs
         params = stage["params_after"] if stage else base_params
@@ -74,7 +77,7 @@ def main() -> None:
     calls = {"torch-eager-fp32 (unpruned)": lambda: model(torch.from_numpy(x1))}
     runners = {}
     for label, (bundle, _, _) in bundles.items():
-        for backend in BACKENDS:
+        for backend in backends:
             runner = load_runner(bundle, backend)
             runners[(label, backend)] = runner
             calls[f"{backend} {label}"] = (lambda r: lambda: r.infer({"x": x1}))(runner)
@@ -85,7 +88,7 @@ def main() -> None:
              "speedup vs same backend unpruned (range)", "speedup vs torch eager"]]
     summary = {}
     for label, (_, macs, params) in bundles.items():
-        for backend in BACKENDS:
+        for backend in backends:
             name = f"{backend} {label}"
             mine = np.asarray(timing[name]["p50_ms_per_round"])
             base = np.asarray(timing[f"{backend} unpruned"]["p50_ms_per_round"])
@@ -106,11 +109,12 @@ def main() -> None:
                "environment": environment()}
     md = (f"# ResNet-{args.depth}: channel pruning, MACs against latency (batch 1, {args.threads} threads)\n\n"
           f"`python -m benchmarks.prune_resnet50 --depth {args.depth} --ratios {args.ratios} --rounds {args.rounds} "
-          f"--threads {args.threads}`\n\n" + markdown_table(rows)
+          f"--threads {args.threads} --targets {args.targets}`\n\n" + markdown_table(rows)
           + "\nRandom weights (speed only); magnitude importance, uniform across layers, channels rounded to 8; "
             "the classifier keeps its width. Speedups are paired per round.\n\n"
           f"Machine: {results['environment']['machine']['cpu']}, {results['environment']['machine']['cores']} cores.\n")
-    write_results(Path(args.out) / f"prune_resnet{args.depth}", results, md)
+    suffix = "_int8" if any("int8" in b for b in backends) else ""
+    write_results(Path(args.out) / f"prune_resnet{args.depth}{suffix}", results, md)
     print(md)
 
 

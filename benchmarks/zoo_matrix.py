@@ -56,17 +56,36 @@ def shown(c: dict[str, Any]) -> str:
     return f"{c['metric']} drop {drop}{interval}, {c['size_bytes'] / 1024:.0f} KiB, {c['build_time_s']:.1f} s{extra}"
 
 
+def _g(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(zoo.ZOO))
     parser.add_argument("--prune", default="", help="pruning ratios, e.g. 0.3,0.5")
     parser.add_argument("--compile", action="store_true", help="add the torch-compile target")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--from-log", help="render the tables from runs' printed lines (files joined by commas; "
+                                           "later lines replace earlier ones) instead of running")
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     targets = zoo.CPU_TARGETS + (("torch-compile",) if args.compile else ())
     ratios = [float(r) for r in args.prune.split(",") if r]
     results: dict[str, Any] = {"environment": environment(), "models": {}, "pruned": {}}
+    if args.from_log:  # re-render the tables from the lines a run printed
+        lines = [line for f in args.from_log.split(",") for line in Path(f).read_text().splitlines()]
+        for line in lines:
+            if not line.startswith("{"):
+                continue
+            (key, value), = json.loads(line).items()
+            if "@" in key:  # a later line for the same model and ratio replaces an earlier one
+                entries = results["pruned"].setdefault(key.split("@")[0], [])
+                entries[:] = [e for e in entries if e["ratio"] != value["ratio"]] + [value]
+            else:
+                results["models"][key] = value
+        render(results, targets, ratios, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in names:
@@ -92,7 +111,8 @@ def main() -> None:
                     stage = pruned["manifest"]["stages"]["prune"]
                     acc = stage["accuracy"]
                     key = "eval" if "eval" in acc["original"] else "held_out"
-                    metric = "accuracy_pct" if "accuracy_pct" in acc["original"][key] else "top1_agreement_pct"
+                    metric = next(m for m in ("accuracy_pct", "top1_agreement_pct", "max_abs_error")
+                                  if m in acc["original"][key])
                     recovery = stage.get("recovery") or {}
                     entry.update(
                         metric=metric, macs_ratio=stage.get("macs_ratio"),
@@ -105,6 +125,10 @@ def main() -> None:
                               for t, e in pruned["manifest"]["targets"].items()})
                 results["pruned"].setdefault(name, []).append(entry)
                 print(json.dumps({f"{name}@{ratio}": entry}, default=str), flush=True)
+    render(results, targets, ratios, args)
+
+
+def render(results: dict[str, Any], targets: tuple[str, ...], ratios: list[float], args: Any) -> None:
     rows = []
     for name, record in results["models"].items():
         if "error" in record:
@@ -127,8 +151,8 @@ def main() -> None:
                     continue
                 int8 = ", ".join(f"{t} {v['value']:.4g} ({v['status']})" for t, v in e["int8"].items()
                                  if v.get("value") is not None)
-                prune_rows.append([name, f"{e['ratio']:.0%}", f"{e['metric']}: {e['original']:.4g} -> pruned "
-                                   f"{e['pruned']:.4g} -> recovered {e['recovered']:.4g}", int8,
+                prune_rows.append([name, f"{e['ratio']:.0%}", f"{e['metric']}: {_g(e['original'])} -> pruned "
+                                   f"{_g(e['pruned'])} -> recovered {_g(e['recovered'])}", int8,
                                    f"{e['steps']} steps, {e['seconds']:.0f} s", e["stopped"] or "",
                                    " ".join(f"{s}:{d:.3g}" for s, d in e["curve"][:6] if d is not None)])
         markdown += ["", "## Pruned, recovered, and INT8 on top (against the unpruned FP32 model)", "",

@@ -147,6 +147,8 @@ def _prune_and_recover(folder: Path, original: Any, data: Samples | None, prepar
         f"({prune.scope}, {prune.importance} importance)")
     outcome = prune_pass.prune_module(original, example, prune, grad_batches, loss)
     say(f"pruned: {prune_pass.ratio_text(outcome.report)}")
+    for note in outcome.report.get("notes", []):
+        say(f"note: {note}")
     accuracy = {"original": evaluate_module(original, prepared, None)["accuracy"],
                 "pruned": evaluate_module(outcome.module, prepared, None)["accuracy"]}
     recovery, warnings = _recover(original, outcome.module, data, prepared, config, accuracy)

@@ -209,3 +209,30 @@ def test_unrecovered_prune_is_reported_and_graphs_cannot_be_pruned(tmp_path, tin
                      "--target", "ort-fp32", "--out", tmp_path / "again")
     assert failed.returncode == 2 and "--prune needs an eager PyTorch model" in failed.stderr
     assert "Traceback" not in failed.stderr and not (tmp_path / "again").exists()
+
+
+def test_multihead_attention_is_kept_whole_and_the_mlps_pruned():
+    from models.zoo import vit
+
+    model = vit().eval()
+    example = (torch.randn(2, 1, 8, 8),)
+    outcome = prune_module(model, example, PruneConfig(0.5))
+    report = outcome.report
+    assert report["granularity"] == "channels" and report["macs_after"] < report["macs_before"]
+    assert "nn.MultiheadAttention" in report["notes"][0]
+    assert {"blocks.0.attn", "blocks.1.attn"} <= set(report["kept_whole"])
+    assert outcome.module.blocks[0].mlp[0].out_features < model.blocks[0].mlp[0].out_features
+    assert outcome.module.blocks[0].attn.embed_dim == model.blocks[0].attn.embed_dim
+    with pytest.raises(PruneError, match=r"2 nn.MultiheadAttention module\(s\) \(blocks.0.attn, blocks.1.attn\)"):
+        prune_module(model, example, PruneConfig(0.5, granularity="heads"))
+
+
+def test_every_output_head_keeps_its_width():
+    from models.zoo import two_in_two_out
+
+    model = two_in_two_out().eval()
+    example = (torch.randn(2, 10), torch.randn(2, 19))
+    outcome = prune_module(model, example, PruneConfig(0.5))
+    assert set(outcome.report["kept_whole"]) == {"classes", "value"}
+    logits, value = outcome.module(*example)
+    assert logits.shape == (2, 2) and value.shape == (2, 1) and outcome.report["macs_ratio"] > 2

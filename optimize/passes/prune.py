@@ -81,10 +81,6 @@ def find_attention(module: Any) -> list[Attention]:
 
     found = []
     for name, child in module.named_modules():
-        if isinstance(child, nn.MultiheadAttention):
-            raise PruneError(f"module '{name}' is an nn.MultiheadAttention, whose fused projection "
-                             f"cannot lose heads here; prune channels of the other layers with "
-                             f"--prune-granularity channels --prune-ignore {name}")
         attr = next((a for a in HEAD_COUNT_ATTRS if isinstance(getattr(child, a, None), int)), None)
         if attr is None:
             continue
@@ -96,21 +92,43 @@ def find_attention(module: Any) -> list[Attention]:
     return found
 
 
+def fused_attention(module: Any) -> list[str]:
+    """Names of ``nn.MultiheadAttention`` modules: their fused projection ties the heads to the
+    embedding width, so they cannot lose heads; channel pruning keeps them whole."""
+    from torch import nn
+
+    return [name for name, child in module.named_modules() if isinstance(child, nn.MultiheadAttention)]
+
+
 def _output_layers(module: Any, example: tuple) -> list[Any]:
-    """The last Linear/Conv run in the forward pass: its output width is the model's output width."""
+    """The Linear/Conv layers whose output is one of the model's outputs, and the last one run: their
+    output widths are the model's output widths (two heads, two outputs: both are kept)."""
     import torch
     from torch import nn
 
-    order: list[Any] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+    order: list[tuple[Any, Any]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((mod, out)))
              for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     try:
         with torch.no_grad():
-            module(*example)
+            outputs = module(*example)
     finally:
         for hook in hooks:
             hook.remove()
-    return order[-1:]
+    flat = [outputs] if isinstance(outputs, torch.Tensor) else [o for o in _flatten(outputs)
+                                                                if isinstance(o, torch.Tensor)]
+    chosen = [mod for mod, out in order if any(out is o for o in flat)]
+    if order and order[-1][0] not in chosen:
+        chosen.append(order[-1][0])
+    return list({id(m): m for m in chosen}.values())
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _flatten(item)]
+    return [value]
 
 
 def _named(module: Any, names: Iterable[str]) -> list[Any]:
@@ -296,9 +314,20 @@ def prune_module(original: Any, example: tuple, config: PruneConfig,
         want = _output_shapes(module(*example))
     macs_before, params_before, layers_before = count(module, example)
     attention = find_attention(module)
+    fused = [n for n in fused_attention(module) if n not in config.ignore]
     granularity = config.granularity
+    if granularity == "heads" and fused and not attention:
+        raise PruneError(f"{len(fused)} nn.MultiheadAttention module(s) ({', '.join(fused[:4])}"
+                         f"{', ...' if len(fused) > 4 else ''}) cannot lose heads: their fused projection ties "
+                         f"the heads to the embedding width; --prune-granularity auto (or channels) prunes the "
+                         f"other layers' channels and keeps them whole")
     if granularity == "auto":
         granularity = "heads" if attention else "channels"
+    notes = []
+    if granularity == "channels" and fused:
+        config = dataclasses.replace(config, ignore=(*config.ignore, *fused))
+        notes.append(f"kept {len(fused)} nn.MultiheadAttention module(s) whole (their heads are tied to the "
+                     f"embedding width) and pruned the channels of the other layers, such as the MLPs")
     if granularity == "channels" and attention:
         raise PruneError(f"channel pruning of attention models is not supported (attention in "
                          f"'{attention[0].name}'); use --prune-granularity heads")
@@ -332,7 +361,7 @@ def prune_module(original: Any, example: tuple, config: PruneConfig,
               "params_before": params_before, "params_after": params_after,
               "macs_ratio": round(macs_before / max(macs_after, 1), 3),
               "params_ratio": round(params_before / max(params_after, 1), 3),
-              "layers": layers, **details}
+              "layers": layers, "notes": notes, **details}
     return PruneOutcome(module, report)
 
 
