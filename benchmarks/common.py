@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
@@ -33,6 +34,15 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, baseline:
                        f"speedup_vs_{baseline}": float(np.median(ratios)),
                        f"speedup_vs_{baseline}_range": [float(ratios.min()), float(ratios.max())]}
     return table
+
+
+def timing_parser(doc: str | None, rounds: int = 7) -> argparse.ArgumentParser:
+    """The arguments every timing benchmark takes: ``--rounds``, ``--threads``, ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    return parser
 
 
 def environment() -> dict[str, Any]:

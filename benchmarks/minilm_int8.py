@@ -10,13 +10,12 @@ nearest-neighbour retrieval agreement among the held-out sentences, and paired l
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, markdown_table, time_interleaved, write_results
+from benchmarks.common import environment, markdown_table, time_interleaved, timing_parser, write_results
 from optimize.bundle import load_runner
 from optimize.pipeline import run_build
 from optimize.plan import BuildPlan, DataConfig, QuantConfig, SourceConfig
@@ -26,11 +25,7 @@ SCHEMES = {"ort-int8": ("weights", "dynamic", "static"), "openvino-int8": ("weig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    args = timing_parser(__doc__, 5).parse_args()
 
     import torch
 

@@ -10,13 +10,12 @@ the depthwise (grouped) convolutions in FP32, and times them and torch eager int
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, markdown_table, time_interleaved, write_results
+from benchmarks.common import environment, markdown_table, time_interleaved, timing_parser, write_results
 from optimize.bundle import load_runner
 from optimize.pipeline import machine_info, run_build
 from optimize.plan import BuildPlan, DataConfig, SourceConfig
@@ -41,12 +40,19 @@ def depthwise_kept(bundle: Path, work: Path, calibration: np.ndarray, threads: i
     return ort_target.BACKEND.runner(folder, RunnerConfig(threads=threads)), len(grouped)
 
 
+def _vnni() -> str:
+    """Whether the CPU has VNNI (INT8 dot products), from /proc/cpuinfo."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "VNNI unknown"
+    vnni = [f for f in flags if "vnni" in f]
+    return f"VNNI: {', '.join(vnni)}" if vnni else f"no VNNI ({'AVX2' if 'avx2' in flags else 'no AVX2'})"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    args = timing_parser(__doc__, 7).parse_args()
 
     import torch
 
@@ -92,7 +98,7 @@ def main() -> None:
           + markdown_table(rows)
           + f"\nRandom weights (speed only). `ort-int8, depthwise FP32` keeps the {grouped} grouped convolutions "
             f"unquantized. Ratios are paired per round.\n\nMachine: {machine.get('cpu')}, {machine.get('cores')} cores, "
-            f"CPU flags {machine.get('cpu_flags', 'not recorded')}.\n")
+            f"{_vnni()}.\n")
     write_results(Path(args.out) / "mobilenet_int8", {"engines": summary, "grouped_convolutions": grouped,
                                                       "environment": environment()}, md)
     for runner in runners.values():
