@@ -14,7 +14,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import platform
 import shutil
 import traceback
@@ -86,15 +85,10 @@ def library_versions() -> dict[str, str]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    """The CPU (model, cores, architecture, the instruction sets that decide speed) and the system."""
+    from optimize.cpu import detect
+
+    return {**detect().to_json(), "system": platform.platform()}
 
 
 # Warnings libraries print on every build that say nothing about the user's model.

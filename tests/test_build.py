@@ -70,6 +70,11 @@ def test_inspect_prints_the_table(built):
     result = run_cli("inspect", out)
     assert result.returncode == 0
     assert "openvino-int8" in result.stdout and "unavailable: no NVIDIA GPU" in result.stdout
+    from optimize.cpu import detect
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["machine"]["isa"] == list(detect().isa) and "native_bf16" in manifest["machine"]
+    assert f"built   on {detect().model}" in result.stdout
 
 
 def test_rerun_reuses_the_cache_and_a_changed_flag_rebuilds_only_that(built, tiny_checkpoint):

@@ -99,7 +99,9 @@ def _save(plt: Any, figure: Any, axis: Any, path: Path) -> str:
 def markdown(report: dict[str, Any], images: list[str]) -> str:
     machine = report["machine"]
     parts = [f"# Benchmark: {report['model_name']}\n",
-             f"{report['created']} on {machine['cpu']} ({machine['cores']} cores); threads "
+             f"{report['created']} on {machine['cpu']} ({machine['cores']} cores"
+             + (f"; {', '.join(machine['isa']) or 'no SIMD sets known'}" if "isa" in machine else "")
+             + "); threads "
              f"{report['runner_config'].get('threads') or 'backend default'}; baseline: "
              f"{report.get('baseline') or 'none'}."
              + (" **Interrupted: partial results.**" if report.get("interrupted") else "") + "\n",

@@ -39,6 +39,12 @@ def command(bundle: Path, as_json: bool) -> None:
     data = manifest.data
     click.echo(f"data    {data['calibration_samples']} calibration, {data['held_out_samples']} held out"
                + (f", {data['eval_samples']} labelled eval" if data["eval_samples"] else ""))
+    machine = manifest.machine or {}
+    if machine:
+        isa = machine.get("isa")
+        click.echo(f"built   on {machine.get('cpu')} ({machine.get('cores')} cores"
+                   + (f"; {', '.join(isa) or 'no SIMD sets known'}" if isa is not None else "; instruction sets not recorded")
+                   + ")")
     winner = manifest.winner_target
     click.echo(f"winner  {winner or 'none'}" + (f"  ({manifest.winner['reason']})" if winner else ""))
     click.echo("")
