@@ -49,7 +49,7 @@ def triton_type(datatype: str) -> str:
 
 def model_config(name: str, target: str, max_batch: int, inputs: list[dict[str, Any]],
                  outputs: list[dict[str, Any]], max_delay_s: float = 0.0, queue_capacity: int = 64,
-                 instances: int = 1, strict: bool = True) -> dict[str, Any]:
+                 instances: int = 1, strict: bool = True, parameters: dict[str, str] | None = None) -> dict[str, Any]:
     """Triton's ``ModelConfig`` as a dict (JSON field names). ``inputs``/``outputs``: name, datatype
     (Open Inference Protocol), shape with the batch axis first."""
     info = backend_for(target, strict)
@@ -68,6 +68,8 @@ def model_config(name: str, target: str, max_batch: int, inputs: list[dict[str, 
                   dynamic_batching={"max_queue_delay_microseconds": int(round(max_delay_s * 1e6)),
                                     "default_queue_policy": {"max_queue_size": queue_capacity}},
                   instance_group=[{"count": instances, "kind": info.kind}])
+    if parameters:  # the backend's own keys, e.g. OpenVINO's HINT_BF16 for a bf16 engine
+        config["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
     return config
 
 
@@ -85,7 +87,11 @@ def to_pbtxt(config: dict[str, Any]) -> str:
     def render(message: dict[str, Any], depth: int) -> list[str]:
         pad, lines = "  " * depth, []
         for key, value in message.items():
-            if isinstance(value, dict):
+            if key == "parameters" and isinstance(value, dict):  # a map field: one entry per key
+                for name, parameter in value.items():
+                    lines += [f"{pad}parameters {{", f"{pad}  key: {json.dumps(name)}", f"{pad}  value {{",
+                              *render(parameter, depth + 2), f"{pad}  }}", f"{pad}}}"]
+            elif isinstance(value, dict):
                 lines += [f"{pad}{key} {{", *render(value, depth + 1), f"{pad}}}"]
             elif isinstance(value, list) and value and isinstance(value[0], dict):
                 lines.append(f"{pad}{key} [")
@@ -128,7 +134,8 @@ def export_repository(bundle: Path, repo: Path, target: str | None = None, max_b
     if profile:
         max_batch = min(max_batch, min(int(shapes[2][0]) for shapes in profile.values()))
     inputs, outputs = engine_tensors(manifest)
-    config = model_config(model, target, max_batch, inputs, outputs, max_delay_s, queue_capacity, instances)
+    config = model_config(model, target, max_batch, inputs, outputs, max_delay_s, queue_capacity, instances,
+                          parameters=registry.facts(target).triton_parameters(folder))
     notes = [f"{target}: {note}" for note in registry.facts(target).triton_notes(folder)]
     repo.mkdir(parents=True, exist_ok=True)
     with atomic.StagedFolder(repo / model) as stage:

@@ -193,6 +193,10 @@ class Backend(abc.ABC):
         when this backend has no recovery for ``context.config``."""
         return None
 
+    def triton_parameters(self, folder: Path) -> dict[str, str]:
+        """``parameters`` of Triton's model config that the engine in ``folder`` needs (its backend's keys)."""
+        return {}
+
     def triton_notes(self, folder: Path) -> list[str]:
         """What a Triton export of the engine in ``folder`` loses, said to the user."""
         return []

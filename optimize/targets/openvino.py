@@ -1,7 +1,10 @@
-"""OpenVINO targets: ``openvino-fp32`` and ``openvino-int8`` (quantized with NNCF).
+"""OpenVINO targets: ``openvino-fp32``, ``openvino-bf16`` and ``openvino-int8`` (quantized with NNCF).
 
 ``openvino-fp32`` is saved with ``compress_to_fp16=False`` and compiled with an f32 inference
-precision hint, so it really is FP32 on disk and at run time.
+precision hint, so it really is FP32 on disk and at run time. ``openvino-bf16`` is the same FP32
+model compiled with a bf16 inference precision hint (no calibration), recorded in the engine's
+``runtime.json``; only CPUs with native BF16 (AVX-512 BF16, AMX-BF16) run it so, and a Runner that
+finds OpenVINO fell back to f32 stops with that said, never serving FP32 under a BF16 name.
 
 INT8 schemes: ``static`` (``nncf.quantize``: Q/DQ with NNCF's own placement; the transformer
 model type when the model is one), ``weights`` (``nncf.compress_weights``: int8 symmetric
@@ -17,6 +20,7 @@ latency harness is OpenVINO's ``benchmark_app`` on the same files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import queue
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +34,7 @@ from optimize.targets.base import (ALL_NODES, Backend, BuildConfig, BuildInputs,
                                    TritonEntry)
 
 ENGINE_FILES = ["model.xml", "model.bin"]
+RUNTIME_FILE = "runtime.json"  # compile-time properties of an engine (the bf16 precision hint)
 RECOVERY_BUDGET_S = 300.0
 
 
@@ -54,8 +59,8 @@ class OpenVinoBackend(Backend):
     triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
 
     def check_config(self, config: BuildConfig) -> None:
-        if config.precision not in ("fp32", "int8"):
-            raise BuildError(f"OpenVINO targets build fp32 or int8, not {config.precision}")
+        if config.precision not in ("fp32", "bf16", "int8"):
+            raise BuildError(f"OpenVINO targets build fp32, bf16 or int8, not {config.precision}")
         if config.precision == "int8":
             if config.int8_scheme == "dynamic":
                 raise BuildError("openvino-int8 has no dynamic scheme; use --int8-scheme static or weights")
@@ -105,13 +110,17 @@ class OpenVinoBackend(Backend):
                   "no candidate within budget on the selection split: the smallest drop")
         return search.finish(chosen, reason, method)
 
+    def triton_parameters(self, folder: Path) -> dict[str, str]:
+        return triton_parameters(folder)
+
     def vendor_benchmark(self, folder: Path, shapes: str, threads: int, seconds: int) -> list[str] | str | None:
-        """OpenVINO's ``benchmark_app``: synchronous, latency hint, FP32 inference precision like our Runner."""
+        """OpenVINO's ``benchmark_app``: synchronous, latency hint, the engine's inference precision like our Runner."""
         tool = _benchmark_app()
         if tool is None:
             return "benchmark_app is not installed (it ships with the openvino package)"
         command = [tool, "-m", str(folder / "model.xml"), "-d", "CPU", "-hint", "latency", "-api", "sync",
-                   "-t", str(seconds), "-shape", shapes, "-infer_precision", "f32"]
+                   "-t", str(seconds), "-shape", shapes, "-infer_precision",
+                   "bf16" if triton_parameters(folder) else "f32"]
         return command + (["-nthreads", str(threads)] if threads else [])
 
 
@@ -131,6 +140,11 @@ def build_engine(inputs: BuildInputs, config: BuildConfig, calibration: Samples 
     if config.precision == "fp32":
         _save(model, out_dir)
         return Engine(list(ENGINE_FILES), {"graph": "fp32", "weights_on_disk": "fp32"})
+    if config.precision == "bf16":
+        _save(model, out_dir)
+        (out_dir / RUNTIME_FILE).write_text(json.dumps({"INFERENCE_PRECISION_HINT": "bf16"}, indent=2))
+        return Engine([*ENGINE_FILES, RUNTIME_FILE], {"graph": "fp32", "weights_on_disk": "fp32",
+                                                      "inference_precision": "bf16"})
     import nncf
 
     nncf.set_log_level(40)
@@ -237,6 +251,9 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         core = ov.Core()
+        runtime = Path(engine_dir) / RUNTIME_FILE
+        if runtime.is_file():
+            precision = json.loads(runtime.read_text()).get("INFERENCE_PRECISION_HINT", precision)
         properties = {"PERFORMANCE_HINT": config.performance_hint,
                       "INFERENCE_PRECISION_HINT": precision}
         if config.threads:
@@ -244,6 +261,14 @@ class OpenVinoRunner(Runner):
         if config.performance_hint == "THROUGHPUT" and config.streams:
             properties["NUM_STREAMS"] = config.streams
         self._compiled = core.compile_model(str(Path(engine_dir) / "model.xml"), "CPU", properties)
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        actual = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        if precision != "f32" and precision not in actual:
+            from optimize.errors import TargetUnavailable
+
+            raise TargetUnavailable(
+                f"OpenVINO runs the {precision} engine in {actual} on this CPU ({_capabilities(core)}): it has no "
+                f"native {precision.upper()}; serve openvino-fp32 or openvino-int8 here")
         # One infer request per concurrent caller, reused: ``infer`` is safe from several threads.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._config = config
@@ -273,8 +298,9 @@ class OpenVinoRunner(Runner):
     @property
     def settings(self) -> dict[str, Any]:
         keys = ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "INFERENCE_PRECISION_HINT")
-        return {"backend": "openvino", "device": "CPU",
-                **{k: str(self._compiled.get_property(k)) for k in keys}}
+        values = {k: self._compiled.get_property(k) for k in keys}
+        return {"backend": "openvino", "device": "CPU",  # precision types as OpenVINO names them: f32, bf16
+                **{k: v.to_string() if hasattr(v, "to_string") else str(v) for k, v in values.items()}}
 
     @property
     def compiled_model(self) -> Any:
@@ -283,6 +309,32 @@ class OpenVinoRunner(Runner):
 
 _OV_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int64", "i32": "int32",
               "i8": "int8", "u8": "uint8", "boolean": "bool"}
+
+
+def _capabilities(core: Any) -> str:
+    """OpenVINO's own list of what the CPU plugin runs natively (FP32, INT8, BF16, FP16, ...)."""
+    try:
+        return "OpenVINO's CPU capabilities: " + ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except Exception:  # an older plugin without the property
+        return "capabilities unknown"
+
+
+def native_precisions() -> set[str]:
+    """The precisions OpenVINO's CPU plugin says it runs natively here (``bf16`` when it lists BF16)."""
+    import openvino as ov
+
+    try:
+        return {c.lower() for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    except Exception:
+        return set()
+
+
+def triton_parameters(folder: Path) -> dict[str, str]:
+    """Triton's OpenVINO backend parameters an engine needs: ``HINT_BF16`` for a bf16 engine."""
+    runtime = Path(folder) / RUNTIME_FILE
+    if runtime.is_file() and json.loads(runtime.read_text()).get("INFERENCE_PRECISION_HINT") == "bf16":
+        return {"HINT_BF16": "YES"}
+    return {}
 
 
 def _spec(port: Any) -> TensorSpec:

@@ -31,6 +31,7 @@ class TargetInfo:
     needs_gpu: bool = False
     needs_compiler: bool = False  # builds C++ at build time
     baseline: bool = False  # measured beside the others, never picked as the winner (or served by default)
+    native: str | None = None  # a precision the CPU must run natively (bf16): emulated, it is slower than FP32
 
 
 TRT_PACKAGES = ("tensorrt", "cuda.bindings", "onnxconverter_common", "onnxruntime")
@@ -38,6 +39,7 @@ TARGETS: dict[str, TargetInfo] = {t.name: t for t in (
     TargetInfo("ort-fp32", "optimize.targets.onnxruntime", "fp32", ("onnxruntime",), "onnxruntime"),
     TargetInfo("ort-int8", "optimize.targets.onnxruntime", "int8", ("onnxruntime",), "onnxruntime"),
     TargetInfo("openvino-fp32", "optimize.targets.openvino", "fp32", ("openvino",), "openvino"),
+    TargetInfo("openvino-bf16", "optimize.targets.openvino", "bf16", ("openvino",), "openvino", native="bf16"),
     TargetInfo("openvino-int8", "optimize.targets.openvino", "int8", ("openvino", "nncf"), "openvino"),
     TargetInfo("trt-fp16", "optimize.targets.tensorrt", "fp16", TRT_PACKAGES, "tensorrt", True),
     TargetInfo("trt-int8", "optimize.targets.tensorrt", "int8", TRT_PACKAGES, "tensorrt", True),
@@ -71,6 +73,13 @@ def unavailable_reason(name: str) -> str | None:
         reason = gpu_reason()
         if reason:
             return reason
+    if info.native == "bf16":
+        from optimize.cpu import detect
+
+        cpu = detect()
+        if not cpu.native_bf16:
+            return (f"this CPU ({cpu.model}) has no native BF16 (AVX-512 BF16, AMX-BF16 or ARM BF16): it would "
+                    f"run emulated, slower than FP32")
     if info.needs_compiler and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         return "no C++ compiler on this machine (AOTInductor compiles C++): install g++"
     for package in info.packages:
