@@ -95,3 +95,26 @@ def detect() -> CpuInfo:
     except OSError:
         return CpuInfo(platform.processor() or arch, os.cpu_count() or 1, arch, ())
     return parse_cpuinfo(text, arch, os.cpu_count())
+
+
+# What decides which engine is fastest: a CPU that differs in one of these may rank targets differently.
+DECISIVE = ("int8_dot", "native_bf16", "native_fp16")
+
+
+def differences(recorded: dict[str, Any] | None, here: CpuInfo) -> list[str]:
+    """How ``here`` differs from a recorded CPU (``CpuInfo.to_json``) in what decides speed: the
+    instruction sets, and the INT8 dot-product and native BF16/FP16 support they give. Empty when
+    the record is missing (an old bundle) or the same."""
+    if not recorded or "isa" not in recorded:
+        return []
+    out = []
+    ours = here.to_json()
+    for key in DECISIVE:
+        if key in recorded and bool(recorded[key]) != ours[key]:
+            out.append(f"{key.replace('_', ' ')}: {'yes' if recorded[key] else 'no'} there, "
+                       f"{'yes' if ours[key] else 'no'} here")
+    gained = sorted(set(here.isa) - set(recorded["isa"]))
+    lost = sorted(set(recorded["isa"]) - set(here.isa))
+    if gained or lost:
+        out.append("instruction sets " + ", ".join([*(f"+{s}" for s in gained), *(f"-{s}" for s in lost)]))
+    return out

@@ -110,6 +110,20 @@ def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.nd
         raise
 
 
+def _warn_if_measured_elsewhere(manifest: Any, target: str) -> None:
+    """Say so when the winner was measured on a CPU that differs from this one in what decides speed."""
+    from optimize.cpu import detect, differences
+
+    winner = manifest.winner or {}
+    recorded = winner.get("measured_on") or manifest.machine
+    changed = differences(recorded, detect())
+    if changed:
+        what = "the winner" if winner.get("target") == target else "this bundle"
+        LOG.warning("%s was measured on %s and this CPU (%s) differs: %s; it may not be the fastest target here "
+                    "(optimize bench BUNDLE --select measures again on this CPU)", what, recorded.get("cpu"),
+                    detect().model, "; ".join(changed))
+
+
 def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or Ctrl-C, then drain and stop."""
     import uvicorn
@@ -126,6 +140,7 @@ def serve(config: ServeConfig) -> None:
                  model.text.input, model.text.section["tokenizer"], model.text.max_length,
                  model.text.section.get("max_length_source", "the built length"))
     LOG.info("access log: %s", "JSON lines on stderr" if config.access_log else "off (--access-log)")
+    _warn_if_measured_elsewhere(read_manifest(Path(config.bundle)), model.target)
 
     class DrainingServer(uvicorn.Server):
         # Not uvicorn's own handler: it re-raises the signal after shutdown, so a clean drain

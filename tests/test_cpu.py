@@ -34,3 +34,34 @@ def test_instruction_sets_of_real_cpus(name, arch, model, cores, has, lacks, int
 def test_this_machine_is_detected_once():
     first = detect()
     assert first is detect() and first.cores >= 1 and first.arch
+
+
+def test_differences_in_what_decides_speed():
+    from optimize.cpu import differences
+
+    epyc = parse_cpuinfo((FIXTURES / "amd_epyc_avx2.txt").read_text(), "x86_64")
+    spr = parse_cpuinfo((FIXTURES / "intel_sapphire_rapids_amx.txt").read_text(), "x86_64")
+    changed = differences(spr.to_json(), epyc)
+    assert "int8 dot: yes there, no here" in changed and "native bf16: yes there, no here" in changed
+    assert any("-amx_int8" in c for c in changed)
+    assert differences(epyc.to_json(), epyc) == [] and differences(None, epyc) == []
+    assert differences({"cpu": "old bundle"}, epyc) == []  # recorded before instruction sets were
+
+
+def test_serving_on_another_cpu_says_the_winner_may_not_be_fastest(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from serve.server import _warn_if_measured_elsewhere
+
+    spr = parse_cpuinfo((FIXTURES / "intel_sapphire_rapids_amx.txt").read_text(), "x86_64")
+    manifest = SimpleNamespace(winner={"target": "openvino-int8", "measured_on": spr.to_json()}, machine=spr.to_json())
+    with caplog.at_level(logging.WARNING, logger="serve"):
+        _warn_if_measured_elsewhere(manifest, "openvino-int8")
+    here = detect()
+    if here.to_json()["isa"] == list(spr.isa):
+        assert not caplog.records
+    else:
+        message = caplog.records[0].getMessage()
+        assert "the winner was measured on Intel(R) Xeon(R) Platinum 8488C" in message
+        assert "may not be the fastest" in message and "--select" in message

@@ -297,6 +297,9 @@ def bench_bundle(bundle: Path, config: BenchConfig, slo: Any, load: Any, say: Ca
     if not report["interrupted"]:
         manifest = read_manifest(bundle)
         decision = decide(manifest, report, slo, load)
+        decision["measured_on"] = {k: report["machine"][k] for k in ("cpu", "cores", "isa", "int8_dot",
+                                                                      "native_bf16", "native_fp16")
+                                   if k in report["machine"]}
         report["winner"] = decision
         held = winner_change(manifest, report, decision, config, select)
         previous = manifest.winner_target
