@@ -21,6 +21,18 @@ def _one_line_error(result):
     return lines[0]
 
 
+@pytest.mark.parametrize("flags, says", [
+    (("--recover-time", "abc"), "--recover-time 'abc' is not a duration"),
+    (("--recover-time", "0"), "must be positive"),
+    (("--recover-steps", "-1"), "--recover-steps -1 must be 0 or more"),
+])
+def test_bad_recovery_bounds(tiny_checkpoint, tmp_path, flags, says):
+    t = tiny_checkpoint
+    line = _one_line_error(run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--prune", "0.5",
+                                   *flags, "--target", "ort-fp32", "--out", tmp_path / "b"))
+    assert says in line and not (tmp_path / "b").exists()
+
+
 def test_missing_checkpoint(tmp_path):
     line = _one_line_error(run_cli("build", tmp_path / "missing.pt", "--out", tmp_path / "b"))
     assert "does not exist" in line
