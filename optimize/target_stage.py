@@ -12,9 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from optimize.cache import Stage, StageCache
 from optimize.calibration import Samples
 from optimize.prepare import Prepared, evaluate_runner, judge_selection
+from optimize.scheme_choice import offered_schemes
+from optimize.scheme_choice import search as search_schemes
 from optimize.targets import registry
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, RunnerConfig, engine_size
 
@@ -101,24 +105,40 @@ def run_target(plan: Any, target: str, prepared: Prepared, inputs: BuildInputs, 
         return {**entry, "status": "failed", "reason": "static INT8 needs calibration data: pass --calib"}
     backend.check_config(config)
     hashes = {"onnx": onnx_sha, "calibration": calibration.sha256 if calibration is not None else None}
-    say(f"building {target} ({config.precision}{', ' + config.int8_scheme if config.int8_scheme else ''})")
-    folder, result = build_engine(backend, target, inputs, hashes, config, calibration, cache)
-    evaluation, settings = evaluate_folder(backend, folder, plan.runner, prepared, plan.max_accuracy_drop)
-    result = dict(result)
-    entry["precision"] = result.pop("precision", None) or info.precision  # torch-compile: fp16 on a GPU
-    entry.update(result, runner_settings=settings, cache_folder=str(folder), **evaluation)
-    if not evaluation["gate"]["passed"] and config.precision == "int8" and plan.quant.recover_accuracy:
-        say(f"{target}: {evaluation['gate']['message']}; searching INT8 variants")
+
+    def context(trial: BuildConfig, built: Path | None) -> RecoveryContext:
         selection, selection_reference, selection_name = prepared.selection_split()
-        context = RecoveryContext(
-            inputs=inputs, config=config, calibration=calibration, built=folder, held_out=prepared.held_out,
+        return RecoveryContext(
+            inputs=inputs, config=trial, calibration=calibration, built=built, held_out=prepared.held_out,
             reference=prepared.reference, task=prepared.task, max_drop=plan.max_accuracy_drop,
-            build=lambda trial, label, builder=None, extra=None: build_engine(
-                backend, target, inputs, hashes, trial, calibration, cache, label, builder, extra),
+            build=lambda variant, label, builder=None, extra=None: build_engine(
+                backend, target, inputs, hashes, variant, calibration, cache, label, builder, extra),
             evaluate=lambda path: evaluate_folder(backend, path, plan.runner, prepared, plan.max_accuracy_drop),
             say=say, selection=selection, selection_reference=selection_reference, selection_name=selection_name,
             select=lambda path: select_folder(backend, path, plan.runner, prepared, plan.max_accuracy_drop))
-        recovered = backend.recover(context)
+
+    schemes = offered_schemes(backend, calibration is not None)
+    chosen = None
+    if config.precision == "int8" and plan.quant.int8_scheme is None and len(schemes) > 1:
+        say(f"building {target} (int8: {', '.join(schemes)}, the scheme chosen by measurement)")
+        samples, _ = context(config, None).choice_data()
+        feeds = samples.take(np.arange(1)).arrays
+        choice = search_schemes(backend, context(config, None), schemes, plan.runner, feeds, cache,
+                                plan.quant.recover_accuracy, backend.recoverable)
+        entry["scheme_choice"] = choice.record
+        chosen, config = choice.fields, choice.config
+    if chosen is None:
+        say(f"building {target} ({config.precision}{', ' + config.int8_scheme if config.int8_scheme else ''})")
+        folder, result = build_engine(backend, target, inputs, hashes, config, calibration, cache)
+        evaluation, settings = evaluate_folder(backend, folder, plan.runner, prepared, plan.max_accuracy_drop)
+        chosen = {**result, **evaluation, "runner_settings": settings, "cache_folder": str(folder)}
+    chosen = dict(chosen)
+    entry["precision"] = chosen.pop("precision", None) or info.precision  # torch-compile: fp16 on a GPU
+    entry.update({"build_config": config.to_json(), **chosen})
+    if (not entry["gate"]["passed"] and config.precision == "int8" and plan.quant.recover_accuracy
+            and "recovery" not in entry):
+        say(f"{target}: {entry['gate']['message']}; searching INT8 variants")
+        recovered = backend.recover(context(config, Path(entry["cache_folder"])))
         if recovered is not None:
             recovered.pop("precision", None)
             entry.update(recovered)

@@ -20,6 +20,7 @@ import numpy as np
 
 from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
+from optimize.errors import BundleError
 from optimize.tokenizer import TextEncoder, pad_values
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
@@ -47,6 +48,7 @@ class ServeConfig:
     drift_window: int | None = None  # None: the profile's (20 samples)
     drift_alpha: float | None = None  # None: the profile's (0.01)
     access_log: bool = False  # one JSON line per request on the serve.access logger
+    reselect: bool = False  # time the built targets on this CPU and serve the fastest within budget
 
 
 def create_app(config: ServeConfig) -> InferenceApp:
@@ -54,7 +56,16 @@ def create_app(config: ServeConfig) -> InferenceApp:
     loop, metrics and the drift monitor wired; warm-up runs at start-up, before readiness."""
     bundle = Path(config.bundle)
     manifest = read_manifest(bundle)
-    target = choose_target(manifest, config.target, bundle)
+    if config.reselect:
+        from serve.reselect import reselect
+
+        if config.target:
+            raise BundleError(f"--reselect chooses the target by measurement; drop --target {config.target}")
+        target, record = reselect(bundle, manifest)
+        LOG.info("--reselect on %s: %s (%s)", record["cpu"], record["reason"], ", ".join(
+            f"{n} {t['p50_ms']:.3g} ms" for n, t in sorted(record["timings"].items(), key=lambda x: x[1]["p50_ms"])))
+    else:
+        target = choose_target(manifest, config.target, bundle)
     inputs = list(manifest.inputs)
     held = np.load(bundle / "data" / "heldout.npz")
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
@@ -120,7 +131,7 @@ def _warn_if_measured_elsewhere(manifest: Any, target: str) -> None:
     if changed:
         what = "the winner" if winner.get("target") == target else "this bundle"
         LOG.warning("%s was measured on %s and this CPU (%s) differs: %s; it may not be the fastest target here "
-                    "(optimize bench BUNDLE --select measures again on this CPU)", what, recorded.get("cpu"),
+                    "(optimize serve --reselect serves the fastest here)", what, recorded.get("cpu"),
                     detect().model, "; ".join(changed))
 
 
@@ -140,7 +151,8 @@ def serve(config: ServeConfig) -> None:
                  model.text.input, model.text.section["tokenizer"], model.text.max_length,
                  model.text.section.get("max_length_source", "the built length"))
     LOG.info("access log: %s", "JSON lines on stderr" if config.access_log else "off (--access-log)")
-    _warn_if_measured_elsewhere(read_manifest(Path(config.bundle)), model.target)
+    if not config.reselect:
+        _warn_if_measured_elsewhere(read_manifest(Path(config.bundle)), model.target)
 
     class DrainingServer(uvicorn.Server):
         # Not uvicorn's own handler: it re-raises the signal after shutdown, so a clean drain

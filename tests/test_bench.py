@@ -123,6 +123,11 @@ def test_build_target_auto_benchmarks_and_records_the_winner(tiny_checkpoint, tm
     baseline = {c["target"]: c for c in winner["candidates"]}["torch-compile"]
     assert manifest["targets"]["torch-compile"]["status"] == "built" and winner["target"] != "torch-compile"
     assert baseline["baseline"] and "never picked" in baseline["reason"] and baseline["latency_ms"] > 0
+    # in BF16 where this CPU has it natively, recorded on the target (the name stays)
+    from optimize.targets.torch_compile import cpu_precision
+
+    assert manifest["targets"]["torch-compile"]["precision"] == cpu_precision()
+    assert manifest["targets"]["torch-compile"]["runner_settings"]["precision"] == cpu_precision()
 
 
 def test_ctrl_c_keeps_what_was_measured(bundle):

@@ -62,3 +62,17 @@ def test_the_triton_config_carries_the_bf16_hint():
                           parameters={"HINT_BF16": "YES"})
     parsed = parse_pbtxt(to_pbtxt(config))
     assert parsed.backend == "openvino" and parsed.parameters["HINT_BF16"].string_value == "YES"
+
+
+def test_torch_compile_measures_in_bf16_only_where_it_is_native():
+    from pathlib import Path
+
+    from optimize.cpu import parse_cpuinfo
+    from optimize.targets.torch_compile import cpu_precision
+
+    fixtures = Path(__file__).parent / "fixtures" / "cpuinfo"
+    read = lambda name, arch="x86_64": parse_cpuinfo((fixtures / f"{name}.txt").read_text(), arch)  # noqa: E731
+    assert cpu_precision(read("intel_sapphire_rapids_amx")) == "bf16"
+    assert cpu_precision(read("arm_graviton3", "aarch64")) == "bf16"
+    assert cpu_precision(read("amd_epyc_avx2")) == "fp32" and cpu_precision(read("intel_icelake_vnni")) == "fp32"
+    assert cpu_precision() == ("bf16" if NATIVE else "fp32")

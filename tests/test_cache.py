@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from optimize.cache import Stage, StageCache, module_source_hash, stage_key, undeclared_imports
+from optimize.scheme_choice import TIMING_STAGE
 from optimize.pipeline import EXPORT_STAGE, ExportStageConfig
 from optimize.prune_stage import PRUNE_STAGE, PruneStageConfig
 from optimize.passes.distill import DistillConfig
@@ -182,7 +183,7 @@ def test_two_processes_building_one_key_build_it_once(tmp_path):
     assert marker.read_text().count("built") == 1
 
 
-@pytest.mark.parametrize("stage", [EXPORT_STAGE, PRUNE_STAGE, *(target_stage(t) for t in registry.TARGETS)],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("stage", [EXPORT_STAGE, PRUNE_STAGE, TIMING_STAGE,
+                                   *(target_stage(t) for t in registry.TARGETS)], ids=lambda s: s.name)
 def test_each_stage_declares_every_module_its_code_imports(stage):
     assert undeclared_imports(stage) == {}, "declare these modules in the stage, or its cache goes stale"

@@ -64,4 +64,4 @@ def test_serving_on_another_cpu_says_the_winner_may_not_be_fastest(caplog):
     else:
         message = caplog.records[0].getMessage()
         assert "the winner was measured on Intel(R) Xeon(R) Platinum 8488C" in message
-        assert "may not be the fastest" in message and "--select" in message
+        assert "may not be the fastest" in message and "--reselect" in message

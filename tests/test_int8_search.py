@@ -86,3 +86,34 @@ def test_openvino_all_in_ignored_scope_is_fp32(se_model, tmp_path):
     reference = _run(backend, tmp_path / "fp32", samples)
     assert np.abs(_run(backend, tmp_path / "int8", samples) - reference).max() > 1e-4
     np.testing.assert_allclose(_run(backend, tmp_path / "all", samples), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_ort_dynamic_ranking_names_every_replaced_matmul_and_all_kept_is_fp32(tmp_path):
+    """Dynamic INT8 has no Q/DQ pairs: its candidates are the MatMul/Gemm nodes it replaced."""
+    import torch
+    from torch import nn
+
+    from optimize.targets import onnxruntime as ort_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    x = np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32)
+    onnx_path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x[:2]),), str(onnx_path), input_names=["x"], output_names=["out"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    samples, backend = Samples({"x": x}, None, "random"), ort_target.BACKEND
+    backend.build(BuildInputs(onnx_path), BuildConfig("fp32"), None, tmp_path / "fp32")
+    backend.build(BuildInputs(onnx_path), BuildConfig("int8", "dynamic"), None, tmp_path / "int8")
+    replaced = ort_target.replaced_nodes(onnx.load(str(onnx_path)).graph,
+                                         onnx.load(str(tmp_path / "int8" / "model.onnx")).graph)
+    assert len(replaced) == 3
+    ranking = ort_target.sensitivity_ranking(onnx_path, tmp_path / "int8" / "model.onnx",
+                                             list(samples.take(np.arange(16)).batches(8)))
+    assert sorted(n for n, _ in ranking) == sorted(n.name for n in replaced)
+    reference = _run(backend, tmp_path / "fp32", samples)
+    assert np.abs(_run(backend, tmp_path / "int8", samples) - reference).max() > 1e-5
+    for keep, name in [((ALL_NODES,), "all"), (tuple(n for n, _ in ranking), "named")]:
+        backend.build(BuildInputs(onnx_path), BuildConfig("int8", "dynamic", keep_fp32=keep), None, tmp_path / name)
+        kept = onnx.load(str(tmp_path / name / "model.onnx")).graph
+        assert not [n for n in kept.node if n.op_type == "MatMulInteger"], name
+        np.testing.assert_allclose(_run(backend, tmp_path / name, samples), reference, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,17 @@ def test_gate_units_per_task():
     assert validate.gate("embed", e, None, 1.0).passed
 
 
+def test_embeddings_need_their_nearest_neighbours_too():
+    """Cosine 0.995 and a tenth of the nearest neighbours changed fails; so few samples that nearest
+    neighbours say little are judged on cosine alone; a wider budget lowers the floor."""
+    reordered = {"mean_cosine": 0.995, "min_cosine": 0.98, "retrieval_agreement_pct": 90.0, "retrieval_samples": 100}
+    verdict = validate.gate("embed", reordered, None, 1.0)
+    assert not verdict.passed and "retrieval agreement 90.0% is under 95%" in verdict.message
+    assert validate.gate("embed", {**reordered, "retrieval_samples": 20}, None, 1.0).passed
+    assert validate.gate("embed", reordered, None, 2.0).passed  # floor 90%
+    assert validate.gate("embed", {**reordered, "retrieval_agreement_pct": 96.0}, None, 1.0).passed
+
+
 def test_the_gate_reports_its_noise_and_keeps_its_verdict():
     """269 held-out samples, 3 disagreements: a drop of 1.12 points fails a 1-point budget as before,
     and the interval says one sample either way could have flipped it."""

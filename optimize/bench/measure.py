@@ -103,3 +103,14 @@ def interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 5,
         for name, call in calls.items():
             results[name].append(measure(call, config))
     return results
+
+
+def round_medians(calls: dict[str, Callable[[], Any]], rounds: int, config: MeasureConfig) -> dict[str, dict[str, Any]]:
+    """Per workload, measured ``interleaved``: the p50 of every round, their median and spread (range
+    over median, percent): what a choice between engines compares, round by round."""
+    out = {}
+    for name, runs in interleaved(calls, rounds=rounds, config=config).items():
+        medians = np.asarray([m.median_ms for m in runs])
+        out[name] = {"p50_ms": float(np.median(medians)), "p50_ms_per_round": medians.round(4).tolist(),
+                     "spread_pct": float((medians.max() - medians.min()) / np.median(medians) * 100)}
+    return out

@@ -56,7 +56,8 @@ QUANT_OPTIONS = [
                  help="How accuracy is measured (inferred when omitted: token inputs -> embed, "
                       "2-D multi-column output -> classify, else regress)."),
     click.option("--int8-scheme", type=click.Choice(["static", "dynamic", "weights"]),
-                 help="INT8 form (default: static for CNNs, weights for transformers)."),
+                 help="INT8 form. Default: every scheme the backend offers is built, judged on the selection split "
+                      "and timed on this CPU; the fastest within budget is kept (the manifest's scheme_choice)."),
     click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                  show_default=True, help="Activation range calibration for static INT8."),
     click.option("--per-channel/--per-tensor", default=True, show_default=True,

@@ -12,6 +12,9 @@ from optimize.errors import InputSpecError
 @click.command("serve")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--target", help="Target to serve (default: the bundle's winner, else its first built target).")
+@click.option("--reselect", is_flag=True,
+              help="Time the built targets within the accuracy budget on this CPU at start-up and serve the fastest "
+                   "(the winner stays unless another is faster beyond the measured spread).")
 @click.option("--model-name", help="Name served under /v2/models/ (default: the manifest's model name).")
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -38,7 +41,7 @@ from optimize.errors import InputSpecError
 def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
             grace: float, drift_window: int, drift_alpha: float, no_drift: bool, log_level: str,
-            access_log: bool) -> None:
+            access_log: bool, reselect: bool) -> None:
     """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
 
     \b
@@ -70,4 +73,4 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
     serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=port, batching=batching,
                       max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace,
                       drift=not no_drift, drift_window=drift_window, drift_alpha=drift_alpha,
-                      access_log=access_log))
+                      access_log=access_log, reselect=reselect))

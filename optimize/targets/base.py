@@ -147,7 +147,7 @@ class RecoveryContext:
     inputs: BuildInputs
     config: BuildConfig
     calibration: "Samples | None"
-    built: Path  # the folder of the engine that breached the budget
+    built: Path | None  # the folder of the engine that breached the budget (None: not built yet)
     held_out: "Samples"
     reference: dict[str, np.ndarray]
     task: str
@@ -159,6 +159,7 @@ class RecoveryContext:
     selection_reference: dict[str, np.ndarray] | None = None
     selection_name: str = "held-out data"
     select: Callable[[Path], dict[str, Any]] | None = None
+    budget_s: float | None = None  # seconds the search may take (None: the backend's own budget)
 
     def choice_data(self) -> tuple["Samples", dict[str, np.ndarray]]:
         """The samples and FP32 outputs to choose on: the selection split where there is one."""
@@ -175,6 +176,11 @@ class Backend(abc.ABC):
     triton: TritonEntry | None = None  # None: Triton has no backend for these engines
     fixed_batch_profile: bool = False  # engines take only the batch range they were built for
     needs_gpu_to_serve: bool = False  # a serving pod needs an NVIDIA GPU
+    int8_schemes: tuple[str, ...] = ()  # the INT8 schemes it builds, tried in turn when none is given
+
+    def recoverable(self, scheme: str) -> bool:
+        """Whether ``recover`` has a recovery for INT8 engines of ``scheme``."""
+        return False
 
     def check_config(self, config: BuildConfig) -> None:
         """Raise ``BuildError`` for a combination this backend cannot do (never substitute)."""

@@ -10,8 +10,8 @@ INT8 schemes (``--int8-scheme``):
   engine carries ``session_options.json`` turning off ONNX Runtime's QDQ fusions, so constant
   folding dequantizes the weights once at load instead of on every run (FP32 speed, not 0.6x).
 
-Accuracy recovery (static INT8): other calibrations, then the quantized nodes that add the most
-error kept in FP32, chosen on the selection split; see ``OnnxRuntimeBackend.recover``.
+Accuracy recovery (static and dynamic INT8): other calibrations (static), then the quantized nodes
+that add the most error kept in FP32, chosen on the selection split; see ``OnnxRuntimeBackend.recover``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class OnnxRuntimeBackend(Backend):
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
                          files=(ENGINE_FILE,))
 
+    int8_schemes = INT8_SCHEMES
+
+    def recoverable(self, scheme: str) -> bool:
+        return scheme in ("static", "dynamic")
+
     def check_config(self, config: BuildConfig) -> None:
         if config.precision not in ("fp32", "int8"):
             raise BuildError(f"ONNX Runtime targets build fp32 or int8, not {config.precision}")
@@ -82,21 +87,24 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeRunner(folder, config)
 
     def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
-        """Static INT8 over budget: first every other calibration method and weight granularity, the
-        best kept; then the most sensitive quantized nodes (any op with Q/DQ at its inputs, not only
-        Conv/MatMul/Gemm) kept in FP32 in growing steps (1, 2, 4, ... all of them, which is the FP32
-        graph), until the selection split and then the gate are within budget. Nodes are ranked by
-        the error each adds over its inputs on the selection split. One ``CandidateSearch``."""
+        """INT8 over budget. Static: first every other calibration method and weight granularity,
+        the best kept; then the most sensitive quantized nodes (any op with Q/DQ at its inputs, not
+        only Conv/MatMul/Gemm) kept in FP32 in growing steps (1, 2, 4, ... all of them, which is the
+        FP32 graph), until the selection split and then the gate are within budget. Dynamic: the
+        same growing steps over its MatMul/Gemm nodes. Nodes are ranked by the error each adds over
+        its inputs on the selection split. One ``CandidateSearch``."""
         from optimize.candidates import Candidate, CandidateSearch, calibration_candidates, growing
 
-        if context.config.int8_scheme != "static":
+        scheme = context.config.int8_scheme
+        if not self.recoverable(scheme):
             return None
-        method = "calibration variants, then sensitive nodes kept in FP32"
-        search = CandidateSearch(context, RECOVERY_BUDGET_S)
-        first = search.judge(Candidate("first", context.config, f"{context.config.calib_method} calibration, "
-                                       f"per-{'channel' if context.config.per_channel else 'tensor'} weights "
-                                       f"(as built)"))
-        calibrated = search.best(calibration_candidates(context.config, CALIBRATION_METHODS))
+        method = ("calibration variants, then sensitive nodes kept in FP32" if scheme == "static" else
+                  "sensitive MatMul/Gemm nodes kept in FP32")
+        search = CandidateSearch(context, context.budget_s or RECOVERY_BUDGET_S)
+        first = search.judge(Candidate("first", context.config, f"{scheme} INT8, {context.config.calib_method} "
+                                       f"calibration, per-{'channel' if context.config.per_channel else 'tensor'} "
+                                       f"weights (as built)" if scheme == "static" else f"{scheme} INT8 (as built)"))
+        calibrated = search.best(calibration_candidates(context.config, CALIBRATION_METHODS)) if scheme == "static" else None
         best = min([j for j in (first, calibrated) if j is not None], key=lambda j: j.drop)
         gate_passed = {}
 
@@ -112,7 +120,8 @@ class OnnxRuntimeBackend(Backend):
         feeds = list(samples.take(np.arange(count)).batches(8))
         ranking = sensitivity_ranking(context.inputs.onnx, best.folder / ENGINE_FILE, feeds)
         base = best.candidate.config
-        candidates = (Candidate(f"keep-{k}", dataclasses.replace(base, keep_fp32=tuple(n for n, _ in ranking[:k])),
+        candidates = (Candidate(f"{'keep' if scheme == 'static' else scheme + '-keep'}-{k}",
+                                dataclasses.replace(base, keep_fp32=tuple(n for n, _ in ranking[:k])),
                                 f"{k} of {len(ranking)} quantized nodes in FP32"
                                 + (" (all: the FP32 graph)" if k == len(ranking) else ""))
                       for k in growing(len(ranking)))
@@ -175,11 +184,16 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
 def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    excluded = list(config.keep_fp32)
+    if ALL_NODES in excluded:
+        import onnx
+
+        excluded = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.name]
     try:
         quantize_dynamic(str(onnx_path), str(target), per_channel=config.per_channel,
                          reduce_range=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm", "Attention"],
-                         nodes_to_exclude=list(config.keep_fp32) or None)
+                         nodes_to_exclude=excluded or None)
     except Exception as exc:  # ONNX Runtime's quantizer refused the graph (--debug shows why)
         raise BuildError(f"ONNX Runtime dynamic quantization failed: {exc}") from exc
     return {"weights": "int8 reduced range", "activations": "uint8, ranges per batch at run time",
@@ -187,6 +201,14 @@ def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dic
 
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention")  # what dynamic quantization replaces
+
+
+def replaced_nodes(fp32_graph: Any, int8_graph: Any) -> list[Any]:
+    """The FP32 graph's MatMul/Gemm nodes that a dynamic quantization replaced (their names are gone;
+    their output tensors keep their names)."""
+    kept = {n.name for n in int8_graph.node}
+    return [n for n in fp32_graph.node if n.op_type in DYNAMIC_OPS and n.name and n.name not in kept]
 
 
 def quantized_nodes(int8_graph: Any) -> list[Any]:
@@ -202,9 +224,10 @@ def sensitivity_ranking(fp32_path: Path, int8_path: Path, feeds: list[dict[str, 
     import onnx
     import onnxruntime as ort
 
-    int8 = onnx.load(str(int8_path))
-    fp32_tensors = {o for n in onnx.load(str(fp32_path)).graph.node for o in n.output}
+    int8, fp32 = onnx.load(str(int8_path)), onnx.load(str(fp32_path))
+    fp32_tensors = {o for n in fp32.graph.node for o in n.output}
     nodes = quantized_nodes(int8.graph)
+    dynamic = [] if nodes else replaced_nodes(fp32.graph, int8.graph)
     produced_by = {o: n for n in int8.graph.node for o in n.output}
     tensors = sorted({o for n in int8.graph.node if n.op_type not in QDQ_OPS for o in n.output} & fp32_tensors)
 
@@ -250,6 +273,8 @@ def sensitivity_ranking(fp32_path: Path, int8_path: Path, feeds: list[dict[str, 
         return worst
 
     ranked = [(n.name, max((error(o) for o in n.output), default=0.0) - upstream_error(n)) for n in nodes]
+    ranked += [(n.name, max((error(o) for o in n.output), default=0.0) - max((error(i) for i in n.input), default=0.0))
+               for n in dynamic]
     return sorted(ranked, key=lambda item: item[1], reverse=True)
 
 

@@ -58,6 +58,11 @@ class OpenVinoBackend(Backend):
                "optimize.errors", "optimize.validate")
     triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
 
+    int8_schemes = ("static", "weights")
+
+    def recoverable(self, scheme: str) -> bool:
+        return scheme in ("static",)
+
     def check_config(self, config: BuildConfig) -> None:
         if config.precision not in ("fp32", "bf16", "int8"):
             raise BuildError(f"OpenVINO targets build fp32, bf16 or int8, not {config.precision}")
@@ -85,7 +90,7 @@ class OpenVinoBackend(Backend):
         if context.config.int8_scheme != "static":
             return None
         method = "calibration variants, then nncf.quantize_with_accuracy_control, then all ops ignored"
-        search = CandidateSearch(context, RECOVERY_BUDGET_S)
+        search = CandidateSearch(context, context.budget_s or RECOVERY_BUDGET_S)
         config = context.config
         first = search.judge(Candidate("first", config, f"{config.calib_method} calibration, "
                                        f"per-{'channel' if config.per_channel else 'tensor'} weights (as built)"))

@@ -2,9 +2,11 @@
 
 The baseline users would otherwise reach for, measured beside every other target. It compiles the
 bundle's ``torch.export`` program (the model after pruning) into a ``.pt2`` package with
-``torch._inductor.aoti_compile_and_package``: FP32 C++ kernels on CPU; on a CUDA GPU the program is
-re-exported in FP16 and compiled to CUDA kernels, the path a machine with PyTorch and CUDA but no
-TensorRT runs for real. The batch axis (and a token sequence axis) stays dynamic up to the largest
+``torch._inductor.aoti_compile_and_package``: C++ kernels on CPU, in BF16 where the CPU has native
+BF16 (AVX-512 BF16, AMX-BF16, ARM BF16; ``optimize.cpu``) and FP32 elsewhere, where BF16 would be
+emulated and slow; on a CUDA GPU the program is re-exported in FP16 and compiled to CUDA kernels,
+the path a machine with PyTorch and CUDA but no TensorRT runs for real. The precision is recorded
+on the target (``precision`` in the manifest), the name stays ``torch-compile``. The batch axis (and a token sequence axis) stays dynamic up to the largest
 of ``--batch-sizes``. Needs a C++ compiler at build time; the package runs where it was compiled.
 """
 
@@ -44,12 +46,12 @@ class TorchCompileBackend(Backend):
 
     name = "torch"
     modules = ("optimize.targets.torch_compile", "optimize.targets.base", "optimize.calibration", "optimize.factory", "optimize.specs",
-               "optimize.errors", "optimize.validate")
+               "optimize.errors", "optimize.validate", "optimize.cpu")
     triton = None  # Triton's PyTorch backend takes TorchScript, not an AOTInductor package
     fixed_batch_profile = True  # the package's batch axis is dynamic up to the largest of --batch-sizes
 
     def build(self, inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
-        """Compile ``inputs.program`` (FP32 on CPU, FP16 on a CUDA GPU)."""
+        """Compile ``inputs.program`` (BF16 on a CPU with native BF16, else FP32; FP16 on a CUDA GPU)."""
         return _compile(inputs, config, calibration, workdir)
 
     def runner(self, folder: Path, config: RunnerConfig = RunnerConfig()) -> "TorchCompileRunner":
@@ -66,9 +68,9 @@ def _compile(build_inputs: BuildInputs, config: BuildConfig, calibration: Sample
     inputs, outputs = _graph_io(build_inputs.onnx)
     program = torch.export.load(str(build_inputs.program))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "fp16" if device == "cuda" else "fp32"
-    if device == "cuda":
-        program = _half_on_cuda(program, inputs, calibration, max(config.batch_sizes))
+    precision = "fp16" if device == "cuda" else cpu_precision()
+    if precision != "fp32":
+        program = _reexport(program, inputs, calibration, max(config.batch_sizes), device, precision)
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE_FILE))
     except Exception as exc:
@@ -79,24 +81,39 @@ def _compile(build_inputs: BuildInputs, config: BuildConfig, calibration: Sample
     return Engine([PACKAGE_FILE, RECORD_FILE], record, precision=precision)
 
 
-def _half_on_cuda(program: Any, inputs: list[dict[str, Any]], calibration: Samples | None, max_batch: int) -> Any:
-    """Re-export the program in FP16 on the GPU with the same dynamic axes."""
+def cpu_precision(cpu: Any = None) -> str:
+    """``bf16`` where the CPU (this one by default) runs BF16 natively, else ``fp32``."""
+    from optimize.cpu import detect
+
+    return "bf16" if (cpu or detect()).native_bf16 else "fp32"
+
+
+def _dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+
+def _reexport(program: Any, inputs: list[dict[str, Any]], calibration: Samples | None, max_batch: int,
+              device: str, precision: str) -> Any:
+    """Re-export the program in FP16 (GPU) or BF16 (CPU) with the same dynamic axes."""
     import torch
     from torch.export import Dim
 
     if calibration is None:
-        raise BuildError("torch-compile on a GPU re-exports the model in FP16 and needs example inputs: pass --calib")
-    module = program.module().to("cuda").half()
+        raise BuildError(f"torch-compile in {precision} re-exports the model and needs example inputs: pass --calib")
+    dtype = _dtype(precision)
+    module = program.module().to(device).to(dtype)
     args, shapes = [], []
     batch, sequence = Dim("batch", min=1, max=max(max_batch, 2)), Dim("sequence", min=1, max=4096)
     for spec in inputs:
-        array = torch.from_numpy(np.ascontiguousarray(calibration.arrays[spec["name"]][:2])).to("cuda")
-        args.append(array.half() if array.is_floating_point() else array)
+        array = torch.from_numpy(np.ascontiguousarray(calibration.arrays[spec["name"]][:2])).to(device)
+        args.append(array.to(dtype) if array.is_floating_point() else array)
         shapes.append({axis: batch if axis == 0 else sequence for axis in spec["dynamic"]})
     try:
         return torch.export.export(module, tuple(args), dynamic_shapes=tuple(shapes))
     except Exception as exc:
-        raise BuildError(f"re-exporting the program in FP16 failed: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(f"re-exporting the program in {precision} failed: {type(exc).__name__}: {exc}") from exc
 
 
 class TorchCompileRunner(Runner):
@@ -115,7 +132,7 @@ class TorchCompileRunner(Runner):
         torch.set_num_threads(self._threads)
         self._model = torch._inductor.aoti_load_package(str(engine_dir / PACKAGE_FILE))
         self._record = record
-        self._half = record["precision"] == "fp16"
+        self._dtype = _dtype(record["precision"])
         self.inputs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in record["inputs"]]
         self.outputs = [TensorSpec(n, (-1,), "float32") for n in record["outputs"]]
 
@@ -125,7 +142,7 @@ class TorchCompileRunner(Runner):
         args = []
         for spec in self._record["inputs"]:
             tensor = torch.from_numpy(np.ascontiguousarray(feeds[spec["name"]])).to(self._record["device"])
-            args.append(tensor.half() if self._half and tensor.is_floating_point() else tensor)
+            args.append(tensor.to(self._dtype) if self._dtype is not None and tensor.is_floating_point() else tensor)
         with torch.inference_mode():
             result = self._model(*args)
         values = [result] if isinstance(result, torch.Tensor) else list(result)
