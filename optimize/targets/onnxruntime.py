@@ -189,6 +189,7 @@ def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dic
         import onnx
 
         excluded = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.name]
+    excluded += [f"{name}_MatMul" for name in excluded]  # it rewrites a Gemm as a MatMul of that name first
     try:
         quantize_dynamic(str(onnx_path), str(target), per_channel=config.per_channel,
                          reduce_range=True, weight_type=QuantType.QInt8,
