@@ -153,9 +153,9 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
     if contenders:  # the fastest, or within its spread the closest to the budget (the cheapest to recover)
         scheme, _ = choose(contenders)
         say(f"  {scheme} is faster{' than ' + chosen if chosen else ''} but over budget: recovering its accuracy")
-        # As long again as building, judging and timing every scheme took: the search stays within
-        # about twice that, whatever the recovery would want.
-        budget = max(MIN_RECOVERY_S, time.monotonic() - start)
+        # Half as long again as building, judging and timing every scheme took, whatever the
+        # recovery would want: the choice stays a bounded share of the build.
+        budget = max(MIN_RECOVERY_S, (time.monotonic() - start) / 2)
         fields = backend.recover(dataclasses.replace(context, config=judged[scheme].candidate.config,
                                                      built=judged[scheme].folder, budget_s=budget))
         if fields is not None and fields["gate"]["passed"]:
