@@ -105,7 +105,7 @@ def choose(passing: list[tuple[str, tuple[float, float], dict[str, Any]]]) -> tu
     fastest = min(passing, key=lambda p: p[2]["p50_ms"])
     tied = [p for p in passing if not faster(fastest[2], p[2])]
     chosen = min(tied, key=lambda p: (*p[1], p[2]["p50_ms"]))
-    reason = (f"the fastest within budget on the selection split: p50 {chosen[2]['p50_ms']:.3g} ms at batch 1"
+    reason = (f"the fastest within budget: p50 {chosen[2]['p50_ms']:.3g} ms at batch 1"
               if chosen is fastest else
               f"within the measured spread of the fastest ({fastest[0]}, p50 {fastest[2]['p50_ms']:.3g} ms) and "
               f"more accurate (drop {chosen[1][0]:.3g}, error {chosen[1][1]:.3g} against {fastest[1][0]:.3g}, "
@@ -145,7 +145,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
         say(f"  scheme {scheme}: {j.selection['gate']['message'].split(' (95%')[0]} on the {context.selection_name}; "
             f"p50 {timings[scheme]['p50_ms']:.3g} ms (spread {timings[scheme]['spread_pct']:.0f}%)")
     passing = [(s, accuracy_key(j), timings[s]) for s, j in judged.items() if j.passed]
-    chosen, reason = choose(passing) if passing else (None, "no scheme within budget on the selection split")
+    chosen, reason = choose(passing) if passing else (None, f"no scheme within budget on the {context.selection_name}")
     recovered_fields, recovered_from = None, None
     contenders = [(s, accuracy_key(j), timings[s]) for s, j in judged.items()
                   if not j.passed and recover_accuracy and recoverable(s)
@@ -173,7 +173,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
                 reason += f"; {scheme} recovered ({extra[label]['p50_ms']:.3g} ms) was no faster"
     elapsed = time.monotonic() - start
     record = {
-        "method": "every scheme built, judged on the selection split and timed at batch 1 in interleaved rounds",
+        "method": f"every scheme built, judged on the {context.selection_name} and timed at batch 1 in interleaved rounds",
         "data": context.selection_name, "rounds": ROUNDS, "timing_reused": reused,
         "candidates": [{"scheme": s, "build_time_s": j.result.get("build_time_s"),
                         "selection_drop": j.selection["gate"]["drop"],

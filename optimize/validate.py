@@ -139,7 +139,8 @@ def samples_to_settle(drop: float, budget: float, interval: tuple[float, float],
     low, high = interval
     if not low <= budget < high:
         return None
-    half = (high - low) / 2
+    # The side of the interval that reaches the budget (intervals of a count near zero are lopsided).
+    half = high - drop if budget > drop else drop - low
     gap = abs(drop - budget)
     if gap < 1e-9:
         return None  # at the budget itself: no number of samples settles it
