@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from optimize.errors import OptimizeError
 from optimize.targets.base import BuildConfig, RecoveryContext
 
 
@@ -64,19 +65,25 @@ class CandidateSearch:
         self.deadline = time.monotonic() + budget_s
         self.judged: list[Judged] = []
         self.skipped: list[str] = []
+        self.failed: list[dict[str, str]] = []  # candidates the backend could not build, with the reason
 
     @property
     def out_of_time(self) -> bool:
         return time.monotonic() >= self.deadline
 
     def judge(self, candidate: Candidate) -> Judged | None:
-        """Build and judge one candidate (None once the time budget is spent)."""
+        """Build and judge one candidate (None once the time budget is spent, or when it cannot be built)."""
         if self.out_of_time:
             self.skipped.append(candidate.label)
             return None
         as_built = candidate.config == self.context.config and candidate.builder is None and not candidate.extra
         label = None if as_built else candidate.label  # the engine already built: its cache entry
-        folder, result = self.context.build(candidate.config, label, candidate.builder, candidate.extra)
+        try:
+            folder, result = self.context.build(candidate.config, label, candidate.builder, candidate.extra)
+        except OptimizeError as exc:  # one variant the backend refuses must not end the search
+            self.failed.append({"label": candidate.label, "change": candidate.change, "reason": str(exc)})
+            self.context.say(f"  candidate {candidate.change}: not built: {exc}")
+            return None
         judged = Judged(candidate, folder, result, self.context.select(folder))
         self.judged.append(judged)
         self.context.say(f"  candidate {candidate.change}: {judged.selection['gate']['message'].split(' (95%')[0]} "
@@ -96,7 +103,9 @@ class CandidateSearch:
         for candidate in candidates:
             judged = self.judge(candidate)
             if judged is None:
-                break
+                if self.out_of_time:
+                    break
+                continue
             last = judged
             if judged.passed and (accept is None or accept(judged)):
                 return judged
@@ -106,6 +115,7 @@ class CandidateSearch:
         """The manifest's ``recovery`` record: the method, every candidate, the choice and why."""
         return {"method": method, "data": self.context.selection_name,
                 "candidates": [j.to_json() for j in self.judged], "skipped_for_time": self.skipped,
+                "not_built": self.failed,
                 "chosen": chosen.candidate.label if chosen else None,
                 "chosen_change": chosen.candidate.change if chosen else None, "reason": reason}
 

@@ -27,6 +27,7 @@ import numpy as np
 from optimize.bench.measure import MeasureConfig, round_medians
 from optimize.cache import Stage, StageCache
 from optimize.candidates import Candidate, Judged
+from optimize.errors import BuildError, OptimizeError
 from optimize.targets.base import Backend, BuildConfig, RecoveryContext, RunnerConfig
 
 ROUNDS = 5
@@ -136,10 +137,18 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
     """Build, judge and time every scheme; recover the fastest failing one when it could win."""
     say, start = context.say, time.monotonic()
     judged: dict[str, Judged] = {}
+    not_built: dict[str, str] = {}
     for scheme in schemes:
         config = dataclasses.replace(context.config, int8_scheme=scheme)
-        folder, result = context.build(config, None)
+        try:
+            folder, result = context.build(config, None)
+        except OptimizeError as exc:  # e.g. a quantizer that refuses the graph: the other schemes still count
+            not_built[scheme] = str(exc)
+            say(f"  scheme {scheme}: not built: {exc}")
+            continue
         judged[scheme] = Judged(Candidate(scheme, config, f"{scheme} INT8"), folder, result, context.select(folder))
+    if not judged:
+        raise BuildError("; ".join(f"{s} INT8: {reason}" for s, reason in not_built.items()))
     timings, reused = time_engines(backend, {s: j.folder for s, j in judged.items()}, runner_config, feeds, cache)
     for scheme, j in judged.items():
         say(f"  scheme {scheme}: {j.selection['gate']['message'].split(' (95%')[0]} on the {context.selection_name}; "
@@ -179,7 +188,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
                         "selection_drop": j.selection["gate"]["drop"],
                         "selection_interval": j.selection["gate"]["interval"], "within_budget": j.passed,
                         "metrics": j.selection["metrics"], **timings[s]} for s, j in judged.items()],
-        "chosen": chosen, "reason": reason, "search_time_s": round(elapsed, 2)}
+        "not_built": not_built, "chosen": chosen, "reason": reason, "search_time_s": round(elapsed, 2)}
     if recovered_from is not None:
         record["recovered"] = {"scheme": recovered_from, **timings[chosen]}
     say(f"  scheme chosen: {chosen or 'none'}: {reason} ({elapsed:.0f} s for {len(judged)} schemes)")

@@ -117,3 +117,51 @@ def test_ort_dynamic_ranking_names_every_replaced_matmul_and_all_kept_is_fp32(tm
         kept = onnx.load(str(tmp_path / name / "model.onnx")).graph
         assert not [n for n in kept.node if n.op_type == "MatMulInteger"], name
         np.testing.assert_allclose(_run(backend, tmp_path / name, samples), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_histogram_calibration_gets_whole_batches_only():
+    from optimize.passes.ort_calibration import whole_batches
+
+    samples = Samples({"x": np.zeros((469, 3), np.float32)}, None, "zeros")
+    assert len(whole_batches(samples, 8)) == 464 and len(whole_batches(samples.take(np.arange(5)), 8)) == 5
+    assert whole_batches(samples.take(np.arange(16)), 8) is not None
+
+
+def test_a_candidate_the_backend_cannot_build_is_recorded_and_the_search_goes_on(se_model, tmp_path):
+    from optimize.candidates import Candidate, CandidateSearch
+    from optimize.errors import BuildError
+    from optimize.targets import onnxruntime as ort_target
+    from optimize.targets.base import RecoveryContext
+
+    onnx_path, samples, _ = se_model
+    backend, config = ort_target.BACKEND, BuildConfig("int8", "static")
+
+    def build(trial, label, builder=None, extra=None):
+        folder = tmp_path / (label or "first")
+        (builder or backend.build)(BuildInputs(onnx_path), trial, samples, folder)
+        return folder, {"build_time_s": 0.0}
+
+    def refuse(inputs, trial, calibration, workdir):
+        raise BuildError("ONNX Runtime static quantization failed: the quantizer refused the graph")
+
+    def select(folder):
+        from optimize.validate import judge
+
+        with backend.runner(folder) as runner:
+            got = runner.infer_all(samples.batches(16))["out"]
+        reference = _run(backend, tmp_path / "fp32", samples)
+        metrics, verdict = judge("regress", reference, got, None, 1e9)
+        return {"metrics": metrics, "gate": {"passed": verdict.passed, "drop": verdict.drop,
+                                             "interval": verdict.interval, "message": verdict.message}}
+
+    backend.build(BuildInputs(onnx_path), BuildConfig("fp32"), None, tmp_path / "fp32")
+    context = RecoveryContext(BuildInputs(onnx_path), config, samples, None, samples, {}, "regress", 1e9, build,
+                              lambda folder: ({}, {}), lambda text: None, select=select)
+    search = CandidateSearch(context, 60.0)
+    chosen = search.first_within([Candidate("bad", config, "a refused variant", refuse),
+                                  Candidate("keep-all", BuildConfig("int8", "static", keep_fp32=(ALL_NODES,)),
+                                            "every node in FP32")])
+    assert chosen is not None and chosen.candidate.label == "keep-all"
+    summary = search.summary(chosen, "test", "test")
+    assert summary["not_built"] == [{"label": "bad", "change": "a refused variant",
+                                     "reason": "ONNX Runtime static quantization failed: the quantizer refused the graph"}]

@@ -19,6 +19,15 @@ def calibration_method(name: str) -> Any:
             "percentile": CalibrationMethod.Percentile}[name]
 
 
+def whole_batches(samples: Samples, batch_size: int) -> Samples:
+    """``samples`` without the ragged last batch: ONNX Runtime's histogram calibrators (entropy,
+    percentile) stack every batch's tensors into one array and fail on a shorter last one."""
+    import numpy as np
+
+    keep = len(samples) // batch_size * batch_size
+    return samples if keep in (0, len(samples)) else samples.take(np.arange(keep))
+
+
 def calibration_reader(samples: Samples, batch_size: int, progress: str | None = None) -> Any:
     """A ``CalibrationDataReader`` over ``samples`` in batches; ``progress`` labels a progress bar."""
     from onnxruntime.quantization import CalibrationDataReader

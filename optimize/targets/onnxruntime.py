@@ -150,7 +150,7 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from optimize.passes.ort_calibration import calibration_method, calibration_reader
+    from optimize.passes.ort_calibration import calibration_method, calibration_reader, whole_batches
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -167,6 +167,8 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
             import onnx
 
             excluded = [n.name for n in onnx.load(str(prepared)).graph.node if n.name]
+        if config.calib_method != "minmax":
+            calibration = whole_batches(calibration, config.calib_batch_size)
         reader = calibration_reader(calibration, config.calib_batch_size, "calibrating ort-int8")
         try:
             quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
