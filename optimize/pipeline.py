@@ -297,8 +297,14 @@ def _drift_profile(root: Path, plan: BuildPlan, target: str, folder: Path, prepa
     with registry.backend(target).runner(folder, plan.runner) as runner:
         outputs = [{"name": n, "shape": [-1, *prepared.reference[n].shape[1:]]} for n in prepared.output_names]
         profile = build_profile(target, runner, prepared.held_out.arrays, [s.to_json() for s in prepared.inputs],
-                                outputs, prepared.task, pad_id=text["pad_id"] if text else 0)
-    return {**profile.save(root), "features": profile.names, "window": profile.window, "alpha": profile.alpha}
+                                outputs, prepared.task, pad_id=text["pad_id"] if text else 0,
+                                labels=prepared.held_out.labels)
+    calibration = profile.calibration
+    return {**profile.save(root), "features": profile.names, "scales": [s.to_json() for s in profile.plan_scales()],
+            "requests_per_false_alarm": profile.requests_per_false_alarm,
+            "estimated_accuracy": ({k: calibration[k] for k in ("method", "temperature", "threshold",
+                                                                 "reference_accuracy", "check")}
+                                   if profile.estimates_accuracy else {"method": None, "reason": calibration["reason"]})}
 
 
 def _save_data(root: Path, prepared: Prepared) -> None:

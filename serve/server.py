@@ -46,7 +46,9 @@ class ServeConfig:
     grace_s: float = 30.0
     drift: bool = True
     drift_window: int | None = None  # None: the profile's (20 samples)
-    drift_alpha: float | None = None  # None: the profile's (0.01)
+    drift_scales: tuple[int, ...] | None = None  # None: the profile's (window x 1, 10, 100)
+    drift_false_alarm_every: float | None = None  # None: the profile's (20,000 requests)
+    drift_accuracy_drop: float = 0.05
     access_log: bool = False  # one JSON line per request on the serve.access logger
     reselect: bool = False  # time the built targets on this CPU and serve the fastest within budget
 
@@ -76,7 +78,7 @@ def create_app(config: ServeConfig) -> InferenceApp:
                             config.batching.queue_capacity)
     if config.drift and (bundle / DRIFT_DIR / f"{target}.json").is_file():
         monitor = DriftMonitor(Profile.load(bundle, target), model.name, model.version, config.drift_window,
-                               config.drift_alpha)
+                               config.drift_scales, config.drift_false_alarm_every, config.drift_accuracy_drop)
         metrics.attach(monitor)
     runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
     batcher = Batcher(runners, config.batching, metrics, pad_values(manifest.text) if manifest.text else None)
@@ -91,7 +93,10 @@ def create_app(config: ServeConfig) -> InferenceApp:
 
     app = InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s, config.access_log)
     app.settings = runners[0].settings
-    app.drift = f"window {metrics.monitor.window}" if metrics.monitor is not None else "off"
+    app.drift = "off" if metrics.monitor is None else "windows of " + ", ".join(
+        f"{s.scale.samples} every {s.scale.step}" for s in metrics.monitor.scales) + (
+        f" samples, a false alarm per {metrics.monitor.requests_per_false_alarm:g} on average; estimated accuracy "
+        + ("on" if metrics.monitor.estimates else f"off ({metrics.monitor.profile.calibration['reason']})"))
     return app
 
 

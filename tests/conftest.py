@@ -33,9 +33,9 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every
         time.sleep(every_s)
 
 
-def build_tiny(checkpoint: dict, out: Path, *flags: str) -> Path:
+def build_tiny(checkpoint: dict, out: Path, *flags: str, calib: Path | None = None) -> Path:
     """``optimize build`` of the tiny CNN (calibration data, model name ``tiny``) into ``out``."""
-    result = run_cli("build", checkpoint["ckpt"], "--arch", checkpoint["arch"], "--calib", checkpoint["calib"],
+    result = run_cli("build", checkpoint["ckpt"], "--arch", checkpoint["arch"], "--calib", calib or checkpoint["calib"],
                      "--name", "tiny", "--out", out, *flags)
     assert result.returncode == 0, result.stderr
     return out
@@ -65,5 +65,8 @@ def tiny_checkpoint(tmp_path_factory) -> dict:
         labels = model(torch.from_numpy(x)).argmax(1).numpy()
     np.savez(folder / "calib.npz", x=x)
     np.savez(folder / "eval.npz", x=x[:40], labels=labels[:40])
+    wrong = np.arange(len(labels)) % 5 == 0  # a model right 80% of the time, for the accuracy estimate
+    np.savez(folder / "calib_labelled.npz", x=x, labels=np.where(wrong, (labels + 1) % 5, labels))
     return {"folder": folder, "ckpt": folder / "tiny.pt", "calib": folder / "calib.npz",
+            "calib_labelled": folder / "calib_labelled.npz",
             "eval": folder / "eval.npz", "arch": f"{TINY}:tiny_cnn", "module": tiny, "model": model}

@@ -28,6 +28,10 @@ pytestmark = [pytest.mark.service,
               pytest.mark.skipif(shutil.which("prometheus") is None,
                                  reason="the prometheus server is not installed (scripts/test.sh installs Debian's)")]
 
+# 60 reference samples and windows of 10: a fast window alarms at 10 / (3 x 300) per window,
+# often enough to see an alarm in a short test (the default, a false alarm per 20,000, is not).
+SMALL_DRIFT = ("--drift-window", "10", "--drift-false-alarm-every", "300")
+
 
 class Prometheus:
     def __init__(self, folder: Path, targets: list[str]):
@@ -63,12 +67,12 @@ class Prometheus:
 def bundle(tiny_checkpoint, tmp_path_factory):
     # --held-out 0.5: 60 reference samples for the drift profile
     return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("prom") / "bundle", "--held-out", "0.5",
-                      "--target", "ort-fp32")
+                      "--target", "ort-fp32", calib=tiny_checkpoint["calib_labelled"])
 
 
 def test_prometheus_aggregates_two_servers_and_runs_the_dashboard(bundle, tmp_path):
     held = np.load(bundle / "data" / "heldout.npz")["x"]
-    servers = [Server(bundle, "--drift-window", "10"), Server(bundle, "--drift-window", "10")]
+    servers = [Server(bundle, *SMALL_DRIFT), Server(bundle, *SMALL_DRIFT)]
     prometheus = Prometheus(tmp_path, [s.url[len("http://"):] for s in servers])
     shown: list[tuple[str, str]] = []
     try:
@@ -144,6 +148,12 @@ def test_prometheus_aggregates_two_servers_and_runs_the_dashboard(bundle, tmp_pa
                   for r in prometheus.query("sum by (instance) (drift_alarms_total)")}
         assert alarms[servers[1].url[len("http://"):]] >= 1, alarms
         check("sum by (instance) (drift_alarms_total)", alarms)
+        estimate = prometheus.query('avg by (scale) (drift_estimated_accuracy{scale="10"})')
+        assert len(estimate) == 1 and 0 <= float(estimate[0]["value"][1]) <= 1, estimate
+        check('avg by (scale) (drift_estimated_accuracy{scale="10"})', estimate[0]["value"][1])
+        fleet_estimate = prometheus.value("sum(drift_expected_correct_total) / sum(drift_samples_total)")
+        assert 0 <= fleet_estimate <= 1
+        check("sum(drift_expected_correct_total) / sum(drift_samples_total)", fleet_estimate)
         features = prometheus.value("count(count by (feature) (drift_bin_samples_total))")
         assert prometheus.value("sum(drift_bin_samples_total)") == 60 * features
         check("sum(drift_bin_samples_total) / count(count by (feature) (drift_bin_samples_total))", 60)

@@ -426,7 +426,7 @@ def test_the_server_says_what_it_serves_when_ready_and_a_summary_when_it_stops(b
     running.stop()
     log = running.process.stderr.read()
     assert "serving tiny version" in log and "target ort-fp32 (fp32) on http://127.0.0.1:" in log
-    assert "engine: backend=onnxruntime" in log and "batching: up to 8 rows" in log and "drift: window" in log
+    assert "engine: backend=onnxruntime" in log and "batching: up to 8 rows" in log and "drift: windows of 20 every 20" in log
     assert "ready: serving tiny" in log
     assert "stopped: 2 inference request(s) (1 client_error, 1 ok); answered p50" in log, log
 

@@ -31,16 +31,22 @@ from optimize.errors import InputSpecError
               help="Seconds requests are still accepted after SIGTERM, with readiness false.")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds to finish queued work after SIGTERM.")
 @click.option("--drift-window", type=click.IntRange(5, 100000), default=20, show_default=True,
-              help="Samples per drift-test window (tumbling).")
-@click.option("--drift-alpha", type=click.FloatRange(0.0001, 0.5), default=0.01, show_default=True,
-              help="False-alarm rate per window on unshifted traffic.")
+              help="Samples per fast drift window; the long scales are sums of these.")
+@click.option("--drift-scales", help="Samples per window of each scale, multiples of --drift-window "
+              "(default: 1x, 10x and 100x it: 20,200,2000).")
+@click.option("--drift-false-alarm-every", type=click.FloatRange(100, None), default=20000, show_default=True,
+              help="Mean unshifted requests between false alarms, all scales together.")
+@click.option("--drift-accuracy-drop", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Estimated accuracy this far below the reference's fires the alert rule (exported as "
+                   "drift_accuracy_alert_drop).")
 @click.option("--no-drift", is_flag=True, help="Do not monitor drift.")
 @click.option("--access-log", is_flag=True,
               help="Log every request as one JSON line on stderr: time, client, method, route, status, duration_ms, "
                    "rows (and text_truncated).")
 def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
-            grace: float, drift_window: int, drift_alpha: float, no_drift: bool, log_level: str,
+            grace: float, drift_window: int, drift_scales: str | None, drift_false_alarm_every: float,
+            drift_accuracy_drop: float, no_drift: bool, log_level: str,
             access_log: bool, reselect: bool) -> None:
     """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
 
@@ -68,9 +74,18 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
             raise InputSpecError(f"{flag} {value} must be at least 1")
     if max_delay_ms < 0 or drain_delay < 0 or grace < 0 or max_body_mb <= 0:
         raise InputSpecError("--max-delay-ms, --drain-delay and --grace must not be negative, --max-body-mb positive")
+    try:
+        scales = tuple(int(x) for x in drift_scales.split(",")) if drift_scales else None
+    except ValueError:
+        raise InputSpecError(f"--drift-scales {drift_scales!r}: give sample counts separated by commas, "
+                             f"e.g. 20,200,2000") from None
+    if scales and any(s % drift_window or s < drift_window for s in scales):
+        raise InputSpecError(f"--drift-scales {drift_scales}: every scale must be a multiple of --drift-window "
+                             f"{drift_window}")
     batching = BatchingConfig(max_batch=max_batch, max_delay_s=max_delay_ms / 1000, queue_capacity=queue_capacity,
                               instances=instances)
     serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=port, batching=batching,
                       max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace,
-                      drift=not no_drift, drift_window=drift_window, drift_alpha=drift_alpha,
+                      drift=not no_drift, drift_window=drift_window, drift_scales=scales,
+                      drift_false_alarm_every=drift_false_alarm_every, drift_accuracy_drop=drift_accuracy_drop,
                       access_log=access_log, reselect=reselect))

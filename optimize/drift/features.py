@@ -1,17 +1,25 @@
-"""What the drift monitor watches: a few scalar features per sample, from the inputs and the outputs.
+"""What the drift monitor watches: scalar features per sample, from the inputs and the outputs.
 
 Each feature is one number per sample, cheap to compute on a batch:
-- image-like inputs (N, C, ...): per channel, the sample's mean and standard deviation;
+- image-like inputs (N, C, H, W): per channel, the sample's mean and standard deviation; and, since
+  those are blind to anything that moves pixels around (a rotation, a shear, an occlusion, a blur),
+  features of the channel-mean image's layout: its intensity centroid (row, column), its sharpness
+  (mean absolute difference between neighbouring pixels) and 4 fixed random projections of it
+  pooled to at most 8 x 8;
 - tabular inputs (N, F): each column (up to 16), else 8 fixed random projections;
 - token inputs (N, L): the length (non-padding tokens) and the mean log token id (rare tokens
   and unusual words push it up);
-- classifier outputs: the predicted class (categorical) and the confidence (top softmax
-  probability), the strongest signals of a shift;
+- classifier outputs, the strongest signals of a shift ("Failing Loudly", Rabanser et al. 2019):
+  the predicted class (categorical; more than 16 classes are grouped into 16 ranges), the
+  confidence (top probability), the entropy, and the whole probability vector: each class's
+  probability for up to 16 classes, else the 2nd to 5th largest probabilities;
 - embedding outputs: the cosine to the reference's mean embedding, and 4 fixed random projections;
 - regression outputs: each column (up to 8).
 
-Binned features use the reference's quantiles as edges (8 bins, so each bin holds about an eighth
-of the reference); the class is its own bin.
+Outputs that are already probabilities (non-negative rows summing to 1, seen on the reference) are
+taken as such; others are logits and go through a softmax. Binned features use the reference's
+quantiles as edges (8 bins, so each bin holds about an eighth of the reference); the class is its
+own bin.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ import numpy as np
 
 BINS = 8
 MAX_COLUMNS = 16
+MAX_CLASS_BINS = 16
+TOP_K = 5
 PROJECTIONS = 4
+POOLED = 8
 SEED = 20240917
 
 
@@ -46,11 +57,31 @@ class Feature:
         return cls(data["name"], data["kind"], tuple(data["edges"]), int(data["categories"]))
 
 
-def _softmax_top(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    shifted = logits - logits.max(axis=1, keepdims=True)
+def probabilities(y: np.ndarray, already: bool, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities of (n, classes) outputs: logits through a softmax at ``temperature``, or
+    probabilities as given (re-tempered through their logarithm when ``temperature`` is not 1)."""
+    if already and temperature == 1.0:
+        return y
+    logits = np.log(np.maximum(y, 1e-12)) if already else y
+    shifted = (logits - logits.max(axis=1, keepdims=True)) / np.float32(temperature)
     probs = np.exp(shifted)
     probs /= probs.sum(axis=1, keepdims=True)
-    return probs.argmax(axis=1), probs.max(axis=1)
+    return probs
+
+
+def looks_like_probabilities(y: np.ndarray) -> bool:
+    flat = y.reshape(len(y), -1)
+    return bool(len(flat)) and bool((flat >= 0).all()) and bool(np.allclose(flat.sum(axis=1), 1.0, atol=1e-3))
+
+
+def _pool_edges(size: int) -> np.ndarray:
+    return (np.arange(min(size, POOLED)) * size) // min(size, POOLED)
+
+
+def _class_features(name: str, classes: int) -> list[str]:
+    probs = ([f"{name}.p{k}" for k in range(classes)] if classes <= MAX_COLUMNS
+             else [f"{name}.top{k}" for k in range(2, TOP_K + 1)])
+    return [f"{name}.class", f"{name}.confidence", f"{name}.entropy", *probs]
 
 
 class Extractor:
@@ -65,8 +96,9 @@ class Extractor:
         rng = np.random.default_rng(SEED)
         self.projections: dict[str, np.ndarray] = {}
         for item in spec["inputs"] + spec["outputs"]:
-            if item["method"] in ("projections", "embedding"):
-                matrix = rng.standard_normal((item["width"], PROJECTIONS if item["method"] == "embedding" else 8))
+            width = {"projections": 8, "embedding": PROJECTIONS, "spatial": PROJECTIONS}.get(item["method"])
+            if width:
+                matrix = rng.standard_normal((item["width"], width))
                 self.projections[item["name"]] = (matrix / np.linalg.norm(matrix, axis=0)).astype(np.float32)
         self.names = [n for item in spec["inputs"] + spec["outputs"] for n in item["features"]]
 
@@ -91,6 +123,13 @@ class Extractor:
                     spec["inputs"].append({"name": s["name"], "method": "channels", "channels": channels,
                                            "features": [f"{s['name']}[{c}].{stat}" for c in range(channels)
                                                         for stat in ("mean", "std")]})
+                if len(shape) == 4 and shape[2] > 1 and shape[3] > 1:
+                    pooled = min(shape[2], POOLED) * min(shape[3], POOLED)
+                    spec["inputs"].append({"name": s["name"], "method": "spatial", "height": shape[2],
+                                           "width": pooled, "columns": shape[3],
+                                           "features": [f"{s['name']}.{f}" for f in ("centroid_row", "centroid_col",
+                                                                                      "sharpness")]
+                                           + [f"{s['name']}.layout{i}" for i in range(PROJECTIONS)]})
             elif len(shape) == 2 and shape[1] > 0:
                 if shape[1] <= MAX_COLUMNS:
                     spec["inputs"].append({"name": s["name"], "method": "columns",
@@ -102,7 +141,7 @@ class Extractor:
             width = int(np.prod(o["shape"][1:])) if len(o["shape"]) > 1 else 1
             if task == "classify" and width >= 2:
                 spec["outputs"].append({"name": o["name"], "method": "classes", "classes": width,
-                                        "features": [f"{o['name']}.class", f"{o['name']}.confidence"]})
+                                        "probabilities": False, "features": _class_features(o["name"], width)})
             elif task == "embed" and width >= 2:
                 spec["outputs"].append({"name": o["name"], "method": "embedding", "width": width,
                                         "features": [f"{o['name']}.cosine_to_mean"]
@@ -111,6 +150,29 @@ class Extractor:
                 spec["outputs"].append({"name": o["name"], "method": "columns", "width": min(width, 8),
                                         "features": [f"{o['name']}[{i}]" for i in range(min(width, 8))]})
         return cls(spec)
+
+    @property
+    def classes(self) -> dict[str, Any] | None:
+        """The classifier output's spec item, if the first output is one."""
+        return next((o for o in self.spec["outputs"] if o["method"] == "classes"), None)
+
+    def class_probabilities(self, outputs: dict[str, np.ndarray], temperature: float = 1.0) -> np.ndarray:
+        item = self.classes
+        y = outputs[item["name"]]
+        return probabilities(y.reshape(len(y), -1).astype(np.float32, copy=False), item["probabilities"], temperature)
+
+    def _spatial(self, item: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
+        n = len(x)
+        image = x.reshape(n, x.shape[1], item["height"], item["columns"]).astype(np.float32, copy=False).mean(axis=1)
+        weight = image - image.reshape(n, -1).min(axis=1)[:, None, None]
+        total = np.maximum(weight.sum(axis=(1, 2)), 1e-12)
+        rows = (weight.sum(axis=2) @ np.linspace(0, 1, item["height"], dtype=np.float32)) / total
+        cols = (weight.sum(axis=1) @ np.linspace(0, 1, item["columns"], dtype=np.float32)) / total
+        sharpness = (np.abs(np.diff(image, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(image, axis=2)).mean(axis=(1, 2)))
+        pooled = np.add.reduceat(np.add.reduceat(image, _pool_edges(item["height"]), axis=1),
+                                 _pool_edges(item["columns"]), axis=2).reshape(n, -1)
+        layout = pooled @ self.projections[item["name"]]
+        return [rows, cols, sharpness, *layout.T]
 
     def values(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                mean_embedding: np.ndarray | None = None) -> np.ndarray:
@@ -129,6 +191,8 @@ class Extractor:
                 flat = x.reshape(n, item["channels"], -1).astype(np.float32, copy=False)
                 stats = np.stack([flat.mean(axis=2), flat.std(axis=2)], axis=2)  # (n, C, 2)
                 columns += list(stats.reshape(n, -1).T)
+            elif item["method"] == "spatial":
+                columns += self._spatial(item, x)
             elif item["method"] == "global":
                 flat = x.reshape(n, -1).astype(np.float32, copy=False)
                 columns += [flat.mean(axis=1), flat.std(axis=1)]
@@ -139,8 +203,17 @@ class Extractor:
         for item in self.spec["outputs"]:
             y = outputs[item["name"]].reshape(len(outputs[item["name"]]), -1).astype(np.float32, copy=False)
             if item["method"] == "classes":
-                predicted, confidence = _softmax_top(y)
-                columns += [predicted.astype(np.float32), confidence]
+                probs = probabilities(y, item["probabilities"])
+                predicted = probs.argmax(axis=1)
+                groups = min(item["classes"], MAX_CLASS_BINS)
+                entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(axis=1)
+                if item["classes"] <= MAX_COLUMNS:
+                    spread = list(probs.T)
+                else:
+                    top = -np.partition(-probs, TOP_K - 1, axis=1)[:, :TOP_K]
+                    spread = list(np.sort(top, axis=1)[:, ::-1][:, 1:].T)
+                columns += [(predicted * groups // item["classes"]).astype(np.float32), probs.max(axis=1), entropy,
+                            *spread]
             elif item["method"] == "embedding":
                 unit = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
                 mean = mean_embedding if mean_embedding is not None else np.zeros(y.shape[1], np.float32)
@@ -153,9 +226,8 @@ class Extractor:
         """Bin edges from the reference's own quantiles (categorical for the predicted class)."""
         out = []
         for i, name in enumerate(self.names):
-            if name.endswith(".class"):
-                classes = next(o["classes"] for o in self.spec["outputs"] if o["method"] == "classes")
-                out.append(Feature(name, "categorical", categories=classes))
+            if name.endswith(".class") and self.classes is not None:
+                out.append(Feature(name, "categorical", categories=min(self.classes["classes"], MAX_CLASS_BINS)))
                 continue
             column = reference_values[:, i]
             edges = np.unique(np.quantile(column, np.arange(1, BINS) / BINS))

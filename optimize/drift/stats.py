@@ -8,35 +8,80 @@ distribution is simulated by the bootstrap. Each simulated window pairs a resamp
 the reference's own size (its frequencies carry the same sampling noise the real reference does)
 with a window of ``n`` rows drawn from the reference, both from the reference's empirical
 distribution, whole rows at a time so the features keep their correlation. This gives each
-feature's p-value (its statistic's rank among the simulated ones) and, across features, the min-p
-correction of Westfall and Young: the window's p-value is the share of simulated windows whose
-smallest feature p-value is at least as small. An alarm is raised when that is at most ``alpha``,
-so on unshifted traffic at most ``alpha`` of windows alarm, whatever the number of features and
-their correlation (a Bonferroni bound that does not pay for correlated features).
+feature's p-value (its statistic's rank among the simulated ones; beyond the largest simulated
+statistic, the curve of a scaled chi-square fitted to them ranks how far beyond) and, across
+features, the min-p correction of Westfall and Young: the window's p-value is the share of
+simulated windows whose smallest feature p-value is at least as small. An alarm is raised when
+that is at most ``alpha``, so on unshifted traffic at most ``alpha`` of windows alarm, whatever the
+number of features and their correlation (a Bonferroni bound that does not pay for correlated
+features).
+
+Several scales at once (``Scale``): the server tests a fast window (20 samples) and long ones
+(200, 2,000), each with its own simulated null. A long window's simulated counts are sums of the
+shorter scale's simulated windows (as the server builds a long window by summing fast windows'
+counts), so calibrating 2,000-sample windows costs little more than 20-sample ones. Each scale gets
+``alpha = step / (scales x requests_per_false_alarm)``, where ``step`` is how many samples pass
+between its tests: on unshifted traffic the alarms of all scales together come once per
+``requests_per_false_alarm`` samples on average. The simulation draws at least ``20 / alpha``
+windows, so the threshold rests on some twenty simulated alarms.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
-from typing import Any
+import math
+from typing import Any, Iterator
 
 import numpy as np
 
 from optimize.drift.features import Feature
 
 NULL_WINDOWS = 4000
+DRAWS_PER_ALPHA = 20  # simulated windows per expected false alarm: at least 20 / alpha windows
+REFERENCE_RESAMPLES = 1000  # resampled references, paired at random with simulated windows
+POOL = 20000  # simulated windows kept to build the next scale's sums
 CHUNK_ELEMENTS = 4_000_000
+REQUESTS_PER_FALSE_ALARM = 20000
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """One window scale: ``samples`` per window, tested every ``step`` samples (sliding when
+    ``step < samples``), at a false-alarm rate ``alpha`` per test."""
+
+    samples: int
+    step: int
+    alpha: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "step": self.step, "alpha": self.alpha}
+
+
+def plan_scales(window: int, sizes: tuple[int, ...] | None = None,
+                requests_per_false_alarm: float = REQUESTS_PER_FALSE_ALARM) -> list[Scale]:
+    """The scales for a fast window of ``window`` samples: by default ``window``, 10x and 100x it.
+    Up to 10 fast windows long, a scale is tested at every fast window (sliding); longer ones ten
+    times per window. Each size must be a multiple of ``window``."""
+    sizes = tuple(sorted(set(sizes or (window, 10 * window, 100 * window))))
+    bad = [s for s in sizes if s % window or s < window]
+    if bad:
+        raise ValueError(f"drift scales {list(bad)} are not multiples of the fast window ({window} samples)")
+    scales = []
+    for size in sizes:
+        step = window if size <= 10 * window else max(window, (size // 10) // window * window)
+        scales.append(Scale(size, step, step / (len(sizes) * requests_per_false_alarm)))
+    return scales
 
 
 @dataclasses.dataclass(frozen=True)
 class WindowResult:
     samples: int
     statistics: np.ndarray  # per feature
-    p_values: np.ndarray  # per feature, unadjusted
+    p_values: np.ndarray  # per feature, unadjusted (from the fitted curve)
     p_value: float  # the window's, adjusted across features
     alarm: bool
-    threshold: float
+    threshold: float  # the feature p-value at or below which the window alarms
+    feature_alarms: np.ndarray  # per feature: passed the threshold
 
     def to_json(self, names: list[str]) -> dict[str, Any]:
         return {"samples": self.samples, "p_value": self.p_value, "alarm": self.alarm,
@@ -44,10 +89,64 @@ class WindowResult:
                              for n, s, p in zip(names, self.statistics, self.p_values)}}
 
 
+@dataclasses.dataclass(frozen=True)
+class Null:
+    """A scale's simulated null: each feature's simulated statistics (sorted), a scaled chi-square
+    fitted to them for the tail beyond the largest, and the sorted min-p of the simulated windows."""
+
+    ranked: np.ndarray  # (F, W) simulated statistics, sorted per feature
+    scale: np.ndarray  # (F,)
+    dof: np.ndarray  # (F,)
+    min_p: np.ndarray  # (W,) sorted
+    threshold: float
+
+    @classmethod
+    def fit(cls, statistics: np.ndarray, alpha: float) -> "Null":
+        mean = statistics.mean(axis=0).astype(np.float64)
+        var = statistics.var(axis=0).astype(np.float64)
+        scale = np.maximum(var / np.maximum(2 * mean, 1e-12), 1e-6)
+        dof = np.maximum(mean / scale, 1e-3)
+        ranked = np.ascontiguousarray(np.sort(statistics, axis=0).T)
+        partial = cls(ranked, scale, dof, np.zeros(0), 0.0)
+        min_p = np.sort(partial.empirical(statistics).min(axis=1))
+        # The largest min-p at which at most alpha of simulated windows alarm (ties included).
+        allowed = np.searchsorted(min_p, min_p, side="right") <= alpha * len(min_p)
+        threshold = float(min_p[allowed].max()) if allowed.any() else 0.0
+        return cls(ranked, scale, dof, min_p, threshold)
+
+    def empirical(self, statistics: np.ndarray) -> np.ndarray:
+        """Share of simulated statistics at least as large, per feature (with the +1 of a rank test)."""
+        total = self.ranked.shape[1]
+        at_least = np.stack([total - np.searchsorted(self.ranked[f], statistics[..., f], side="left")
+                             for f in range(len(self.ranked))], axis=-1)
+        return (1 + at_least) / (1 + total)
+
+    def _tail(self, statistic: float, f: int) -> float:
+        """Upper tail of feature ``f``'s fitted scaled chi-square (Wilson-Hilferty)."""
+        dof = self.dof[f]
+        z = ((max(statistic, 0.0) / self.scale[f] / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+        return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+    def p_values(self, statistics: np.ndarray) -> np.ndarray:
+        """Per feature: the empirical p-value, and beyond the largest simulated statistic, the
+        smallest empirical one scaled down by the fitted curve's tail (so a window far beyond every
+        simulated one is ranked by how far)."""
+        p = self.empirical(statistics)
+        total = self.ranked.shape[1]
+        for f in np.flatnonzero(statistics > self.ranked[:, -1]):
+            beyond, edge = self._tail(float(statistics[f]), f), self._tail(float(self.ranked[f, -1]), f)
+            p[f] = (1 / (1 + total)) * (beyond / edge if edge > 0 else 0.0)
+        return p
+
+    def window_p_value(self, smallest: float) -> float:
+        return float((1 + np.searchsorted(self.min_p, smallest, side="right")) / (1 + len(self.min_p)))
+
+
 class WindowTest:
     """The per-feature chi-square test of a window's bin counts against the reference, with the
     bootstrap null and min-p correction of the module docstring: ``test(counts, n)`` gives the
-    window's p-values and whether it alarms at ``alpha``; ``threshold(n)`` the calibrated bound."""
+    window's p-values and whether it alarms at ``alpha``; ``threshold(n)`` the calibrated bound;
+    ``calibrate_scales`` calibrates a chain of scales at once."""
 
     def __init__(self, features: list[Feature], reference_bins: np.ndarray, alpha: float = 0.01,
                  null_windows: int = NULL_WINDOWS, seed: int = 0):
@@ -61,7 +160,8 @@ class WindowTest:
         self.null_windows = null_windows
         self.seed = seed
         self.frequencies = self._frequencies(self.reference_bins)
-        self._calibrated = lru_cache(maxsize=8)(self._calibrate)
+        self._nulls: dict[tuple[int, float], Null] = {}
+        self._tables: np.ndarray | None = None
 
     def counts(self, bins: np.ndarray) -> np.ndarray:
         """(F, width) counts of an (n, F) array of bin indices."""
@@ -70,56 +170,92 @@ class WindowTest:
 
     def _frequencies(self, bins: np.ndarray) -> np.ndarray:
         counts = self.counts(bins) + 0.5 * self.valid
-        return counts / counts.sum(axis=1, keepdims=True)
+        return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def statistics(self, counts: np.ndarray, n: int, frequencies: np.ndarray | None = None) -> np.ndarray:
         """Chi-square per feature; ``counts`` is (..., F, width)."""
-        expected = n * (self.frequencies if frequencies is None else frequencies)
+        expected = np.float32(n) * (self.frequencies if frequencies is None else frequencies)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(self.valid, (counts - expected) ** 2 / expected, 0.0)
         return terms.sum(axis=-1)
 
-    def _calibrate(self, n: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Simulated null statistics (sorted per feature), min-p values (sorted) and the threshold."""
-        rng = np.random.default_rng(self.seed)
+    def _windows(self, n: int, count: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Simulated (c, F, width) counts of windows of ``n`` rows drawn from the reference."""
         size, features = len(self.reference_bins), len(self.features)
-        chunk = max(1, CHUNK_ELEMENTS // ((n + size) * features))  # windows per step, bounding memory
-        simulated = []
-        for done in range(0, self.null_windows, chunk):
-            windows = min(chunk, self.null_windows - done)
+        chunk = max(1, CHUNK_ELEMENTS // (n * features))
+        base = np.arange(features) * self.width
+        for done in range(0, count, chunk):
+            windows = min(chunk, count - done)
             offsets = (np.arange(windows) * features * self.width)[:, None, None]
-            base = np.arange(features) * self.width
-            reference = self.reference_bins[rng.integers(0, size, size=(windows, size))] + base + offsets
-            window = self.reference_bins[rng.integers(0, size, size=(windows, n))] + base + offsets
-            shape = (windows, features, self.width)
-            ref_counts = np.bincount(reference.ravel(), minlength=windows * features * self.width).reshape(shape)
-            counts = np.bincount(window.ravel(), minlength=windows * features * self.width).reshape(shape)
-            smoothed = ref_counts + 0.5 * self.valid
-            frequencies = smoothed / smoothed.sum(axis=-1, keepdims=True)
+            rows = self.reference_bins[rng.integers(0, size, size=(windows, n))] + base + offsets
+            yield np.bincount(rows.ravel(), minlength=windows * features * self.width).reshape(
+                windows, features, self.width).astype(np.int32)
+
+    def _reference_tables(self) -> np.ndarray:
+        """Bin frequencies of resampled references, each of the reference's own size (smoothed)."""
+        if self._tables is None:
+            rng = np.random.default_rng(self.seed + 1)
+            tables = [chunk + 0.5 * self.valid for chunk in
+                      self._windows(len(self.reference_bins), REFERENCE_RESAMPLES, rng)]
+            counts = np.concatenate(tables)
+            self._tables = (counts / counts.sum(axis=-1, keepdims=True)).astype(np.float32)
+        return self._tables
+
+    def _null(self, chunks: Iterator[np.ndarray], n: int, alpha: float, rng: np.random.Generator,
+              keep: int) -> tuple[Null, np.ndarray]:
+        """The null of simulated ``chunks``, and the first ``keep`` simulated windows' counts."""
+        tables = self._reference_tables()
+        simulated, kept, held = [], [], 0
+        for counts in chunks:
+            frequencies = tables[rng.integers(0, len(tables), size=len(counts))]
             simulated.append(self.statistics(counts, n, frequencies))
-        null = np.concatenate(simulated)  # (W, F)
-        ranked = np.sort(null, axis=0)
-        min_p = np.sort(self._p_values(ranked, null).min(axis=1))
-        # The largest min-p at which at most alpha of simulated windows alarm (ties included).
-        allowed = np.searchsorted(min_p, min_p, side="right") <= self.alpha * len(min_p)
-        threshold = float(min_p[allowed].max()) if allowed.any() else 0.0
-        return ranked, min_p, threshold
+            if held < keep:
+                kept.append(counts[:keep - held])
+                held += len(kept[-1])
+        null = Null.fit(np.concatenate(simulated), alpha)  # statistics (W, F)
+        pool = np.concatenate(kept) if kept else np.zeros((0, len(self.features), self.width), np.int32)
+        return null, pool
 
-    @staticmethod
-    def _p_values(ranked: np.ndarray, statistics: np.ndarray) -> np.ndarray:
-        """Share of simulated statistics at least as large, per feature (with the +1 of a rank test)."""
-        total = len(ranked)
-        at_least = np.stack([total - np.searchsorted(ranked[:, f], statistics[..., f], side="left")
-                             for f in range(ranked.shape[1])], axis=-1)
-        return (1 + at_least) / (1 + total)
+    def draws(self, alpha: float) -> int:
+        return max(self.null_windows, math.ceil(DRAWS_PER_ALPHA / alpha))
 
-    def threshold(self, n: int) -> float:
-        return self._calibrated(int(n))[2]
+    def calibrate_scales(self, scales: list[Scale]) -> None:
+        """Simulate the null of every scale, a long one from sums of the one below it."""
+        pool, below = None, 0
+        for scale in sorted(scales, key=lambda s: s.samples):
+            rng = np.random.default_rng(self.seed + scale.samples)
+            count = self.draws(scale.alpha)
+            if pool is not None and len(pool) and scale.samples % below == 0:
+                parts = scale.samples // below
+                chunk = max(1, CHUNK_ELEMENTS // (parts * pool[0].size))
+                source = pool
 
-    def test(self, counts: np.ndarray, n: int) -> WindowResult:
-        ranked, min_p, threshold = self._calibrated(int(n))
+                def summed(source=source, parts=parts, chunk=chunk, rng=rng, count=count) -> Iterator[np.ndarray]:
+                    for done in range(0, count, chunk):
+                        yield source[rng.integers(0, len(source), size=(min(chunk, count - done), parts))].sum(axis=1)
+
+                chunks = summed()
+            else:
+                chunks = self._windows(scale.samples, count, rng)
+            null, pool = self._null(chunks, scale.samples, scale.alpha, rng, POOL)
+            self._nulls[(scale.samples, scale.alpha)] = null
+            below = scale.samples
+
+    def calibrated(self, n: int, alpha: float | None = None) -> Null:
+        alpha = self.alpha if alpha is None else float(alpha)
+        key = (int(n), alpha)
+        if key not in self._nulls:
+            rng = np.random.default_rng(self.seed + int(n))
+            self._nulls[key] = self._null(self._windows(int(n), self.draws(alpha), rng), int(n), alpha, rng, 0)[0]
+        return self._nulls[key]
+
+    def threshold(self, n: int, alpha: float | None = None) -> float:
+        return self.calibrated(n, alpha).threshold
+
+    def test(self, counts: np.ndarray, n: int, alpha: float | None = None) -> WindowResult:
+        null = self.calibrated(n, alpha)
         statistics = self.statistics(counts, n)
-        p_values = self._p_values(ranked, statistics)
-        smallest = float(p_values.min())
-        p_window = float((1 + np.searchsorted(min_p, smallest, side="right")) / (1 + len(min_p)))
-        return WindowResult(int(n), statistics, p_values, min(1.0, p_window), smallest <= threshold, threshold)
+        p_values = null.p_values(statistics)
+        passed = p_values <= null.threshold
+        return WindowResult(int(n), statistics, p_values, min(1.0, null.window_p_value(float(p_values.min()))),
+                            bool(passed.any()), null.threshold, passed)
