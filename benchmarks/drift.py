@@ -28,7 +28,7 @@ delay is the number of requests from the first shifted one to the one that close
 alarming window; a stream with no alarm by then counts as missed. False alarms: ``--null-requests``
 unshifted requests per reference draw, through the same monitor.
 
-Cost: ``observe`` per single-sample batch, in microseconds, and the server's throughput at
+Cost: ``observe`` per single-sample batch (the held-out images in turn), in microseconds, and the server's throughput at
 concurrency 4 with monitoring on and off (two servers, rounds interleaved).
 
     python -m benchmarks.drift [--streams 100] [--null-requests 400000] [--draws 5]
@@ -348,15 +348,16 @@ def cost(bundle: Path, args: argparse.Namespace) -> dict:
     profile = Profile.load(bundle, "ort-fp32")
     monitor = DriftMonitor(profile, "digits", "v", args.window)
     runner = load_runner(bundle, "ort-fp32")
-    x = np.load(bundle / "data" / "heldout.npz")["x"][:1]
-    outputs = runner.infer({"x": x})
+    held = np.load(bundle / "data" / "heldout.npz")["x"]
+    requests = [({"x": held[i:i + 1]}, runner.infer({"x": held[i:i + 1]})) for i in range(len(held))]
     runner.close()
-    for _ in range(2000):
-        monitor.observe({"x": x}, outputs)
+    for i in range(2000):  # one held-out image per request, in turn, as served traffic
+        monitor.observe(*requests[i % len(requests)])
     samples = []
-    for _ in range(4000):
+    for i in range(4000):
+        feeds, outputs = requests[i % len(requests)]
         start = time.perf_counter()
-        monitor.observe({"x": x}, outputs)
+        monitor.observe(feeds, outputs)
         samples.append(time.perf_counter() - start)
     per_call_us = float(np.mean(samples) * 1e6)  # the mean: window tests and binning are amortised over requests
     servers = {"on": ServerProcess(bundle, "ort-fp32"), "off": ServerProcess(bundle, "ort-fp32", "--no-drift")}

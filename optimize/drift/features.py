@@ -101,6 +101,7 @@ class Extractor:
                 matrix = rng.standard_normal((item["width"], width))
                 self.projections[item["name"]] = (matrix / np.linalg.norm(matrix, axis=0)).astype(np.float32)
         self.names = [n for item in spec["inputs"] + spec["outputs"] for n in item["features"]]
+        self._linspaces: dict[int, np.ndarray] = {}
 
     @classmethod
     def plan(cls, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], task: str,
@@ -161,16 +162,24 @@ class Extractor:
         y = outputs[item["name"]]
         return probabilities(y.reshape(len(y), -1).astype(np.float32, copy=False), item["probabilities"], temperature)
 
+    def _positions(self, size: int) -> np.ndarray:
+        if size not in self._linspaces:
+            self._linspaces[size] = np.linspace(0, 1, size, dtype=np.float32)
+        return self._linspaces[size]
+
     def _spatial(self, item: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
         n = len(x)
         image = x.reshape(n, x.shape[1], item["height"], item["columns"]).astype(np.float32, copy=False).mean(axis=1)
         weight = image - image.reshape(n, -1).min(axis=1)[:, None, None]
         total = np.maximum(weight.sum(axis=(1, 2)), 1e-12)
-        rows = (weight.sum(axis=2) @ np.linspace(0, 1, item["height"], dtype=np.float32)) / total
-        cols = (weight.sum(axis=1) @ np.linspace(0, 1, item["columns"], dtype=np.float32)) / total
+        rows = (weight.sum(axis=2) @ self._positions(item["height"])) / total
+        cols = (weight.sum(axis=1) @ self._positions(item["columns"])) / total
         sharpness = (np.abs(np.diff(image, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(image, axis=2)).mean(axis=(1, 2)))
-        pooled = np.add.reduceat(np.add.reduceat(image, _pool_edges(item["height"]), axis=1),
-                                 _pool_edges(item["columns"]), axis=2).reshape(n, -1)
+        if item["height"] <= POOLED and item["columns"] <= POOLED:
+            pooled = image.reshape(n, -1)
+        else:
+            pooled = np.add.reduceat(np.add.reduceat(image, _pool_edges(item["height"]), axis=1),
+                                     _pool_edges(item["columns"]), axis=2).reshape(n, -1)
         layout = pooled @ self.projections[item["name"]]
         return [rows, cols, sharpness, *layout.T]
 

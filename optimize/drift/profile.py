@@ -46,6 +46,9 @@ class Profile:
     requests_per_false_alarm: float = REQUESTS_PER_FALSE_ALARM
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: no_estimate("not fitted"))
     _test: WindowTest | None = dataclasses.field(default=None, repr=False, compare=False)
+    _edges: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    _categorical: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    _top: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -53,13 +56,18 @@ class Profile:
 
     def bins(self, values: np.ndarray) -> np.ndarray:
         """(n, F) feature values to bin indices."""
-        out = np.empty(values.shape, np.int64)
-        for i, feature in enumerate(self.features):
-            column = values[:, i]
-            if feature.kind == "categorical":
-                out[:, i] = np.clip(column.astype(np.int64), 0, feature.categories - 1)
-            else:
-                out[:, i] = np.searchsorted(np.asarray(feature.edges), column, side="right")
+        if self._edges is None:  # every feature's inner edges in one (F, E) array, padded with +inf
+            widest = max([len(f.edges) for f in self.features] + [1])
+            edges = np.full((len(self.features), widest), np.inf)
+            for i, f in enumerate(self.features):
+                edges[i, :len(f.edges)] = f.edges
+            self._edges = edges
+            self._categorical = np.array([f.kind == "categorical" for f in self.features])
+            self._top = np.array([max(f.categories - 1, 0) for f in self.features])
+        out = (values[:, :, None] >= self._edges[None]).sum(axis=2)  # searchsorted(side="right") per feature
+        if self._categorical.any():
+            out[:, self._categorical] = np.clip(values[:, self._categorical].astype(np.int64), 0,
+                                                self._top[self._categorical])
         return out
 
     def sample_bins(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> np.ndarray:

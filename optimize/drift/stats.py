@@ -100,6 +100,15 @@ class Null:
     min_p: np.ndarray  # (W,) sorted
     threshold: float
 
+    def __post_init__(self) -> None:
+        # One sorted row of all features (each shifted above the one before) for a single search.
+        top = float(self.ranked.max()) + 1.0 if self.ranked.size else 1.0
+        object.__setattr__(self, "_top", top)
+        object.__setattr__(self, "_offsets", np.arange(len(self.ranked)) * top)
+        object.__setattr__(self, "_flat", (self.ranked.astype(np.float64) + self._offsets[:, None]).ravel())
+        object.__setattr__(self, "_edge_tails", [self._tail(float(row[-1]), f) if row.size else 0.0
+                                                 for f, row in enumerate(self.ranked)])
+
     @classmethod
     def fit(cls, statistics: np.ndarray, alpha: float) -> "Null":
         mean = statistics.mean(axis=0).astype(np.float64)
@@ -117,6 +126,10 @@ class Null:
     def empirical(self, statistics: np.ndarray) -> np.ndarray:
         """Share of simulated statistics at least as large, per feature (with the +1 of a rank test)."""
         total = self.ranked.shape[1]
+        if statistics.ndim == 1:
+            clipped = np.minimum(statistics, self._top - 0.5)  # beyond every simulated one: still in its row
+            below = np.searchsorted(self._flat, clipped + self._offsets, side="left") - np.arange(len(self.ranked)) * total
+            return (1 + total - below) / (1 + total)
         at_least = np.stack([total - np.searchsorted(self.ranked[f], statistics[..., f], side="left")
                              for f in range(len(self.ranked))], axis=-1)
         return (1 + at_least) / (1 + total)
@@ -134,8 +147,8 @@ class Null:
         p = self.empirical(statistics)
         total = self.ranked.shape[1]
         for f in np.flatnonzero(statistics > self.ranked[:, -1]):
-            beyond, edge = self._tail(float(statistics[f]), f), self._tail(float(self.ranked[f, -1]), f)
-            p[f] = (1 / (1 + total)) * (beyond / edge if edge > 0 else 0.0)
+            edge = self._edge_tails[f]
+            p[f] = (1 / (1 + total)) * (self._tail(float(statistics[f]), f) / edge if edge > 0 else 0.0)
         return p
 
     def window_p_value(self, smallest: float) -> float:
