@@ -336,6 +336,30 @@ def test_servers_export_drift_series_and_the_fleet_test_sums_them(bundle):
         assert fleet.returncode == 3, fleet.stderr
         report = json.loads(fleet.stdout)
         assert report["samples"] >= 10 and report["whole"]["alarm"] and "2 replica(s)" in report["source"]
+        assert report["estimated_accuracy"] is None and report["no_estimate"].startswith("no labels were given")
     finally:
         for server in servers:
             server.stop()
+
+
+def test_a_labelled_build_estimates_accuracy_and_an_older_profile_asks_for_a_rebuild(tiny_checkpoint, tmp_path):
+    bundle = build_tiny(tiny_checkpoint, tmp_path / "bundle", "--held-out", "0.5", "--target", "ort-fp32",
+                        calib=tiny_checkpoint["calib_labelled"])
+    estimate = json.loads((bundle / "manifest.json").read_text())["targets"]["ort-fp32"]["drift"]["estimated_accuracy"]
+    assert estimate["method"] == "thresholded-confidence" and 0.6 <= estimate["reference_accuracy"] <= 0.95
+    assert {"accuracy", "estimated", "raw_confidence", "ece", "ece_raw", "estimate_error"} <= set(estimate["check"])
+    np.savez(tmp_path / "same.npz", x=np.load(bundle / "data" / "heldout.npz")["x"])
+    scanned = run_cli("drift", bundle, tmp_path / "same.npz", "--window", "10", "--json")
+    assert scanned.returncode == 0, scanned.stderr
+    report = json.loads(scanned.stdout)
+    assert report["reference_accuracy"] == estimate["reference_accuracy"]
+    assert abs(report["estimated_accuracy"] - report["reference_accuracy"]) < 0.1  # its own reference
+    printed = run_cli("drift", bundle, tmp_path / "same.npz", "--window", "10")
+    assert "estimated accuracy" in printed.stdout and "(no labels; reference" in printed.stdout
+    meta = bundle / "drift" / "ort-fp32.json"
+    older = json.loads(meta.read_text())
+    del older["version"]
+    meta.write_text(json.dumps(older))
+    refused = run_cli("drift", bundle, tmp_path / "same.npz")
+    assert refused.returncode != 0 and "older version" in refused.stderr and "rebuild" in refused.stderr
+    assert "Traceback" not in refused.stderr
