@@ -8,13 +8,14 @@ distribution is simulated by the bootstrap. Each simulated window pairs a resamp
 the reference's own size (its frequencies carry the same sampling noise the real reference does)
 with a window of ``n`` rows drawn from the reference, both from the reference's empirical
 distribution, whole rows at a time so the features keep their correlation. This gives each
-feature's p-value (its statistic's rank among the simulated ones; beyond the largest simulated
-statistic, the curve of a scaled chi-square fitted to them ranks how far beyond) and, across
-features, the min-p correction of Westfall and Young: the window's p-value is the share of
-simulated windows whose smallest feature p-value is at least as small. An alarm is raised when
-that is at most ``alpha``, so on unshifted traffic at most ``alpha`` of windows alarm, whatever the
-number of features and their correlation (a Bonferroni bound that does not pay for correlated
-features).
+feature's p-value: its statistic's rank among the simulated ones, and above the 50 largest of
+them an exponential tail fitted to those 50 (peaks over threshold, as Knijnenburg et al. 2009 do
+for permutation p-values), so that p-values far smaller than one over the number of simulated
+windows are still ranked, each feature by its own tail. Across features, the min-p correction of
+Westfall and Young: the window's p-value is the share of simulated windows whose smallest feature
+p-value is at least as small. An alarm is raised when that is at most ``alpha``, so on unshifted
+traffic at most ``alpha`` of windows alarm, whatever the number of features and their correlation
+(a Bonferroni bound that does not pay for correlated features).
 
 Several scales at once (``Scale``): the server tests a fast window (20 samples) and long ones
 (200, 2,000), each with its own simulated null. A long window's simulated counts are sums of the
@@ -41,6 +42,7 @@ DRAWS_PER_ALPHA = 20  # simulated windows per expected false alarm: at least 20 
 REFERENCE_RESAMPLES = 1000  # resampled references, paired at random with simulated windows
 POOL = 20000  # simulated windows kept to build the next scale's sums
 CHUNK_ELEMENTS = 4_000_000
+TAIL = 50  # largest simulated statistics per feature that the exponential tail is fitted to
 REQUESTS_PER_FALSE_ALARM = 20000
 
 
@@ -91,65 +93,54 @@ class WindowResult:
 
 @dataclasses.dataclass(frozen=True)
 class Null:
-    """A scale's simulated null: each feature's simulated statistics (sorted), a scaled chi-square
-    fitted to them for the tail beyond the largest, and the sorted min-p of the simulated windows."""
+    """A scale's simulated null: each feature's simulated statistics (sorted), an exponential tail
+    fitted to its ``TAIL`` largest, and the sorted min-p of the simulated windows."""
 
     ranked: np.ndarray  # (F, W) simulated statistics, sorted per feature
-    scale: np.ndarray  # (F,)
-    dof: np.ndarray  # (F,)
     min_p: np.ndarray  # (W,) sorted
     threshold: float
 
     def __post_init__(self) -> None:
+        total = self.ranked.shape[1]
+        tail = min(TAIL, total - 1)
+        start = self.ranked[:, total - tail - 1] if total > 1 else np.zeros(len(self.ranked))
+        excess = (self.ranked[:, total - tail:] - start[:, None]).mean(axis=1) if tail > 0 else np.ones(len(start))
+        object.__setattr__(self, "_tail", (tail, start, np.maximum(excess, 1e-9)))
         # One sorted row of all features (each shifted above the one before) for a single search.
         top = float(self.ranked.max()) + 1.0 if self.ranked.size else 1.0
         object.__setattr__(self, "_top", top)
         object.__setattr__(self, "_offsets", np.arange(len(self.ranked)) * top)
         object.__setattr__(self, "_flat", (self.ranked.astype(np.float64) + self._offsets[:, None]).ravel())
-        object.__setattr__(self, "_edge_tails", [self._tail(float(row[-1]), f) if row.size else 0.0
-                                                 for f, row in enumerate(self.ranked)])
 
     @classmethod
     def fit(cls, statistics: np.ndarray, alpha: float) -> "Null":
-        mean = statistics.mean(axis=0).astype(np.float64)
-        var = statistics.var(axis=0).astype(np.float64)
-        scale = np.maximum(var / np.maximum(2 * mean, 1e-12), 1e-6)
-        dof = np.maximum(mean / scale, 1e-3)
         ranked = np.ascontiguousarray(np.sort(statistics, axis=0).T)
-        partial = cls(ranked, scale, dof, np.zeros(0), 0.0)
-        min_p = np.sort(partial.empirical(statistics).min(axis=1))
-        # The largest min-p at which at most alpha of simulated windows alarm (ties included).
+        partial = cls(ranked, np.zeros(0), 0.0)
+        min_p = np.sort(partial.p_values(statistics).min(axis=1))
+        # The largest min-p at which at most alpha of simulated windows alarm.
         allowed = np.searchsorted(min_p, min_p, side="right") <= alpha * len(min_p)
-        threshold = float(min_p[allowed].max()) if allowed.any() else 0.0
-        return cls(ranked, scale, dof, min_p, threshold)
+        threshold = float(min_p[allowed].max()) if allowed.any() else float(min_p[0]) * 0.5
+        return cls(ranked, min_p, threshold)
 
-    def empirical(self, statistics: np.ndarray) -> np.ndarray:
-        """Share of simulated statistics at least as large, per feature (with the +1 of a rank test)."""
+    def _at_least(self, statistics: np.ndarray) -> np.ndarray:
         total = self.ranked.shape[1]
         if statistics.ndim == 1:
             clipped = np.minimum(statistics, self._top - 0.5)  # beyond every simulated one: still in its row
             below = np.searchsorted(self._flat, clipped + self._offsets, side="left") - np.arange(len(self.ranked)) * total
-            return (1 + total - below) / (1 + total)
-        at_least = np.stack([total - np.searchsorted(self.ranked[f], statistics[..., f], side="left")
-                             for f in range(len(self.ranked))], axis=-1)
-        return (1 + at_least) / (1 + total)
-
-    def _tail(self, statistic: float, f: int) -> float:
-        """Upper tail of feature ``f``'s fitted scaled chi-square (Wilson-Hilferty)."""
-        dof = self.dof[f]
-        z = ((max(statistic, 0.0) / self.scale[f] / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-        return 0.5 * math.erfc(z / math.sqrt(2.0))
+            return total - below
+        return np.stack([total - np.searchsorted(self.ranked[f], statistics[..., f], side="left")
+                         for f in range(len(self.ranked))], axis=-1)
 
     def p_values(self, statistics: np.ndarray) -> np.ndarray:
-        """Per feature: the empirical p-value, and beyond the largest simulated statistic, the
-        smallest empirical one scaled down by the fitted curve's tail (so a window far beyond every
-        simulated one is ranked by how far)."""
-        p = self.empirical(statistics)
+        """Per feature, the share of simulated statistics at least as large (with the +1 of a rank
+        test); above the ``TAIL`` largest simulated ones, an exponential tail fitted to them (peaks
+        over threshold), so p-values far below one over the simulated windows stay ranked."""
         total = self.ranked.shape[1]
-        for f in np.flatnonzero(statistics > self.ranked[:, -1]):
-            edge = self._edge_tails[f]
-            p[f] = (1 / (1 + total)) * (self._tail(float(statistics[f]), f) / edge if edge > 0 else 0.0)
-        return p
+        p = (1 + self._at_least(statistics)) / (1 + total)
+        tail, start, excess = self._tail
+        above = statistics > start
+        fitted = (tail / (1 + total)) * np.exp(-np.maximum(statistics - start, 0.0) / excess)
+        return np.where(above, np.minimum(p, fitted), p)
 
     def window_p_value(self, smallest: float) -> float:
         return float((1 + np.searchsorted(self.min_p, smallest, side="right")) / (1 + len(self.min_p)))
