@@ -201,6 +201,18 @@ def summarise(records: list[dict], scales: list[int]) -> dict:
     return out
 
 
+def _said(model: str, row: dict) -> None:
+    print(f"{model} draw {row['draw']}: {row['false_alarms']['requests_per_false_alarm']:.0f} requests per false "
+          f"alarm", {s: v["alarm_rate"] for s, v in row["false_alarms"]["per_scale"].items()}, flush=True)
+
+
+def _summarise_shifts(out: dict, profile, records: dict[str, list], window: int) -> None:
+    out["scales"] = [s.samples for s in profile.plan_scales(window)]
+    for kind, found in records.items():
+        out["shifts"][kind] = summarise(found, out["scales"])
+        print(kind, out["shifts"][kind], flush=True)
+
+
 def fast_window_cost(profile, pool: Pool, window: int, rng: np.random.Generator, alpha_fast: float,
                      windows: int = 500) -> dict:
     """Share of fully shifted fast windows that alarm at the scale's alpha and at the former 1%."""
@@ -267,13 +279,8 @@ def digits(work: Path, args: argparse.Namespace) -> dict:
             records[kind] += detection(profile, normal, pools[kind], per_draw, args.after, args.window, rng,
                                        result["shift_accuracy"][kind])
         result["draws"].append(row)
-        print(f"draw {draw}: {row['false_alarms']['requests_per_false_alarm']:.0f} requests per false alarm",
-              {s: v["alarm_rate"] for s, v in row["false_alarms"]["per_scale"].items()}, flush=True)
-    scales = [s.samples for s in profile.plan_scales(args.window)]
-    result["scales"] = scales
-    for kind in IMAGE_SHIFTS:
-        result["shifts"][kind] = summarise(records[kind], scales)
-        print(kind, result["shifts"][kind], flush=True)
+        _said("digits", row)
+    _summarise_shifts(result, profile, records, args.window)
     result["bundle"] = str(bundle)
     return result
 
@@ -329,13 +336,8 @@ def minilm(work: Path, args: argparse.Namespace) -> dict:
             records[kind] += detection(profile, normal, pools[kind], max(1, args.streams // draws // 2), args.after,
                                        args.window, rng, None)
         out["draws"].append(row)
-        print(f"minilm draw {draw}: {row['false_alarms']['requests_per_false_alarm']:.0f} requests per false alarm",
-              {s: v["alarm_rate"] for s, v in row["false_alarms"]["per_scale"].items()}, flush=True)
-    scales = [s.samples for s in profile.plan_scales(args.window)]
-    out["scales"] = scales
-    for kind in TEXT_SHIFTS:
-        out["shifts"][kind] = summarise(records[kind], scales)
-        print(kind, out["shifts"][kind], flush=True)
+        _said("minilm", row)
+    _summarise_shifts(out, profile, records, args.window)
     return out
 
 
@@ -385,7 +387,7 @@ def _shift_rows(part: dict, kinds: tuple[str, ...], accuracy: bool) -> list[list
     head = ["shift", *(["accuracy", "drop (points)"] if accuracy else []),
             *[f"scale {s}: detected / median delay" for s in scales],
             "any scale: within 200 / within 1,000 / median delay"]
-    head += ["accuracy MAE (points): estimate / mean calibrated conf. / mean raw conf."] if accuracy else []
+    head += ["accuracy MAE (points): estimate / mean tempered conf. / mean raw conf."] if accuracy else []
     rows = [head]
     for kind in kinds:
         got = part["shifts"][kind]
@@ -481,7 +483,7 @@ def main() -> None:
            "the other): " + "; ".join(
                f"draw {r['draw']}: T {r['calibration']['temperature']:.2f}, accuracy "
                f"{r['calibration']['check']['accuracy'] * 100:.1f}%, estimate {r['calibration']['check']['estimated'] * 100:.1f}%, "
-               f"mean calibrated conf. {r['calibration']['check']['calibrated_confidence'] * 100:.1f}%, raw "
+               f"mean tempered conf. {r['calibration']['check']['calibrated_confidence'] * 100:.1f}%, raw "
                f"{r['calibration']['check']['raw_confidence'] * 100:.1f}%; ECE {r['calibration']['check']['ece'] * 100:.1f} "
                f"(raw {r['calibration']['check']['ece_raw'] * 100:.1f})" for r in d["draws"])
            + f". Calibrating the three scales' thresholds: {np.median([r['calibration_s'] for r in d['draws']]):.1f} s "

@@ -97,8 +97,8 @@ class DriftMonitor(StreamMonitor):
             yield single(GaugeMetricFamily, "drift_reference_accuracy", "Labelled accuracy of the reference "
                          "(held-out data at build time).", self.profile.reference_accuracy)
             yield per_scale(GaugeMetricFamily, "drift_estimated_accuracy", "The scale's last window's accuracy "
-                            "estimated without labels (calibrated, thresholded confidence).", lambda s: s.estimate)
-            yield single(CounterMetricFamily, "drift_expected_correct", "Samples the calibrated confidence expects "
+                            "estimated without labels (thresholded confidence).", lambda s: s.estimate)
+            yield single(CounterMetricFamily, "drift_expected_correct", "Samples the thresholded confidence expects "
                          "right (over drift_samples_total: the estimated accuracy).", self.correct_total)
             yield single(GaugeMetricFamily, "drift_accuracy_alert_drop", "Estimated accuracy this far below the "
                          "reference's fires the alert.", self.accuracy_alert_drop)

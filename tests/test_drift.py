@@ -227,10 +227,10 @@ def test_monitor_exposition_is_exact_and_an_alarm_names_its_scale(caplog):
         "drift_reference_accuracy": ("gauge", "Labelled accuracy of the reference (held-out data at build time).",
                                      [(lab.format(""), repr(profile.reference_accuracy))]),
         "drift_estimated_accuracy": ("gauge", "The scale's last window's accuracy estimated without labels "
-                                     "(calibrated, thresholded confidence).",
+                                     "(thresholded confidence).",
                                      [(lab.format('scale="5",'), repr(float(correct[15:20].mean()))),
                                       (lab.format('scale="10",'), repr(float(correct[10:20].mean())))]),
-        "drift_expected_correct_total": ("counter", "Samples the calibrated confidence expects right (over "
+        "drift_expected_correct_total": ("counter", "Samples the thresholded confidence expects right (over "
                                          "drift_samples_total: the estimated accuracy).",
                                          [(lab.format(""), repr(float(correct.sum())))]),
         "drift_accuracy_alert_drop": ("gauge", "Estimated accuracy this far below the reference's fires the alert.",

@@ -2,20 +2,21 @@
 
 Raw top-class probability is not an estimate of accuracy: a network is over- or underconfident,
 and under shift its confidence falls more slowly than its accuracy. At build time, on the held-out
-reference and its labels:
+reference and its labels, a threshold on the model's negative entropy is chosen so that the share
+of reference samples above it equals the reference's accuracy (Average Thresholded Confidence,
+Garg et al. 2022); the estimated accuracy of a window is the share of its samples above the
+threshold. Temperature scaling (Guo et al. 2017) is fitted too, as the comparison: on the digits
+CNN of ``benchmarks/drift.py`` the fitted temperature sharpens an underconfident model, which
+calibrates it on the reference and makes it further wrong under every covariate shift measured
+(13.7 points of mean error against 6.3 for the thresholded entropy and 6.6 for raw confidence;
+thresholding the tempered entropy gave 8.6), so the estimate thresholds the model's own entropy.
 
-1. a temperature is fitted by likelihood (temperature scaling, Guo et al. 2017);
-2. on the calibrated probabilities, a threshold on the negative entropy is chosen so that the
-   share of reference samples above it equals the reference's accuracy (Average Thresholded
-   Confidence, Garg et al. 2022, which estimates accuracy under shift markedly better than the
-   mean confidence does, in their study and in ``benchmarks/drift.py``).
-
-The estimated accuracy of a window is the share of its samples above the threshold. The fit is
-checked by two-fold cross-fitting (fitted on one half of the reference, checked on the other, and
-the other way round): the check halves' true accuracy against the thresholded estimate, the mean
-calibrated and the mean raw confidence, and the expected calibration error of both. The stored
-temperature and threshold are fitted on the whole reference. Without labels, or with labels that
-are not class indices of this output, there is no estimate, and the profile says why.
+The fit is checked by two-fold cross-fitting (fitted on one half of the reference, checked on the
+other, and the other way round): the check halves' true accuracy against the thresholded
+estimate, the mean tempered and the mean raw confidence, and the expected calibration error of
+both. The stored threshold and temperature are fitted on the whole reference. Without labels, or
+with labels that are not class indices of this output, there is no estimate, and the profile says
+why.
 """
 
 from __future__ import annotations
@@ -57,15 +58,15 @@ def no_estimate(reason: str) -> dict[str, Any]:
 def _fit(outputs: np.ndarray, already: bool, labels: np.ndarray) -> tuple[float, float, float]:
     """(temperature, threshold, accuracy) of one labelled set."""
     temperature = float(TEMPERATURES[int(np.argmin([_nll(outputs, already, labels, t) for t in TEMPERATURES]))])
-    probs = probabilities(outputs, already, temperature)
+    probs = probabilities(outputs, already)
     accuracy = float((probs.argmax(axis=1) == labels).mean())
     threshold = float(np.quantile(negative_entropy(probs), 1.0 - accuracy))
     return temperature, threshold, accuracy
 
 
-def expected_correct(outputs: np.ndarray, already: bool, temperature: float, threshold: float) -> np.ndarray:
-    """1 for each sample whose calibrated negative entropy is above the threshold, else 0."""
-    return (negative_entropy(probabilities(outputs, already, temperature)) > threshold).astype(np.float64)
+def expected_correct(outputs: np.ndarray, already: bool, threshold: float) -> np.ndarray:
+    """1 for each sample whose negative entropy is above the threshold, else 0."""
+    return (negative_entropy(probabilities(outputs, already)) > threshold).astype(np.float64)
 
 
 def _check(outputs: np.ndarray, already: bool, labels: np.ndarray, fit: np.ndarray, check: np.ndarray) -> dict:
@@ -74,13 +75,14 @@ def _check(outputs: np.ndarray, already: bool, labels: np.ndarray, fit: np.ndarr
     calibrated = probabilities(outputs[check], already, temperature).max(axis=1)
     raw = probabilities(outputs[check], already).max(axis=1)
     return {"accuracy": float(correct.mean()),
-            "estimated": float(expected_correct(outputs[check], already, temperature, threshold).mean()),
+            "estimated": float(expected_correct(outputs[check], already, threshold).mean()),
             "calibrated_confidence": float(calibrated.mean()), "raw_confidence": float(raw.mean()),
             "ece": expected_calibration_error(calibrated, correct), "ece_raw": expected_calibration_error(raw, correct)}
 
 
 def fit_calibration(outputs: np.ndarray, already: bool, labels: np.ndarray | None, seed: int = 0) -> dict[str, Any]:
-    """Temperature and thresholded-confidence estimate of ``outputs`` (n, classes) against ``labels``."""
+    """The thresholded-confidence estimate (and the temperature, for comparison) of ``outputs``
+    (n, classes) against ``labels``."""
     if labels is None:
         return no_estimate("no labels were given at build time: no estimated accuracy")
     labels = np.asarray(labels).reshape(-1)

@@ -86,7 +86,7 @@ class Profile:
         item = self.extractor.classes
         y = outputs[item["name"]]
         return expected_correct(y.reshape(len(y), -1).astype(np.float32, copy=False), item["probabilities"],
-                                self.calibration["temperature"], self.calibration["threshold"])
+                                self.calibration["threshold"])
 
     def plan_scales(self, window: int | None = None, sizes: tuple[int, ...] | None = None,
                     requests_per_false_alarm: float | None = None) -> list[Scale]:
