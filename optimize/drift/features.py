@@ -101,7 +101,7 @@ class Extractor:
                 matrix = rng.standard_normal((item["width"], width))
                 self.projections[item["name"]] = (matrix / np.linalg.norm(matrix, axis=0)).astype(np.float32)
         self.names = [n for item in spec["inputs"] + spec["outputs"] for n in item["features"]]
-        self._linspaces: dict[int, np.ndarray] = {}
+        self._matrices: dict[str, np.ndarray] = {}
 
     @classmethod
     def plan(cls, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], task: str,
@@ -162,26 +162,45 @@ class Extractor:
         y = outputs[item["name"]]
         return probabilities(y.reshape(len(y), -1).astype(np.float32, copy=False), item["probabilities"], temperature)
 
-    def _positions(self, size: int) -> np.ndarray:
-        if size not in self._linspaces:
-            self._linspaces[size] = np.linspace(0, 1, size, dtype=np.float32)
-        return self._linspaces[size]
+    def _weights(self, item: dict[str, Any]) -> np.ndarray:
+        """(H*W, 3 [+ 4]) columns: row position, column position, one (the centroid's sums), and,
+        for an image small enough to need no pooling, the layout projections: one matmul for all."""
+        key = item["name"]
+        if key not in self._matrices:
+            height, width = item["height"], item["columns"]
+            rows, cols = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+            columns = [rows.ravel(), cols.ravel(), np.ones(height * width)]
+            if height <= POOLED and width <= POOLED:
+                columns += list(self.projections[key].T)
+            self._matrices[key] = np.stack(columns, axis=1).astype(np.float32)
+        return self._matrices[key]
 
     def _spatial(self, item: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
-        n = len(x)
-        image = x.reshape(n, x.shape[1], item["height"], item["columns"]).astype(np.float32, copy=False).mean(axis=1)
-        weight = image - image.reshape(n, -1).min(axis=1)[:, None, None]
-        total = np.maximum(weight.sum(axis=(1, 2)), 1e-12)
-        rows = (weight.sum(axis=2) @ self._positions(item["height"])) / total
-        cols = (weight.sum(axis=1) @ self._positions(item["columns"])) / total
-        sharpness = (np.abs(np.diff(image, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(image, axis=2)).mean(axis=(1, 2)))
-        if item["height"] <= POOLED and item["columns"] <= POOLED:
-            pooled = image.reshape(n, -1)
+        # Sums and one matmul, not ``mean``: numpy's mean costs several times a sum on windows this small.
+        n, height, width = len(x), item["height"], item["columns"]
+        image = x.reshape(n, -1, height, width).astype(np.float32, copy=False)
+        image = image[:, 0] if image.shape[1] == 1 else image.sum(axis=1) / np.float32(image.shape[1])
+        flat = image.reshape(n, -1)
+        low = flat.min(axis=1)
+        weights = self._weights(item)
+        sums = (flat - low[:, None]) @ weights  # weighted row, column, total [, layout of the shifted image]
+        total = np.maximum(sums[:, 2], 1e-12)
+        down = np.abs(image[:, 1:] - image[:, :-1]).reshape(n, -1).sum(axis=1) / ((height - 1) * width)
+        across = np.abs(image[:, :, 1:] - image[:, :, :-1]).reshape(n, -1).sum(axis=1) / (height * (width - 1))
+        if weights.shape[1] > 3:  # layout of the image itself: add back the shift
+            layout = sums[:, 3:] + low[:, None] * weights[:, 3:].sum(axis=0)
         else:
-            pooled = np.add.reduceat(np.add.reduceat(image, _pool_edges(item["height"]), axis=1),
-                                     _pool_edges(item["columns"]), axis=2).reshape(n, -1)
-        layout = pooled @ self.projections[item["name"]]
-        return [rows, cols, sharpness, *layout.T]
+            pooled = np.add.reduceat(np.add.reduceat(image, _pool_edges(height), axis=1),
+                                     _pool_edges(width), axis=2).reshape(n, -1)
+            layout = pooled @ self.projections[item["name"]]
+        return [sums[:, 0] / total, sums[:, 1] / total, down + across, *layout.T]
+
+    @staticmethod
+    def _moments(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation over the last axis, from sums."""
+        size = flat.shape[-1]
+        mean = flat.sum(axis=-1) / size
+        return mean, np.sqrt(np.maximum((flat * flat).sum(axis=-1) / size - mean * mean, 0.0))
 
     def values(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                mean_embedding: np.ndarray | None = None) -> np.ndarray:
@@ -197,14 +216,13 @@ class Extractor:
                 logs = np.log1p(np.maximum(x, 0).astype(np.float32))
                 columns += [length.astype(np.float32), (logs * real).sum(axis=1) / np.maximum(length, 1)]
             elif item["method"] == "channels":
-                flat = x.reshape(n, item["channels"], -1).astype(np.float32, copy=False)
-                stats = np.stack([flat.mean(axis=2), flat.std(axis=2)], axis=2)  # (n, C, 2)
-                columns += list(stats.reshape(n, -1).T)
+                mean, std = self._moments(x.reshape(n, item["channels"], -1).astype(np.float32, copy=False))
+                for c in range(item["channels"]):
+                    columns += [mean[:, c], std[:, c]]
             elif item["method"] == "spatial":
                 columns += self._spatial(item, x)
             elif item["method"] == "global":
-                flat = x.reshape(n, -1).astype(np.float32, copy=False)
-                columns += [flat.mean(axis=1), flat.std(axis=1)]
+                columns += list(self._moments(x.reshape(n, -1).astype(np.float32, copy=False)))
             elif item["method"] == "columns":
                 columns += list(x.astype(np.float32, copy=False).T)
             else:

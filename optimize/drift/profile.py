@@ -73,6 +73,15 @@ class Profile:
     def sample_bins(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.bins(self.extractor.values(feeds, outputs, self.mean_embedding))
 
+    def observed(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Bin indices and, with a calibration, each sample's expected correctness (else zeros),
+        from one pass of the features (the estimate thresholds the entropy feature itself)."""
+        values = self.extractor.values(feeds, outputs, self.mean_embedding)
+        if not self.estimates_accuracy:
+            return self.bins(values), np.zeros(len(values))
+        entropy = self.names.index(f"{self.extractor.classes['name']}.entropy")
+        return self.bins(values), (-values[:, entropy] > self.calibration["threshold"]).astype(np.float64)
+
     @property
     def estimates_accuracy(self) -> bool:
         return self.calibration.get("method") == "thresholded-confidence"

@@ -111,6 +111,7 @@ class Null:
         object.__setattr__(self, "_top", top)
         object.__setattr__(self, "_offsets", np.arange(len(self.ranked)) * top)
         object.__setattr__(self, "_flat", (self.ranked.astype(np.float64) + self._offsets[:, None]).ravel())
+        object.__setattr__(self, "_row_ends", (np.arange(len(self.ranked)) + 1) * total)
 
     @classmethod
     def fit(cls, statistics: np.ndarray, alpha: float) -> "Null":
@@ -126,8 +127,7 @@ class Null:
         total = self.ranked.shape[1]
         if statistics.ndim == 1:
             clipped = np.minimum(statistics, self._top - 0.5)  # beyond every simulated one: still in its row
-            below = np.searchsorted(self._flat, clipped + self._offsets, side="left") - np.arange(len(self.ranked)) * total
-            return total - below
+            return self._row_ends - np.searchsorted(self._flat, clipped + self._offsets, side="left")
         return np.stack([total - np.searchsorted(self.ranked[f], statistics[..., f], side="left")
                          for f in range(len(self.ranked))], axis=-1)
 
@@ -139,6 +139,8 @@ class Null:
         p = (1 + self._at_least(statistics)) / (1 + total)
         tail, start, excess = self._tail
         above = statistics > start
+        if not above.any():
+            return p
         fitted = (tail / (1 + total)) * np.exp(-np.maximum(statistics - start, 0.0) / excess)
         return np.where(above, np.minimum(p, fitted), p)
 
@@ -165,6 +167,7 @@ class WindowTest:
         self.seed = seed
         self.frequencies = self._frequencies(self.reference_bins)
         self._nulls: dict[tuple[int, float], Null] = {}
+        self._expected: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._tables: np.ndarray | None = None
 
     def counts(self, bins: np.ndarray) -> np.ndarray:
@@ -178,7 +181,13 @@ class WindowTest:
 
     def statistics(self, counts: np.ndarray, n: int, frequencies: np.ndarray | None = None) -> np.ndarray:
         """Chi-square per feature; ``counts`` is (..., F, width)."""
-        expected = np.float32(n) * (self.frequencies if frequencies is None else frequencies)
+        if frequencies is None:  # a live window: the reference's own expectation, kept per size
+            if n not in self._expected:
+                expected = np.float32(n) * self.frequencies
+                self._expected[n] = (expected, np.where(self.valid, 1.0 / np.maximum(expected, 1e-30), 0.0))
+            expected, inverse = self._expected[n]
+            return ((counts - expected) ** 2 * inverse).sum(axis=-1)
+        expected = np.float32(n) * frequencies
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(self.valid, (counts - expected) ** 2 / expected, 0.0)
         return terms.sum(axis=-1)

@@ -79,9 +79,7 @@ class StreamMonitor:
             self.flush()
 
     def _binned(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        bins = self.profile.sample_bins(feeds, outputs)
-        correct = self.profile.expected_correct(outputs) if self.estimates else np.zeros(len(bins))
-        return bins, correct
+        return self.profile.observed(feeds, outputs)
 
     def flush(self) -> None:
         """Bin every kept sample, closing each fast window that fills."""
