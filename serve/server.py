@@ -76,10 +76,16 @@ def create_app(config: ServeConfig) -> InferenceApp:
                         config.batching.max_batch, TextEncoder.from_manifest(bundle, manifest))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
+    drift_off = "off"
     if config.drift and (bundle / DRIFT_DIR / f"{target}.json").is_file():
-        monitor = DriftMonitor(Profile.load(bundle, target), model.name, model.version, config.drift_window,
-                               config.drift_scales, config.drift_false_alarm_every, config.drift_accuracy_drop)
-        metrics.attach(monitor)
+        try:
+            profile = Profile.load(bundle, target)
+        except BundleError as exc:  # an older bundle is served as it is, without the monitor
+            LOG.warning("drift monitoring is off: %s", exc)
+            drift_off = "off (the bundle's drift profile is of an older version; rebuild to monitor)"
+        else:
+            metrics.attach(DriftMonitor(profile, model.name, model.version, config.drift_window, config.drift_scales,
+                                        config.drift_false_alarm_every, config.drift_accuracy_drop))
     runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
     batcher = Batcher(runners, config.batching, metrics, pad_values(manifest.text) if manifest.text else None)
 
@@ -93,7 +99,7 @@ def create_app(config: ServeConfig) -> InferenceApp:
 
     app = InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s, config.access_log)
     app.settings = runners[0].settings
-    app.drift = "off" if metrics.monitor is None else "windows of " + ", ".join(
+    app.drift = drift_off if metrics.monitor is None else "windows of " + ", ".join(
         f"{s.scale.samples} every {s.scale.step}" for s in metrics.monitor.scales) + (
         f" samples, a false alarm per {metrics.monitor.requests_per_false_alarm:g} on average; estimated accuracy "
         + ("on" if metrics.monitor.estimates else f"off ({metrics.monitor.profile.calibration['reason']})"))
