@@ -1,7 +1,7 @@
 # The serving image: `optimize serve` on a bundle mounted at /bundle, no PyTorch.
 #
 #   docker build -t my-model .                       # CPU: ONNX Runtime and OpenVINO
-#   docker run -p 8000:8000 -v $PWD/bundle:/bundle:ro my-model
+#   docker run -p 8000:8000 -p 8001:8001 -v $PWD/bundle:/bundle:ro my-model   # HTTP and gRPC
 #
 #   docker build --build-arg REQUIREMENTS=requirements-serve-gpu.txt \
 #       --build-arg PIP_EXTRA_INDEX_URL=https://pypi.nvidia.com -t my-model-gpu .
@@ -35,8 +35,8 @@ COPY --from=build /opt/serve /opt/serve
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin serve
 USER 10001:10001
 ENV PATH=/opt/serve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["optimize", "serve", "/bundle", "--host", "0.0.0.0", "--port", "8000"]
+ENTRYPOINT ["optimize", "serve", "/bundle", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "8001"]

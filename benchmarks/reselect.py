@@ -30,7 +30,7 @@ FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "cpuin
 
 def start_up_lines(bundle: Path, port: int, *flags: str) -> list[str]:
     """The server's log until it is ready, then SIGTERM."""
-    command = [sys.executable, "-m", "optimize", "serve", str(bundle), "--port", str(port), "--drain-delay", "0",
+    command = [sys.executable, "-m", "optimize", "serve", str(bundle), "--port", str(port), "--drain-delay", "0", "--no-grpc",
                "--host", "127.0.0.1", *flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120

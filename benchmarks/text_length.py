@@ -52,7 +52,7 @@ def serve_and_embed(bundle: Path, target: str, batch: list[str]) -> tuple[np.nda
     """(embeddings, response parameters, the truncation counter's line) from a real server."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "optimize", "serve", str(bundle), "--target", target,
-                               "--host", "127.0.0.1", "--port", str(port)], stderr=subprocess.DEVNULL)
+                               "--host", "127.0.0.1", "--port", str(port), "--no-grpc"], stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

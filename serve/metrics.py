@@ -1,7 +1,9 @@
 """The server's Prometheus metrics, named as DESIGN.md's table says, on a registry of their own.
 
 Seconds for durations, ``_total`` for counters, histograms (they aggregate across replicas). Every
-series carries ``model`` and ``version``; ``model_info`` adds the target, precision and bundle.
+series carries ``model`` and ``version``; ``model_info`` adds the target, precision and bundle; the
+request counter and the end-to-end histogram add the front end's ``protocol`` (``http``, ``grpc``).
+Queue, compute and batch-size series are per engine call, whose batch mixes both.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from serve.batching import BatchObserver
 
 OUTCOMES = ("ok", "client_error", "rejected", "server_error")
+PROTOCOLS = ("http", "grpc")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -31,10 +34,10 @@ class ServerMetrics(BatchObserver):
                  queue_capacity: int, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         labels = ("model", "version")
-        self.requests = Counter("inference_requests", "Inference requests by outcome.",
-                                (*labels, "outcome"), registry=self.registry)
+        self.requests = Counter("inference_requests", "Inference requests by protocol and outcome.",
+                                (*labels, "protocol", "outcome"), registry=self.registry)
         self.duration = Histogram("inference_request_duration_seconds", "End-to-end request time in the server.",
-                                  labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+                                  (*labels, "protocol"), buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue = Histogram("inference_queue_duration_seconds", "Time a request waited for an engine.",
                                labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.compute = Histogram("inference_compute_duration_seconds", "Engine time per batch.",
@@ -50,25 +53,24 @@ class ServerMetrics(BatchObserver):
         self.truncated = Counter("inference_text_truncated", "Texts cut at the model's serving length.", labels,
                                  registry=self.registry)
         self._labels = {"model": model, "version": version}
-        for outcome in OUTCOMES:
-            self.requests.labels(**self._labels, outcome=outcome)
         self.capacity.labels(**self._labels).set(queue_capacity)
         self.info.labels(**self._labels, target=target, precision=precision, bundle=bundle).set(1)
         self.texts_truncated = self.truncated.labels(**self._labels)
-        self._duration = self.duration.labels(**self._labels)
+        self._duration = {p: self.duration.labels(**self._labels, protocol=p) for p in PROTOCOLS}
         self._queue = self.queue.labels(**self._labels)
         self._compute = self.compute.labels(**self._labels)
         self._batch = self.batch.labels(**self._labels)
         self.gauge_in_flight = self.in_flight.labels(**self._labels)
-        self._outcomes = {o: self.requests.labels(**self._labels, outcome=o) for o in OUTCOMES}
+        self._outcomes = {(p, o): self.requests.labels(**self._labels, protocol=p, outcome=o)
+                          for p in PROTOCOLS for o in OUTCOMES}
         self.monitor: Any = None
         self.monitor_errors = 0
         self.on_execution: Any = None  # the app's statistics (``/v2/models/{m}/stats``) of each engine call
 
-    def finished(self, outcome: str, seconds: float) -> None:
-        self._outcomes[outcome].inc()
+    def finished(self, outcome: str, seconds: float, protocol: str = "http") -> None:
+        self._outcomes[protocol, outcome].inc()
         if outcome == "ok":
-            self._duration.observe(seconds)
+            self._duration[protocol].observe(seconds)
 
     def queued(self, seconds: float) -> None:
         self._queue.observe(seconds)

@@ -22,11 +22,13 @@ DATATYPES = {name: np.dtype(numpy) for name, numpy in OIP_DATATYPES.items()}
 
 
 class ProtocolError(Exception):
-    """A malformed request: ``status`` is the 4xx to answer with."""
+    """A malformed request: ``status`` is the 4xx (or 503) to answer with, ``headers`` any that
+    answer needs (``Allow`` on a 405)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclasses.dataclass
@@ -87,7 +89,18 @@ def _bytes_elements(buffer: memoryview, count: int, name: str) -> list[str]:
     return items
 
 
-def _decode_tensor(tensor: Any, binary: memoryview | None) -> tuple[str, str, tuple[int, ...], Any]:
+def encode_bytes(items: list[Any]) -> bytes:
+    """BYTES elements in binary form (the inverse of ``_bytes_elements``)."""
+    parts = []
+    for item in items:
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts += [len(raw).to_bytes(4, "little"), raw]
+    return b"".join(parts)
+
+
+def decode_tensor(tensor: Any, binary: memoryview | None) -> tuple[str, str, tuple[int, ...], Any]:
+    """One input: its name, datatype, shape and value (an array, or a list of strings for BYTES),
+    from JSON ``data`` or from its binary bytes; a ``ProtocolError`` naming it when they disagree."""
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise ProtocolError("every entry of 'inputs' must be an object with a 'name'")
     name = tensor["name"]
@@ -154,7 +167,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
                                     f"bytes left, binary_data_size {size})")
             chunk = rest[offset:offset + size]  # a view: the arrays share the body's memory
             offset += size
-        name, datatype, shape, value = _decode_tensor(tensor, chunk)
+        name, datatype, shape, value = decode_tensor(tensor, chunk)
         if name in decoded:
             raise ProtocolError(f"input '{name}' is given twice")
         decoded[name], datatypes[name], shapes[name] = value, datatype, shape

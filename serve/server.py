@@ -1,22 +1,28 @@
-"""Putting a bundle behind the HTTP endpoint: engines, batching, metrics, warm-up, graceful stop.
+"""Putting a bundle behind the HTTP and gRPC endpoints: engines, batching, metrics, warm-up,
+graceful stop.
 
-``ServeConfig`` holds every choice; ``create_app`` builds the ASGI app (tests drive it in
-process), ``serve`` runs it with uvicorn. On SIGTERM readiness turns false at once, requests are
-still accepted for ``drain_delay_s`` (load balancers take seconds to notice), queued and running
-requests complete, and the process exits within ``grace_s``.
+``ServeConfig`` holds every choice; ``create_service`` builds the ``InferenceService`` both front
+ends share (tests drive it in process), ``serve`` runs uvicorn (HTTP) and grpcio's asyncio server
+(gRPC) on one event loop. On SIGTERM readiness (HTTP's and the gRPC health service's) turns false
+at once; requests are still answered for ``drain_delay_s`` (load balancers take seconds to
+notice), HTTP ones with ``Connection: close`` so that keep-alive clients reconnect elsewhere; then
+both listeners close (gRPC clients get GOAWAY; an idle HTTP connection is closed between
+requests), queued and running requests complete, and the process exits within ``grace_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import uvicorn
 
 from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
@@ -27,6 +33,7 @@ from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
 from serve.model import ServedModel, bundle_version
 from serve.monitor import DriftMonitor
+from serve.service import InferenceService
 
 LOG = logging.getLogger("serve")
 WARMUP_CALLS = 3
@@ -39,7 +46,8 @@ class ServeConfig:
     target: str | None = None  # None: the bundle's winner, else its first built target
     model_name: str | None = None
     host: str = "0.0.0.0"
-    port: int = 8000
+    port: int | None = 8000  # HTTP; None: no HTTP front end
+    grpc_port: int | None = 8001  # None: no gRPC front end
     batching: BatchingConfig = BatchingConfig()
     max_body_bytes: int = 64 << 20
     drain_delay_s: float = 5.0
@@ -53,9 +61,9 @@ class ServeConfig:
     reselect: bool = False  # time the built targets on this CPU and serve the fastest within budget
 
 
-def create_app(config: ServeConfig) -> InferenceApp:
-    """The ASGI app serving one target of ``config.bundle``: engines loaded and timed, the batching
-    loop, metrics and the drift monitor wired; warm-up runs at start-up, before readiness."""
+def create_service(config: ServeConfig) -> InferenceService:
+    """One target of ``config.bundle`` ready to serve: engines loaded and timed, the batching loop,
+    metrics and the drift monitor wired; warm-up runs at ``start()``, before readiness."""
     bundle = Path(config.bundle)
     manifest = read_manifest(bundle)
     if config.reselect:
@@ -97,7 +105,7 @@ def create_app(config: ServeConfig) -> InferenceApp:
         finally:
             metrics.monitor = monitor
 
-    app = InferenceApp(model, batcher, metrics, config.max_body_bytes, warm, config.grace_s, config.access_log)
+    app = InferenceService(model, batcher, metrics, warm, config.grace_s)
     app.settings = runners[0].settings
     app.drift = drift_off if metrics.monitor is None else "windows of " + ", ".join(
         f"{s.scale.samples} every {s.scale.step}" for s in metrics.monitor.scales) + (
@@ -148,15 +156,19 @@ def _warn_if_measured_elsewhere(manifest: Any, target: str) -> None:
 
 def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or Ctrl-C, then drain and stop."""
-    import uvicorn
+    import uvloop
 
-    app = create_app(config)
-    model, batching = app.model, config.batching
-    LOG.info("serving %s version %s from %s: target %s (%s) on http://%s:%d", model.name, model.version,
-             config.bundle, model.target, model.precision, config.host, config.port)
-    LOG.info("engine: %s", ", ".join(f"{k}={v}" for k, v in app.settings.items()))
+    if config.port is None and config.grpc_port is None:
+        raise BundleError("both front ends are off: give --http-port or --grpc-port")
+    service = create_service(config)
+    model, batching = service.model, config.batching
+    where = [f"http://{config.host}:{config.port}" if config.port is not None else "",
+             f"grpc://{config.host}:{config.grpc_port}" if config.grpc_port is not None else ""]
+    LOG.info("serving %s version %s from %s: target %s (%s) on %s", model.name, model.version,
+             config.bundle, model.target, model.precision, " and ".join(w for w in where if w))
+    LOG.info("engine: %s", ", ".join(f"{k}={v}" for k, v in service.settings.items()))
     LOG.info("batching: up to %d rows, wait %g ms, queue %d, %d instance(s); drift: %s", batching.max_batch,
-             batching.max_delay_s * 1000, batching.queue_capacity, batching.instances, app.drift)
+             batching.max_delay_s * 1000, batching.queue_capacity, batching.instances, service.drift)
     if model.text is not None:
         LOG.info("text: input '%s', tokenizer %s, up to %d tokens (%s), longer texts cut and counted",
                  model.text.input, model.text.section["tokenizer"], model.text.max_length,
@@ -164,25 +176,82 @@ def serve(config: ServeConfig) -> None:
     LOG.info("access log: %s", "JSON lines on stderr" if config.access_log else "off (--access-log)")
     if not config.reselect:
         _warn_if_measured_elsewhere(read_manifest(Path(config.bundle)), model.target)
+    uvloop.run(_serve(service, config))
 
-    class DrainingServer(uvicorn.Server):
-        # Not uvicorn's own handler: it re-raises the signal after shutdown, so a clean drain
-        # would still end as "killed by SIGTERM" instead of exit 0.
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            elif app.ready and sig == signal.SIGTERM and config.drain_delay_s > 0:
-                app.ready = False  # load balancers stop sending; requests in the meantime are still served
-                LOG.info("SIGTERM: readiness false; still serving for %g s, then draining", config.drain_delay_s)
-                asyncio.get_event_loop().call_later(config.drain_delay_s, self._stop)
-            else:
-                app.ready = False
-                self._stop()
 
-        def _stop(self) -> None:
-            self.should_exit = True
+async def _serve(service: InferenceService, config: ServeConfig) -> None:
+    from serve.grpc_server import GrpcFrontEnd
 
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(config.grace_s), access_log=False,
-                                           lifespan="on", http="httptools", loop="uvloop"))
-    server.run()
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+    signals: list[int] = []
+    http = grpc = http_task = None
+    if config.port is not None:
+        http = _Uvicorn(uvicorn.Config(
+            InferenceApp(service, config.max_body_bytes, config.access_log), host=config.host, port=config.port,
+            log_level="warning", timeout_graceful_shutdown=int(config.grace_s), access_log=False, lifespan="off",
+            http="httptools", loop="none"))
+    if config.grpc_port is not None:
+        grpc = GrpcFrontEnd(service, config.host, config.grpc_port, config.max_body_bytes)
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        if len(signals) > 1:  # a second Ctrl-C: stop waiting (during the drain delay) or stop at once
+            if sig == signal.SIGINT:
+                (force if stop.is_set() else stop).set()
+            return
+        service.ready = False  # load balancers stop sending; requests in the meantime are still answered
+        if sig == signal.SIGTERM and config.drain_delay_s > 0:
+            service.draining = True
+            LOG.info("SIGTERM: readiness false; still serving for %g s, then draining", config.drain_delay_s)
+            loop.call_later(config.drain_delay_s, stop.set)
+            if grpc is not None:
+                loop.create_task(grpc.serving(False))
+        else:
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if grpc is not None:
+        await grpc.start()
+    if http is not None:
+        http_task = loop.create_task(http.serve())
+        while not http.started:
+            if http_task.done():
+                try:
+                    http_task.result()
+                except SystemExit:  # uvicorn exits when it cannot listen, having logged why
+                    pass
+                raise BundleError(f"cannot listen for HTTP on {config.host}:{config.port} (in use?)")
+            await asyncio.sleep(0.01)
+    await service.start()
+    if grpc is not None:
+        await grpc.serving(True)
+    await stop.wait()
+    service.ready, service.draining = False, True
+    closing = []
+    if grpc is not None:
+        await grpc.serving(False)
+        closing.append(loop.create_task(grpc.stop(config.grace_s)))  # GOAWAY; running RPCs finish
+    if http is not None:
+        http.should_exit = True  # uvicorn closes idle connections, lets running requests answer
+        closing.append(http_task)
+    if closing:
+        forced = loop.create_task(force.wait())
+        await asyncio.wait([*closing, forced], return_when=asyncio.FIRST_COMPLETED)
+        if force.is_set():
+            if http is not None:
+                http.force_exit = True
+            service.abort()
+            return
+        await asyncio.wait(closing)
+        forced.cancel()
+    await service.stop()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server without its own signal handling (``serve`` owns SIGTERM for both front ends)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

@@ -15,6 +15,7 @@ import pytest
 
 from optimize.specs import TensorSpec
 from serve.app import InferenceApp
+from serve.service import InferenceService
 from serve.batching import Batcher, BatchingConfig, Overloaded
 from serve.metrics import ServerMetrics
 from serve.model import ServedModel
@@ -240,7 +241,7 @@ def test_engine_failure_is_a_500_logged_with_its_traceback_once(caplog):
     async def main():
         batcher = Batcher([engine], BatchingConfig())
         batcher.start()
-        app = InferenceApp(model, batcher, ServerMetrics("m", "v1", "ort-fp32", "fp32", "b", 64))
+        app = InferenceApp(InferenceService(model, batcher, ServerMetrics("m", "v1", "ort-fp32", "fp32", "b", 64)))
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                        "data": [0.0, 1.0, 2.0, 3.0]}]}).encode()
         answers = [await _post(app, body) for _ in range(3)]

@@ -102,9 +102,9 @@ def test_served_config_is_a_triton_model_config(bundle):
     """/v2/models/{m}/config comes from the same generator: it parses as Triton's ModelConfig."""
     from google.protobuf import json_format
 
-    from serve.server import ServeConfig, create_app
+    from serve.server import ServeConfig, create_service
 
-    app = create_app(ServeConfig(bundle, target="ort-int8", drift=False))
+    app = create_service(ServeConfig(bundle, target="ort-int8", drift=False))
     try:
         config = app.model.config(app.batcher.config.to_json())
         parsed = json_format.ParseDict(config, triton_proto().ModelConfig())

@@ -2,12 +2,16 @@
 
 from serve.metrics import ServerMetrics
 
-EXPECTED_COUNTERS = '''# HELP inference_requests_total Inference requests by outcome.
+EXPECTED_COUNTERS = '''# HELP inference_requests_total Inference requests by protocol and outcome.
 # TYPE inference_requests_total counter
-inference_requests_total{model="digits",outcome="ok",version="abc123"} 2.0
-inference_requests_total{model="digits",outcome="client_error",version="abc123"} 1.0
-inference_requests_total{model="digits",outcome="rejected",version="abc123"} 0.0
-inference_requests_total{model="digits",outcome="server_error",version="abc123"} 0.0
+inference_requests_total{model="digits",outcome="ok",protocol="http",version="abc123"} 2.0
+inference_requests_total{model="digits",outcome="client_error",protocol="http",version="abc123"} 1.0
+inference_requests_total{model="digits",outcome="rejected",protocol="http",version="abc123"} 0.0
+inference_requests_total{model="digits",outcome="server_error",protocol="http",version="abc123"} 0.0
+inference_requests_total{model="digits",outcome="ok",protocol="grpc",version="abc123"} 0.0
+inference_requests_total{model="digits",outcome="client_error",protocol="grpc",version="abc123"} 0.0
+inference_requests_total{model="digits",outcome="rejected",protocol="grpc",version="abc123"} 0.0
+inference_requests_total{model="digits",outcome="server_error",protocol="grpc",version="abc123"} 1.0
 '''
 
 EXPECTED_BATCH = '''# HELP inference_batch_size Rows per engine call.
@@ -42,6 +46,7 @@ def test_exposition_is_exactly_as_designed():
     metrics.finished("ok", 0.003)
     metrics.finished("ok", 0.2)
     metrics.finished("client_error", 0.0001)
+    metrics.finished("server_error", 0.01, "grpc")
     metrics.computed(0.002, 1)
     metrics.computed(0.004, 3)
     metrics.queued(0.0007)
@@ -49,8 +54,9 @@ def test_exposition_is_exactly_as_designed():
     assert EXPECTED_COUNTERS in text
     assert EXPECTED_BATCH in text
     assert EXPECTED_GAUGES in text
-    assert 'inference_request_duration_seconds_bucket{le="0.005",model="digits",version="abc123"} 1.0' in text
-    assert 'inference_request_duration_seconds_count{model="digits",version="abc123"} 2.0' in text
+    assert 'inference_request_duration_seconds_bucket{le="0.005",model="digits",protocol="http",version="abc123"} 1.0' in text
+    assert 'inference_request_duration_seconds_count{model="digits",protocol="http",version="abc123"} 2.0' in text
+    assert 'inference_request_duration_seconds_count{model="digits",protocol="grpc",version="abc123"} 0.0' in text
     assert 'inference_queue_duration_seconds_bucket{le="0.001",model="digits",version="abc123"} 1.0' in text
     assert 'inference_compute_duration_seconds_sum{model="digits",version="abc123"} 0.006' in text
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}

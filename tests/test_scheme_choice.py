@@ -76,7 +76,7 @@ def test_reselect_serves_the_fastest_gated_target_here(chosen, caplog):
 
     from optimize.bundle import read_manifest
     from serve.reselect import candidates, reselect
-    from serve.server import ServeConfig, create_app
+    from serve.server import ServeConfig, create_service
 
     out, manifest = chosen
     names = candidates(read_manifest(out))
@@ -85,7 +85,7 @@ def test_reselect_serves_the_fastest_gated_target_here(chosen, caplog):
     assert set(record["timings"]) == set(names) and target in names
     assert not [n for n in names if faster(record["timings"][n], record["timings"][target])]
     with caplog.at_level(logging.INFO, logger="serve"):
-        app = create_app(ServeConfig(out, reselect=True))
+        app = create_service(ServeConfig(out, reselect=True))
     app.batcher.close()
     assert app.model.target in names
     assert any("--reselect on" in r.getMessage() for r in caplog.records)

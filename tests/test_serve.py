@@ -61,10 +61,12 @@ def wait_ready(process: subprocess.Popen, url: str, what: str, timeout_s: float 
 
 class Server:
     def __init__(self, bundle, *args):
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.process = subprocess.Popen([sys.executable, "-c", NO_TORCH, "serve", str(bundle), "--host", "127.0.0.1",
-                                         "--port", str(self.port), *map(str, args)],
+                                         "--port", str(self.port), "--grpc-port", str(self.grpc_port),
+                                         *map(str, args)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_ready(self.process, self.url + "/v2/health/ready", "server")
 
@@ -266,7 +268,7 @@ def test_metrics_count_outcomes_and_batches(server):
     version = json.loads(http("GET", server.url + "/v2/models/tiny")[1])["versions"][0]
     labels = f'model="tiny",version="{version}"'
     ok = float(next(line.split()[-1] for line in text.splitlines()
-                    if line.startswith(f'inference_requests_total{{model="tiny",outcome="ok",version="{version}"}}')))
+                    if line.startswith(f'inference_requests_total{{model="tiny",outcome="ok",protocol="http",version="{version}"}}')))
     assert ok >= 80
     assert f'inference_queue_capacity{{{labels}}} 64.0' in text
     assert (f'model_info{{bundle="bundle",model="tiny",precision="fp32",target="ort-fp32",version="{version}"}} 1.0'

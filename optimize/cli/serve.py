@@ -17,7 +17,12 @@ from optimize.errors import InputSpecError
                    "(the winner stays unless another is faster beyond the measured spread).")
 @click.option("--model-name", help="Name served under /v2/models/ (default: the manifest's model name).")
 @click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", "--http-port", "port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="HTTP port (Open Inference Protocol, /metrics).")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True,
+              help="gRPC port (Triton's inference.GRPCInferenceService and grpc.health.v1).")
+@click.option("--no-http", is_flag=True, help="No HTTP front end (and so no /metrics).")
+@click.option("--no-grpc", is_flag=True, help="No gRPC front end.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="What the server logs (to stderr): start-up, readiness, drain and a summary at info.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Most rows per engine call (1: no batching).")
@@ -43,17 +48,20 @@ from optimize.errors import InputSpecError
 @click.option("--access-log", is_flag=True,
               help="Log every request as one JSON line on stderr: time, client, method, route, status, duration_ms, "
                    "rows (and text_truncated).")
-def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, max_batch: int,
+def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, grpc_port: int,
+            no_http: bool, no_grpc: bool, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
             grace: float, drift_window: int, drift_scales: str | None, drift_false_alarm_every: float,
             drift_accuracy_drop: float, no_drift: bool, log_level: str,
             access_log: bool, reselect: bool) -> None:
-    """Serve a bundle's engine over the Open Inference Protocol (KServe v2), with Prometheus metrics.
+    """Serve a bundle's engine over the Open Inference Protocol (KServe v2), HTTP and gRPC, with
+    Prometheus metrics.
 
     \b
-      optimize serve bundle/ --port 8000
+      optimize serve bundle/ --http-port 8000 --grpc-port 8001
       curl localhost:8000/v2/models/digits        # metadata
       curl localhost:8000/metrics                 # Prometheus
+      grpc_health_probe -addr localhost:8001      # gRPC health (tritonclient.grpc infers on 8001)
     """
     import logging
 
@@ -72,6 +80,10 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
     for flag, value in (("--max-batch", max_batch), ("--queue-capacity", queue_capacity), ("--instances", instances)):
         if value < 1:
             raise InputSpecError(f"{flag} {value} must be at least 1")
+    if no_http and no_grpc:
+        raise InputSpecError("--no-http and --no-grpc together leave nothing to serve; drop one")
+    if not no_http and not no_grpc and port == grpc_port:
+        raise InputSpecError(f"--http-port and --grpc-port are both {port}; give them different ports")
     if max_delay_ms < 0 or drain_delay < 0 or grace < 0 or max_body_mb <= 0:
         raise InputSpecError("--max-delay-ms, --drain-delay and --grace must not be negative, --max-body-mb positive")
     try:
@@ -84,7 +96,8 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
                              f"{drift_window}")
     batching = BatchingConfig(max_batch=max_batch, max_delay_s=max_delay_ms / 1000, queue_capacity=queue_capacity,
                               instances=instances)
-    serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=port, batching=batching,
+    serve(ServeConfig(bundle=bundle, target=target, model_name=model_name, host=host, port=None if no_http else port,
+                      grpc_port=None if no_grpc else grpc_port, batching=batching,
                       max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace,
                       drift=not no_drift, drift_window=drift_window, drift_scales=scales,
                       drift_false_alarm_every=drift_false_alarm_every, drift_accuracy_drop=drift_accuracy_drop,

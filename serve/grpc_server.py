@@ -1,0 +1,182 @@
+"""The gRPC front end: Triton's ``inference.GRPCInferenceService`` and the standard
+``grpc.health.v1`` service, on grpcio's asyncio server, in front of the same ``InferenceService``
+as HTTP.
+
+Messages are the ones grpcio-tools compiles from Triton's own protos (``serve/grpc``). Inputs come
+as typed ``contents`` or as ``raw_input_contents`` (little-endian bytes, BYTES as 4-byte length
+prefixes, the binary extension's layout); outputs always go back as ``raw_output_contents``, as
+Triton answers. A caller's mistake is the status code Triton uses for it (``CODES``), with a
+message naming the tensor. Repository, shared-memory, trace, log and streaming RPCs are not
+offered (UNIMPLEMENTED): one model per server, no shared memory across a network.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Awaitable, Callable
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from serve.grpc import grpc_service_pb2 as pb
+from serve.grpc import grpc_service_pb2_grpc as pb_grpc
+from serve.grpc import model_config_pb2
+from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of, decode_tensor, encode_bytes
+from serve.service import InferenceService
+
+LOG = logging.getLogger("serve")
+SERVICE = "inference.GRPCInferenceService"
+# The HTTP status a ProtocolError carries, as the gRPC code Triton answers the same case with.
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
+         413: grpc.StatusCode.RESOURCE_EXHAUSTED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+# Which ``InferTensorContents`` field holds each datatype (FP16 and BF16 have none: raw only).
+CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+            "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+            "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+            "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def _answers(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A ``ProtocolError`` becomes the matching status code and its message."""
+    @functools.wraps(handler)
+    async def answering(self: "InferenceServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except ProtocolError as exc:
+            await context.abort(CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+    return answering
+
+
+def decode_infer(message: pb.ModelInferRequest) -> InferRequest:
+    """A ``ModelInferRequest`` as the ``InferRequest`` HTTP decodes to, with the same checks."""
+    if not message.inputs:
+        raise ProtocolError("the request needs at least one input")
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise ProtocolError(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs: give raw contents "
+                            f"for every input or for none")
+    inputs: dict[str, Any] = {}
+    datatypes: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, tensor in enumerate(message.inputs):
+        header: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if raw:
+            if tensor.HasField("contents"):
+                raise ProtocolError(f"input '{tensor.name}' has both contents and raw_input_contents")
+            chunk: memoryview | None = memoryview(raw[index])
+        else:
+            chunk = None
+            field = CONTENTS.get(tensor.datatype)
+            if field is None and tensor.datatype in DATATYPES:
+                raise ProtocolError(f"input '{tensor.name}': {tensor.datatype} has no typed contents field; "
+                                    f"send it in raw_input_contents")
+            values = getattr(tensor.contents, field) if field else []
+            header["data"] = ([v.decode("utf-8", errors="replace") for v in values] if tensor.datatype == "BYTES"
+                              else np.asarray(values))
+        name, datatype, shape, value = decode_tensor(header, chunk)
+        if name in inputs:
+            raise ProtocolError(f"input '{name}' is given twice")
+        inputs[name], datatypes[name], shapes[name] = value, datatype, shape
+    requested = [o.name for o in message.outputs] or None
+    return InferRequest(message.id or None, inputs, datatypes, shapes, {}, True, requested)
+
+
+def encode_infer(model: str, version: str, request: InferRequest,
+                 outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id or "")
+    for name, array in outputs.items():
+        if array.dtype == object:
+            raw, datatype = encode_bytes(array.reshape(-1).tolist()), "BYTES"
+        else:
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            datatype = datatype_of(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(raw)
+    if request.truncated:
+        response.parameters["text_truncated"].int64_param = request.truncated
+    return response
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Each RPC answers what the HTTP route of the same name answers."""
+
+    def __init__(self, service: InferenceService):
+        self.service = service
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.service.ready)
+
+    @_answers
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        self.service.find_model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.service.ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**self.service.server_metadata())
+
+    @_answers
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        self.service.find_model(request.name, request.version)
+        return json_format.ParseDict(self.service.model.metadata(), pb.ModelMetadataResponse())
+
+    @_answers
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        self.service.find_model(request.name, request.version)
+        config = json_format.ParseDict(self.service.config(), model_config_pb2.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    @_answers
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:  # no name: every model's, as Triton answers; that is this one
+            self.service.find_model(request.name, request.version)
+        return json_format.ParseDict(self.service.statistics(), pb.ModelStatisticsResponse())
+
+    @_answers
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        service = self.service
+        service.find_model(request.model_name, request.model_version)
+
+        async def decode() -> InferRequest:
+            return decode_infer(request)
+
+        def encode(decoded: InferRequest, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+            return encode_infer(service.model.name, service.model.version, decoded, outputs)
+
+        return await service.infer(decode, encode, "grpc")
+
+
+class GrpcFrontEnd:
+    """The listening gRPC server: ``start()``, ``serving(bool)`` for the health service, ``stop(grace)``
+    (GOAWAY to every client, running RPCs finish)."""
+
+    def __init__(self, service: InferenceService, host: str, port: int, max_message_bytes: int):
+        self.service = service
+        self.address = f"{'[::]' if host in ('0.0.0.0', '::') else host}:{port}"
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                               ("grpc.max_send_message_length", -1),
+                                               ("grpc.so_reuseport", 0)])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self.server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen for gRPC on {self.address} (in use?)")
+
+    async def start(self) -> None:
+        await self.serving(False)
+        await self.server.start()
+
+    async def serving(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
