@@ -11,5 +11,12 @@ if [ "$(id -u)" = 0 ] && ! { command -v dockerd && command -v debootstrap && com
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[cpu,test]'
+# A real Triton server (PyTriton) for the conformance tests, in a virtualenv of its own so that its
+# pins meet nothing of ours.
+if [ ! -x .venv-triton/bin/python ] || ! .venv-triton/bin/python -c "import pytriton, onnxruntime" 2>/dev/null; then
+    python3 -m venv .venv-triton
+    .venv-triton/bin/pip install -q --disable-pip-version-check nvidia-pytriton==0.7.0 onnxruntime==1.32.0 \
+        || echo "PyTriton could not be installed: the conformance tests will skip" >&2
+fi
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -113,9 +113,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.service.ready)
 
-    @_answers
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        self.service.find_model(request.name, request.version)
+        """An unknown model is not ready (OK, ready false), as Triton answers; HTTP's route says 404."""
+        try:
+            self.service.find_model(request.name, request.version)
+        except ProtocolError:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
