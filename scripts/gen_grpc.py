@@ -3,8 +3,12 @@
     python scripts/gen_grpc.py          # rewrite the generated modules
     python scripts/gen_grpc.py --check  # exit 1 when they differ from what the protos give
 
-protoc writes ``import model_config_pb2``; the one edit made here turns that into a package import,
-so the generated modules load as ``serve.grpc.*`` without touching ``sys.path``.
+Two edits are made to what protoc writes:
+- ``import model_config_pb2`` becomes a package import, so the modules load as ``serve.grpc.*``
+  without touching ``sys.path``;
+- the descriptors go into a pool of this package's own (``serve.grpc.POOL``) instead of protobuf's
+  default pool, where tritonclient registers the same ``inference.*`` messages: both can then be
+  imported by one process (a client embedding the server, the tests).
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ def generate(out: Path) -> None:
             *(str(PACKAGE / "proto" / p) for p in PROTOS)]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    (out / "model_config_pb2_grpc.py").unlink()  # no services in it: an empty module
     for file in out.glob("*_pb2*.py"):
         text = re.sub(r"^import (\w+_pb2) as", r"from serve.grpc import \1 as", file.read_text(), flags=re.M)
+        text = text.replace("_descriptor_pool.Default().AddSerializedFile(", "POOL.AddSerializedFile(")
+        if "POOL.AddSerializedFile" in text:
+            marker = "# @@protoc_insertion_point(imports)"
+            text = text.replace(marker, "from serve.grpc import POOL\n" + marker, 1)
         file.write_text(text)
 
 

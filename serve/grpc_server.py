@@ -12,8 +12,10 @@ offered (UNIMPLEMENTED): one model per server, no shared memory across a network
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -33,6 +35,8 @@ SERVICE = "inference.GRPCInferenceService"
 # The HTTP status a ProtocolError carries, as the gRPC code Triton answers the same case with.
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+QUIET_S = 0.05  # no inference call for this long: clients have gone elsewhere
+QUIET_WAIT_S = 1.0
 # Which ``InferTensorContents`` field holds each datatype (FP16 and BF16 have none: raw only).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -106,6 +110,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, service: InferenceService):
         self.service = service
+        self.closing = False  # after the drain delay: new inference is UNAVAILABLE, as Triton answers
+        self.last_call = 0.0  # monotonic time of the latest ModelInfer
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -143,7 +149,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        self.last_call = time.monotonic()
         service = self.service
+        if self.closing:
+            raise ProtocolError("the server is shutting down; retry on another replica", 503)
         service.find_model(request.model_name, request.model_version)
 
         async def decode() -> InferRequest:
@@ -165,7 +174,8 @@ class GrpcFrontEnd:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                                ("grpc.max_send_message_length", -1),
                                                ("grpc.so_reuseport", 0)])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self.server)
+        self.servicer = InferenceServicer(service)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(self.address)
@@ -182,4 +192,12 @@ class GrpcFrontEnd:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:
+        """Stop: new inference is answered UNAVAILABLE at once until clients have gone quiet (at most
+        ``QUIET_WAIT_S``): grpc's shutdown cancels calls it has received but not yet handed to a
+        handler, so it starts only when few can be in that state. Then GOAWAY to every client;
+        running calls finish within ``grace_s``."""
+        self.servicer.closing = True
+        deadline = time.monotonic() + QUIET_WAIT_S
+        while time.monotonic() < deadline and time.monotonic() - self.servicer.last_call < QUIET_S:
+            await asyncio.sleep(QUIET_S / 4)
         await self.server.stop(grace_s)

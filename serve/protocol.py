@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from optimize.specs import OIP_DATATYPES, oip_datatype
 
 HEADER_LENGTH = "inference-header-content-length"
+MAX_DIMENSION = 1 << 31  # no tensor is this long; beyond it numpy's shapes overflow
 DATATYPES = {name: np.dtype(numpy) for name, numpy in OIP_DATATYPES.items()}
 
 
@@ -69,6 +71,8 @@ def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise ProtocolError(f"input '{name}': shape {shape} has a dimension above {MAX_DIMENSION}")
     return tuple(shape)
 
 
@@ -109,7 +113,7 @@ def decode_tensor(tensor: Any, binary: memoryview | None) -> tuple[str, str, tup
         raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}; one of BOOL, INT8-64, "
                             f"UINT8-64, FP16, FP32, FP64, BYTES")
     shape = _shape(tensor, name)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python integers: a huge shape must not wrap around to a small count
     if binary is not None:
         if datatype == "BYTES":
             return name, datatype, shape, _bytes_elements(binary, count, name)

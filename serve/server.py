@@ -37,7 +37,8 @@ from serve.service import InferenceService
 
 LOG = logging.getLogger("serve")
 WARMUP_CALLS = 3
-SPIN_BELOW_S = 0.002  # engines faster than this keep ONNX Runtime's threads spinning between calls
+SPIN_BELOW_S = 0.002
+SETTLE_S = 0.25  # between closing the HTTP listener and closing idle connections  # engines faster than this keep ONNX Runtime's threads spinning between calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +235,14 @@ async def _serve(service: InferenceService, config: ServeConfig) -> None:
         await grpc.serving(False)
         closing.append(loop.create_task(grpc.stop(config.grace_s)))  # GOAWAY; running RPCs finish
     if http is not None:
+        # The listener first: connections accepted just before it closed get to send their request
+        # (answered with Connection: close) before uvicorn closes what is idle.
+        for listener in http.servers:
+            listener.close()
+        await asyncio.sleep(SETTLE_S)
+        idle = sum(getattr(c, "cycle", None) is None for c in http.server_state.connections)
+        LOG.info("HTTP listener closed; closing %d idle connection(s), %d answering", idle,
+                 len(http.server_state.connections) - idle)
         http.should_exit = True  # uvicorn closes idle connections, lets running requests answer
         closing.append(http_task)
     if closing:
