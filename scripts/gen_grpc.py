@@ -1,12 +1,12 @@
-"""Compile the vendored Triton protos (serve/grpc/proto) into serve/grpc with grpcio-tools.
+"""Compile the vendored Triton protos (optimize/oip/proto) into optimize/oip with grpcio-tools.
 
     python scripts/gen_grpc.py          # rewrite the generated modules
     python scripts/gen_grpc.py --check  # exit 1 when they differ from what the protos give
 
 Two edits are made to what protoc writes:
-- ``import model_config_pb2`` becomes a package import, so the modules load as ``serve.grpc.*``
+- ``import model_config_pb2`` becomes a package import, so the modules load as ``optimize.oip.*``
   without touching ``sys.path``;
-- the descriptors go into a pool of this package's own (``serve.grpc.POOL``) instead of protobuf's
+- the descriptors go into a pool of this package's own (``optimize.oip.POOL``) instead of protobuf's
   default pool, where tritonclient registers the same ``inference.*`` messages: both can then be
   imported by one process (a client embedding the server, the tests).
 """
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "serve" / "grpc"
+PACKAGE = Path(__file__).resolve().parent.parent / "optimize" / "oip"
 PROTOS = ("grpc_service.proto", "model_config.proto")
 
 
@@ -35,11 +35,11 @@ def generate(out: Path) -> None:
         raise SystemExit("protoc failed")
     (out / "model_config_pb2_grpc.py").unlink()  # no services in it: an empty module
     for file in out.glob("*_pb2*.py"):
-        text = re.sub(r"^import (\w+_pb2) as", r"from serve.grpc import \1 as", file.read_text(), flags=re.M)
+        text = re.sub(r"^import (\w+_pb2) as", r"from optimize.oip import \1 as", file.read_text(), flags=re.M)
         text = text.replace("_descriptor_pool.Default().AddSerializedFile(", "POOL.AddSerializedFile(")
         if "POOL.AddSerializedFile" in text:
             marker = "# @@protoc_insertion_point(imports)"
-            text = text.replace(marker, "from serve.grpc import POOL\n" + marker, 1)
+            text = text.replace(marker, "from optimize.oip import POOL\n" + marker, 1)
         file.write_text(text)
 
 

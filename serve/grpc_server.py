@@ -2,7 +2,7 @@
 ``grpc.health.v1`` service, on grpcio's asyncio server, in front of the same ``InferenceService``
 as HTTP.
 
-Messages are the ones grpcio-tools compiles from Triton's own protos (``serve/grpc``). Inputs come
+Messages are the ones grpcio-tools compiles from Triton's own protos (``optimize/oip``). Inputs come
 as typed ``contents`` or as ``raw_input_contents`` (little-endian bytes, BYTES as 4-byte length
 prefixes, the binary extension's layout); outputs always go back as ``raw_output_contents``, as
 Triton answers. A caller's mistake is the status code Triton uses for it (``CODES``), with a
@@ -24,9 +24,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from serve.grpc import grpc_service_pb2 as pb
-from serve.grpc import grpc_service_pb2_grpc as pb_grpc
-from serve.grpc import model_config_pb2
+from optimize.oip import grpc_service_pb2 as pb
+from optimize.oip import grpc_service_pb2_grpc as pb_grpc
+from optimize.oip import model_config_pb2
 from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of, decode_tensor, encode_bytes
 from serve.service import InferenceService
 

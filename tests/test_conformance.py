@@ -60,7 +60,7 @@ class Endpoint:
     def __init__(self, name: str, http_port: int, grpc_port: int):
         import grpc
 
-        from serve.grpc import grpc_service_pb2_grpc
+        from optimize.oip import grpc_service_pb2_grpc
 
         self.name, self.http_port, self.grpc_port = name, http_port, grpc_port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -178,7 +178,7 @@ def _config(config: dict[str, Any]) -> dict[str, Any]:
 def _infer_request(x: np.ndarray, raw: bool = True, model: str = MODEL, name: str = "x", datatype: str = "FP32",
                    shape: list[int] | None = None, data: bytes | None = None, outputs: list[str] | None = None,
                    request_id: str = "") -> Any:
-    from serve.grpc import grpc_service_pb2 as pb
+    from optimize.oip import grpc_service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model, id=request_id)
     tensor = request.inputs.add(name=name, datatype=datatype, shape=list(x.shape) if shape is None else shape)
@@ -223,7 +223,7 @@ def _http_stats(endpoint: Endpoint) -> dict[str, Any]:
 
 
 def _grpc_stats(endpoint: Endpoint) -> dict[str, Any]:
-    from serve.grpc import grpc_service_pb2 as pb
+    from optimize.oip import grpc_service_pb2 as pb
 
     stats = endpoint.grpc("ModelStatistics", pb.ModelStatisticsRequest(name=MODEL))[1].model_stats[0]
     return {"inference_count": stats.inference_count, "execution_count": stats.execution_count,
@@ -243,7 +243,7 @@ def _health(endpoint: Endpoint, service: str = "") -> dict[str, Any]:
 
 
 def _cases() -> dict[str, Callable[[Endpoint], Any]]:
-    from serve.grpc import grpc_service_pb2 as pb
+    from optimize.oip import grpc_service_pb2 as pb
 
     m = f"/v2/models/{MODEL}"
     body, headers = _binary_infer(X)

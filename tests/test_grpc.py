@@ -18,7 +18,7 @@ from test_serve import Server, bundle, http, slow_bundle  # noqa: F401 (fixtures
 
 pytestmark = pytest.mark.service
 grpc = pytest.importorskip("grpc")
-from serve.grpc import grpc_service_pb2 as pb, grpc_service_pb2_grpc  # noqa: E402 (after the skip)
+from optimize.oip import grpc_service_pb2 as pb, grpc_service_pb2_grpc  # noqa: E402 (after the skip)
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +316,23 @@ def test_sigterm_under_keep_alive_load_loses_no_request(bundle, protocol):  # no
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait(timeout=30)
+
+
+def test_bench_drives_the_grpc_endpoint_with_the_same_loads(server, bundle):  # noqa: F811
+    import json
+
+    from conftest import run_cli
+
+    result = run_cli("bench", bundle, "--url", f"grpc://{server.grpc_url}", "--target", "ort-fp32", "--no-torch",
+                     "--no-cross-check", "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2",
+                     "--rate", "50")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((bundle / "bench" / "report.json").read_text())
+    settings = report["engines"]["server"]["settings"]
+    assert settings["backend"] == "grpc" and settings["platform"] == "ort-fp32"
+    assert [p["load"] for p in report["engines"]["server"]["points"]] == [
+        "batch=1", "batch=4", "concurrency=1", "concurrency=2", "rate=50"]
+    assert report["server"]["added_latency"]["batch=1"]["p50_ms"] > 0
+    missing = run_cli("bench", bundle, "--url", "grpc://127.0.0.1:1", "--no-torch", "--no-cross-check")
+    assert missing.returncode != 0 and "no gRPC server at 127.0.0.1:1" in missing.stderr
+    assert "Traceback" not in missing.stderr

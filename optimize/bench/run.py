@@ -169,9 +169,15 @@ def open_runners(bundle: Path, manifest: Manifest, names: list[str], config: Ben
     inputs, outputs = manifest.inputs, manifest.output_names
     server = None
     if config.url:
-        from optimize.bench.http_runner import HttpRunner
+        model = config.model_name or manifest.model_name
+        if config.url.startswith("grpc://"):
+            from optimize.bench.grpc_runner import GrpcRunner
 
-        server = stack.enter_context(HttpRunner(config.url, config.model_name or manifest.model_name, inputs, outputs))
+            server = stack.enter_context(GrpcRunner(config.url, model, inputs, outputs))
+        else:
+            from optimize.bench.http_runner import HttpRunner
+
+            server = stack.enter_context(HttpRunner(config.url, model, inputs, outputs))
     runners: dict[str, Any] = {}
     if config.torch_baseline:
         from optimize.bench.torch_runner import TorchProgramRunner

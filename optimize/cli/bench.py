@@ -68,7 +68,8 @@ def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_mis
               help="Batch sweep and closed loops run in rounds, engines interleaved; p50 is the median round.")
 @selection_options
 @click.option("--url", help="Also drive a running server (optimize serve, Triton, KServe) with the same loads, "
-                            "e.g. http://127.0.0.1:8000; its added latency over the engine is reported.")
+                            "e.g. http://127.0.0.1:8000 or grpc://127.0.0.1:8001 (Open Inference Protocol over gRPC); "
+                            "its added latency over the engine is reported.")
 @click.option("--model-name", help="The server's model name (default: the bundle's).")
 @click.option("--no-torch", is_flag=True, help="Skip the torch-eager FP32 baseline.")
 @click.option("--no-cross-check", is_flag=True, help="Skip OpenVINO's benchmark_app cross-check.")

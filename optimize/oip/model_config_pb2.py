@@ -17,7 +17,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'model_config.proto'
 )
-from serve.grpc import POOL
+from optimize.oip import POOL
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
