@@ -6,8 +6,12 @@ KServe's two modes scale differently, and the InferenceService says which it use
 KEDA (``--autoscaler keda``) on the mean queue time read from Prometheus; serverless (``--mode
 serverless``, Knative) scales on requests in flight per pod, and Knative routes one container port.
 
-Both speak the Open Inference Protocol on the container port, probe ``/v2/health/ready`` (readiness)
-and ``/v2/health/live`` (liveness), and give the pod time to drain: SIGTERM turns readiness off and
+Both speak the Open Inference Protocol over HTTP and gRPC. The plain Deployment exposes both ports
+(gRPC as ``h2c``, ``appProtocol: kubernetes.io/h2c`` so meshes and gateways speak HTTP/2 to it),
+probes readiness with Kubernetes' own gRPC probe (``grpc.health.v1``) and liveness on
+``/v2/health/live``. Knative routes one container port, so the InferenceService offers one protocol
+(``--protocol http|grpc``): its port, named ``h2c`` for gRPC as KServe expects, and probes on that
+port; metrics stay on the HTTP port either way. Both give the pod time to drain: SIGTERM turns readiness off and
 the server keeps serving for the drain delay, then finishes queued work within its grace period,
 so ``terminationGracePeriodSeconds`` covers both. In the plain variant a preStop sleep of the drain
 delay lets the Service drop the pod before SIGTERM (the server is then told ``--drain-delay 0``), and
@@ -32,6 +36,8 @@ from optimize.errors import InputSpecError
 QUEUE_METRIC = "inference_queue_time_seconds"  # per pod, from prometheus-adapter
 KSERVE_MODES = ("raw", "serverless")
 AUTOSCALERS = ("hpa", "keda")
+PROTOCOLS = ("http", "grpc")
+GRPC_SERVICE = "inference.GRPCInferenceService"  # what the gRPC probe asks grpc.health.v1 about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,8 @@ class DeployConfig:
     drain_delay_s: float = 5.0
     grace_s: float = 30.0
     port: int = 8080
+    grpc_port: int = 8081
+    protocol: str = "http"  # the InferenceService's one protocol: http | grpc
     mode: str = "raw"  # KServe: raw (a Deployment and an HPA or KEDA) | serverless (Knative)
     autoscaler: str = "hpa"  # raw mode: hpa (on CPU) | keda (on the queue time, from Prometheus)
     cpu_target_pct: int = 70  # raw + hpa: the CPU utilisation the HPA holds
@@ -57,6 +65,8 @@ class DeployConfig:
     prometheus_url: str | None = None  # raw + keda: where KEDA reads the queue time
 
     def check(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise InputSpecError(f"--protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.mode not in KSERVE_MODES:
             raise InputSpecError(f"--mode {self.mode!r} is not one of {', '.join(KSERVE_MODES)}")
         if self.autoscaler not in AUTOSCALERS:
@@ -79,23 +89,31 @@ def _name(text: str) -> str:
 
 
 def _container(config: DeployConfig, bundle_path: str, target: str, drain_delay_s: float,
-               name: str = "server") -> dict[str, Any]:
-    probe = {"httpGet": {"path": "/v2/health/ready", "port": config.port}, "periodSeconds": 5,
-             "timeoutSeconds": 2, "failureThreshold": 3}
+               name: str = "server", protocols: tuple[str, ...] = ("http", "grpc"),
+               probe_on: str = "grpc") -> dict[str, Any]:
+    """The serving container: both front ends listen; ``protocols`` are the ports it declares
+    (the first is the one a single-port router sends to), ``probe_on`` which one is probed."""
+    http_get = {"httpGet": {"path": "/v2/health/ready", "port": config.port}}
+    grpc_probe = {"grpc": {"port": config.grpc_port, "service": GRPC_SERVICE}}
+    ready = {**(grpc_probe if probe_on == "grpc" else http_get), "periodSeconds": 5, "timeoutSeconds": 2,
+             "failureThreshold": 3}
+    live = grpc_probe if probe_on == "grpc" and protocols == ("grpc",) else {
+        "httpGet": {"path": "/v2/health/live", "port": config.port}}
     resources: dict[str, Any] = {"requests": {"cpu": config.cpu, "memory": config.memory},
                                  "limits": {"memory": config.memory}}
     if config.gpus:
         resources["limits"]["nvidia.com/gpu"] = str(config.gpus)
+    ports = {"http": {"name": "http", "containerPort": config.port, "protocol": "TCP"},
+             "grpc": {"name": "h2c", "containerPort": config.grpc_port, "protocol": "TCP"}}
     return {
         "name": name, "image": config.image,
-        "command": ["optimize", "serve", bundle_path, "--host", "0.0.0.0", "--port", str(config.port),
-                    "--target", target, "--drain-delay", f"{drain_delay_s:g}", "--grace", f"{config.grace_s:g}"],
-        "ports": [{"name": "http", "containerPort": config.port, "protocol": "TCP"}],
-        "readinessProbe": probe,
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": config.port}, "periodSeconds": 10,
-                          "timeoutSeconds": 2, "failureThreshold": 3},
-        "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": config.port}, "periodSeconds": 2,
-                         "failureThreshold": 60},
+        "command": ["optimize", "serve", bundle_path, "--host", "0.0.0.0", "--http-port", str(config.port),
+                    "--grpc-port", str(config.grpc_port), "--target", target, "--drain-delay", f"{drain_delay_s:g}",
+                    "--grace", f"{config.grace_s:g}"],
+        "ports": [ports[p] for p in protocols],
+        "readinessProbe": ready,
+        "livenessProbe": {**live, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
+        "startupProbe": {**live, "periodSeconds": 2, "failureThreshold": 60},
         "resources": resources,
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False},
     }
@@ -137,7 +155,9 @@ def kserve_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]
     target = choose_target(manifest, config.target, bundle)
     name = _name(config.name or manifest.model_name)
     path = "/mnt/models" if config.storage_uri else "/bundle"
-    container = _container(config, path, target, config.drain_delay_s, name="kserve-container")
+    # Knative routes one port: the chosen protocol's, probed there (metrics stay on HTTP).
+    container = _container(config, path, target, config.drain_delay_s, name="kserve-container",
+                           protocols=(config.protocol,), probe_on=config.protocol)
     if config.storage_uri:
         container["env"] = [{"name": "STORAGE_URI", "value": config.storage_uri}]
     annotations, scaling = _kserve_scaling(config, manifest.model_name)
@@ -175,8 +195,10 @@ def plain_manifests(bundle: Path, config: DeployConfig) -> list[dict[str, Any]]:
                      "prometheus.io/path": "/metrics", "optimize/target": target}},
                      "spec": {"terminationGracePeriodSeconds": _termination_s(config), "containers": [container]}}}}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": meta(),
-               "spec": {"selector": labels, "ports": [{"name": "http", "port": config.port,
-                                                       "targetPort": "http", "protocol": "TCP"}]}}
+               "spec": {"selector": labels, "ports": [
+                   {"name": "http", "port": config.port, "targetPort": "http", "protocol": "TCP"},
+                   {"name": "grpc", "port": config.grpc_port, "targetPort": "h2c", "protocol": "TCP",
+                    "appProtocol": "kubernetes.io/h2c"}]}}
     hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta(),
            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
                     "minReplicas": config.min_replicas, "maxReplicas": config.max_replicas,

@@ -131,8 +131,13 @@ def test_plain_manifests_pass_kubernetes_schemas(manifests):
     for document in (deployment, service, hpa):
         kubernetes_validate.validate(document, latest_version(), strict=True)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["readinessProbe"]["grpc"] == {"port": 8081, "service": "inference.GRPCInferenceService"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", 8080), ("h2c", 8081)]
+    assert {p["name"]: p.get("appProtocol") for p in service["spec"]["ports"]} == {
+        "http": None, "grpc": "kubernetes.io/h2c"}
+    command = container["command"]
+    assert command[command.index("--http-port") + 1] == "8080" and command[command.index("--grpc-port") + 1] == "8081"
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "7"]  # the drain delay
     assert container["command"][container["command"].index("--drain-delay") + 1] == "0"
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 7 + 20
@@ -179,6 +184,10 @@ def test_inference_service_passes_its_schema_and_kubernetes_podspec(manifests):
 
 
 @pytest.mark.parametrize("flags,check", [
+    (("--mode", "serverless", "--protocol", "grpc"), lambda service, predictor: (
+        [(p["name"], p["containerPort"]) for p in predictor["containers"][0]["ports"]] == [("h2c", 8081)]
+        and predictor["containers"][0]["readinessProbe"]["grpc"]["port"] == 8081
+        and predictor["containers"][0]["livenessProbe"]["grpc"]["port"] == 8081)),
     (("--mode", "serverless"), lambda service, predictor: (
         service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
         and (predictor["scaleMetric"], predictor["scaleTarget"]) == ("concurrency", 8))),
@@ -202,6 +211,7 @@ def test_each_kserve_mode_scales_as_kserve_documents_it(bundle, tmp_path, flags,
 
 def test_kserve_mode_mistakes_are_one_line(bundle, tmp_path):
     for flags, message in [(("--mode", "serverless", "--autoscaler", "keda"), "is for --mode raw"),
+                           (("--grpc-port", "8080"), "--port and --grpc-port are both 8080"),
                            (("--autoscaler", "keda"), "pass --prometheus-url")]:
         result = run_cli("export", "kserve", bundle, "--image", "x:1", "--out", tmp_path / "k", *flags)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -68,10 +68,15 @@ def triton(bundle: Path, repo: Path, target: str | None, name: str | None, max_b
 @click.option("--concurrency-target", type=int, default=8, show_default=True,
               help="Serverless mode: requests in flight per pod.")
 @click.option("--prometheus-url", help="Raw mode with KEDA: the Prometheus KEDA queries for the queue time.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="The InferenceService's one protocol (Knative routes one port); the plain Deployment has both.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="HTTP container port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8081, show_default=True,
+              help="gRPC container port (h2c).")
 def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str | None, target: str | None,
            storage_uri: str | None, cpu: str, memory: str, gpus: int, min_replicas: int, max_replicas: int,
            queue_target_ms: float, drain_delay: float, grace: float, mode: str, autoscaler: str, cpu_target: int,
-           concurrency_target: int, prometheus_url: str | None) -> None:
+           concurrency_target: int, prometheus_url: str | None, protocol: str, port: int, grpc_port: int) -> None:
     """Write a KServe InferenceService (inferenceservice.yaml) and a plain Deployment, Service and
     HorizontalPodAutoscaler (deployment.yaml) that run the serving image on this bundle.
 
@@ -82,6 +87,8 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
     """
     from optimize.deploy import DeployConfig, kserve_manifests, plain_manifests, to_yaml
 
+    if port == grpc_port:
+        raise InputSpecError(f"--port and --grpc-port are both {port}; give them different ports")
     if not 0 < min_replicas <= max_replicas or gpus < 0 or drain_delay < 0 or grace < 0 or queue_target_ms <= 0:
         raise InputSpecError("need 0 < --min-replicas <= --max-replicas, --gpus, --drain-delay and --grace not "
                              "negative, --queue-target-ms positive")
@@ -95,7 +102,7 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
     config = DeployConfig(image, name, namespace, target, storage_uri, cpu, memory, gpus, min_replicas, max_replicas,
                           queue_target_ms / 1000, drain_delay, grace, mode=mode, autoscaler=autoscaler,
                           cpu_target_pct=cpu_target, concurrency_target=concurrency_target,
-                          prometheus_url=prometheus_url)
+                          prometheus_url=prometheus_url, port=port, grpc_port=grpc_port, protocol=protocol)
     config.check()
     files = {"inferenceservice.yaml": to_yaml(kserve_manifests(bundle, config)),
              "deployment.yaml": to_yaml(plain_manifests(bundle, config))}
