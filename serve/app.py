@@ -29,6 +29,7 @@ from serve.service import InferenceService
 LOG = logging.getLogger("serve")
 ACCESS = logging.getLogger("serve.access")  # JSON lines, one per request, with --access-log
 JSON = b"application/json"
+BINARY = b"application/octet-stream"
 SERVER_ROUTES = ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/openapi.json")
 MODEL_ROUTES = ("", "/ready", "/config", "/stats")
 
@@ -128,7 +129,7 @@ class InferenceApp:
             return encode_response(self.model.name, self.model.version, request, outputs)
 
         body, extra = await self.service.infer(decode, encode, "http", note)
-        await _respond(send, 200, body, JSON, extra)
+        await _respond(send, 200, body, BINARY if extra else JSON, extra)  # binary outputs: not JSON, as Triton says
 
 
 def _status_recorder(send: Callable[[dict], Awaitable[None]], note: dict[str, Any]) -> Callable[[dict], Awaitable[None]]:

@@ -178,9 +178,9 @@ class GrpcFrontEnd:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(self.address)
+        self.port = self.server.add_insecure_port(self.address)  # grpcio raises RuntimeError when it cannot bind
         if self.port == 0:
-            raise OSError(f"cannot listen for gRPC on {self.address} (in use?)")
+            raise OSError(f"cannot bind {self.address}")
 
     async def start(self) -> None:
         await self.serving(False)

@@ -2,24 +2,35 @@
 
 Made from ``ServedModel.signatures()``, the same table the request check uses: the input names,
 datatypes and shapes (batch from 1 to the server's max batch, fixed axes as constants) are JSON
-Schema here and Python checks there, so the two cannot disagree on what a valid request is. What
-JSON Schema cannot say (``data`` holding as many elements as the shape; the binary extension's
-byte counts) is written in the descriptions and checked by the server.
+Schema here and Python checks there, so the two cannot disagree on what a valid request is.
+
+``data`` must hold as many elements as the shape says. Where every axis but the batch is fixed
+(images, tables), the schema states it: one variant per batch size up to the server's max batch,
+each with its exact shape and element count. Where another axis varies too (token sequences),
+JSON Schema cannot relate the two, and the description says it. The JSON body is the schema's
+subject; the binary extension's byte counts are described on the route and checked by the server.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import math
+
+import numpy as np
+
 from serve.model import ServedModel
-from serve.protocol import datatype_of
+from serve.protocol import DATATYPES, datatype_of
 
 JSON_TYPES = {"BOOL": {"type": "boolean"}, "BYTES": {"type": "string"}, "FP16": {"type": "number"},
               "FP32": {"type": "number"}, "FP64": {"type": "number"}}
 
 
 def _element(datatype: str) -> dict[str, Any]:
-    return JSON_TYPES.get(datatype, {"type": "integer"})
+    if datatype in JSON_TYPES:
+        return JSON_TYPES[datatype]
+    info = np.iinfo(DATATYPES[datatype])
+    return {"type": "integer", "minimum": int(info.min), "maximum": int(info.max)}
 
 
 def _nested(datatype: str) -> dict[str, Any]:
@@ -30,23 +41,28 @@ def _nested(datatype: str) -> dict[str, Any]:
 def input_schema(rule: dict[str, Any], max_batch: int) -> dict[str, Any]:
     dims = [{"type": "integer", "minimum": 1, "maximum": max_batch}]
     dims += [{"type": "integer", "minimum": 0} if d == -1 else {"const": d} for d in rule["shape"][1:]]
-    return {
-        "type": "object", "required": ["name", "shape", "datatype"],
+    fixed = -1 not in rule["shape"][1:]
+    schema: dict[str, Any] = {
+        "type": "object", "required": ["name", "shape", "datatype", "data"],
         "description": f"'{rule['name']}': {rule['datatype']} of shape {rule['shape']} (-1: any size; the first "
-                       f"axis is the batch, at most {max_batch}). Either 'data' holds the elements, as many as "
-                       f"the shape, or parameters.binary_data_size gives their byte count in the binary part.",
+                       f"axis is the batch, at most {max_batch}). 'data' holds the elements in row-major order, "
+                       f"as many as the shape" + ("." if fixed else " (not stated here: another axis than the "
+                                                  "batch varies, which JSON Schema cannot relate to the count)."),
         "properties": {
             "name": {"const": rule["name"]},
             "datatype": {"const": rule["datatype"]},
             "shape": {"type": "array", "prefixItems": dims, "items": False,
                       "minItems": len(dims), "maxItems": len(dims)},
             "data": {"$ref": f"#/components/schemas/data_{rule['datatype']}"},
-            "parameters": {"type": "object", "properties": {
-                "binary_data_size": {"type": "integer", "minimum": 0}}},
         },
-        "anyOf": [{"required": ["data"]}, {"required": ["parameters"],
-                                           "properties": {"parameters": {"required": ["binary_data_size"]}}}],
     }
+    if fixed:
+        row = math.prod(rule["shape"][1:])
+        schema["oneOf"] = [{"properties": {
+            "shape": {"const": [batch, *rule["shape"][1:]]},
+            "data": {"type": "array", "items": _element(rule["datatype"]), "minItems": batch * row,
+                     "maxItems": batch * row}}} for batch in range(1, max_batch + 1)]
+    return schema
 
 
 def request_schema(model: ServedModel) -> dict[str, Any]:
@@ -99,16 +115,23 @@ def openapi(model: ServedModel) -> dict[str, Any]:
                 "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             f"{base}/infer": {"post": {
                 "summary": "Inference",
-                "description": "JSON tensors, or the binary extension: a JSON header of Inference-Header-Content-"
-                               "Length bytes (this schema) followed by the raw little-endian tensors.",
-                "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
-                                "schema": {"type": "integer", "minimum": 1}}],
+                "description": "JSON tensors (this schema), or the binary tensor extension: a body whose first "
+                               "Inference-Header-Content-Length bytes are a JSON header like this schema in which "
+                               "an input may give parameters.binary_data_size instead of 'data', followed by the "
+                               "raw little-endian bytes of those inputs in order (BYTES: a 4-byte length before "
+                               "each element). Not stated as a schema: its validity depends on the header's "
+                               "byte counts, which the server checks.",
                 "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/infer_request"}},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                "responses": {"200": {"description": "Outputs", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/infer_response"}}}},
+                    "application/json": {"schema": {"$ref": "#/components/schemas/infer_request"}}}},
+                "responses": {"200": {"description": "Outputs: JSON, or with binary outputs asked for "
+                                                     "(binary_data, binary_data_output) the JSON header of "
+                                                     "Inference-Header-Content-Length bytes and the raw outputs",
+                                      "content": {"application/json": {
+                                          "schema": {"$ref": "#/components/schemas/infer_response"}},
+                                          "application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}},
                               "400": error, "404": error, "413": error,
+                              "405": {"description": "Another method than POST (the Allow header names it)"},
                               "503": {"description": "Queue full or not ready: retry later", "content": {
                                   "application/json": {"schema": {"$ref": "#/components/schemas/error"}}}}}}},
         },

@@ -59,11 +59,16 @@ def _json(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _parameters(owner: Any, what: str) -> dict[str, Any]:
-    value = owner.get("parameters") if isinstance(owner, dict) else None
-    if value is None:
-        return {}
+    value = owner.get("parameters", {}) if isinstance(owner, dict) else {}
     if not isinstance(value, dict):
         raise ProtocolError(f"{what}: 'parameters' must be an object")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, what: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what}: parameters.{key} must be true or false, not {value!r}")
     return value
 
 
@@ -181,14 +186,17 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     parameters = _parameters(header, "the request")
     outputs = header.get("outputs")
     requested, binary = None, {}
-    if outputs is not None:
+    if "outputs" in header:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise ProtocolError("'outputs' must be a list of objects with a 'name'")
-        requested = [o["name"] for o in outputs]
-        binary = {o["name"]: bool(_parameters(o, f"output '{o['name']}'").get("binary_data", False)) for o in outputs}
+        requested = [o["name"] for o in outputs] or None  # an empty list asks for every output, as none does
+        binary = {o["name"]: _flag(_parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")
+                  for o in outputs}
     request_id = header.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, decoded, datatypes, shapes, binary,
-                        bool(parameters.get("binary_data_output", False)), requested)
+    if "id" in header and not isinstance(request_id, str):
+        raise ProtocolError(f"'id' must be a string, not {request_id!r}")
+    return InferRequest(request_id, decoded, datatypes, shapes, binary,
+                        _flag(parameters, "binary_data_output", "the request"), requested)
 
 
 def encode_response(model: str, version: str, request: InferRequest,

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -193,7 +194,11 @@ async def _serve(service: InferenceService, config: ServeConfig) -> None:
             log_level="warning", timeout_graceful_shutdown=int(config.grace_s), access_log=False, lifespan="off",
             http="httptools", loop="none"))
     if config.grpc_port is not None:
-        grpc = GrpcFrontEnd(service, config.host, config.grpc_port, config.max_body_bytes)
+        try:
+            grpc = GrpcFrontEnd(service, config.host, config.grpc_port, config.max_body_bytes)
+        except (OSError, RuntimeError) as exc:
+            raise BundleError(f"cannot listen for gRPC on {config.host}:{config.grpc_port} ({exc}); another server "
+                              f"may hold the port: pick one with --grpc-port, or --no-grpc") from None
 
     def on_signal(sig: int) -> None:
         signals.append(sig)
@@ -213,17 +218,12 @@ async def _serve(service: InferenceService, config: ServeConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    listener = _listen(config.host, config.port) if http is not None else None  # a busy port is one line
     if grpc is not None:
         await grpc.start()
     if http is not None:
-        http_task = loop.create_task(http.serve())
+        http_task = loop.create_task(http.serve(sockets=[listener]))
         while not http.started:
-            if http_task.done():
-                try:
-                    http_task.result()
-                except SystemExit:  # uvicorn exits when it cannot listen, having logged why
-                    pass
-                raise BundleError(f"cannot listen for HTTP on {config.host}:{config.port} (in use?)")
             await asyncio.sleep(0.01)
     await service.start()
     if grpc is not None:
@@ -256,6 +256,19 @@ async def _serve(service: InferenceService, config: ServeConfig) -> None:
         await asyncio.wait(closing)
         forced.cancel()
     await service.stop()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise BundleError(f"cannot listen for HTTP on {host}:{port} ({exc.strerror}); another server may hold the "
+                          f"port: pick one with --http-port") from None
+    listener.listen(2048)
+    return listener
 
 
 class _Uvicorn(uvicorn.Server):

@@ -94,7 +94,7 @@ def endpoints(tiny_checkpoint, tmp_path_factory):
     bundle = build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("conformance") / "bundle", "--target", "ort-fp32")
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "LD_LIBRARY_PATH": sysconfig.get_config_var("LIBDIR") or ""}
-    triton = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "triton" / "pytriton_onnx.py"),
+    triton = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "fixtures" / "pytriton_onnx.py"),
                                str(bundle / "model.onnx"), MODEL, str(http_port), str(grpc_port), "8"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     ours = Server(bundle, "--target", "ort-fp32", "--drain-delay", "3")
