@@ -39,14 +39,20 @@ from optimize.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ServerProcess:
     def __init__(self, bundle: Path, target: str, *flags: str):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
         self.process = subprocess.Popen([sys.executable, "-m", "optimize", "serve", str(bundle), "--target", target,
-                                         "--host", "127.0.0.1", "--port", str(self.port), *flags],
+                                         "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--grpc-port", str(self.grpc_port), *flags],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:

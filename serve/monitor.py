@@ -1,7 +1,9 @@
 """Drift monitoring in the server: ``StreamMonitor`` (``optimize.drift.stream``) as a Prometheus collector.
 
 Nothing is done per metric on the request path: the series are produced from the monitor's arrays
-when ``/metrics`` is scraped.
+when ``/metrics`` is scraped. In the server the monitor runs behind ``BackgroundMonitor``: a served
+batch is handed to a thread of its own, so binning a window of images and testing it (tens of
+milliseconds for ResNet-sized inputs) never delays the answer of the request that closed it.
 
 Series (``model``, ``version`` on all; ``scale`` is the samples per window):
 - ``drift_samples_total``; ``drift_windows_total{scale}``, ``drift_alarms_total{scale}`` (counters);
@@ -21,6 +23,10 @@ Series (``model``, ``version`` on all; ``scale`` is the samples per window):
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -29,6 +35,9 @@ from optimize.drift.profile import Profile
 from optimize.drift.stream import StreamMonitor
 
 ACCURACY_ALERT_DROP = 0.05
+BACKLOG_WINDOWS = 20  # fast windows of samples that may wait for the monitor's thread before some are dropped
+SCRAPE_WAIT_S = 5.0  # how long a scrape waits for the backlog to be observed
+LOG = logging.getLogger("serve")
 
 
 class DriftMonitor(StreamMonitor):
@@ -108,3 +117,76 @@ class DriftMonitor(StreamMonitor):
             for b in range(feature.bins):
                 bins.add_metric([*values, feature.name, str(b)], int(self.cumulative[i, b]))
         yield bins
+
+
+class BackgroundMonitor:
+    """A ``DriftMonitor`` fed from a thread of its own: ``observe`` only queues the batch (the
+    request path pays a queue put), the thread bins and tests. A scrape waits for what is queued,
+    so it sees every sample served before it. When the monitor falls behind by more than
+    ``BACKLOG_WINDOWS`` fast windows, further batches are not watched and are counted in
+    ``drift_samples_dropped_total`` (answers are never held back for monitoring)."""
+
+    def __init__(self, monitor: DriftMonitor):
+        self.monitor = monitor
+        self.dropped = 0
+        self.errors = 0
+        self._limit = BACKLOG_WINDOWS * monitor.window
+        self._backlog = 0
+        self._lock = threading.Lock()  # the monitor's state: the thread observes, a scrape reads
+        self._drained = threading.Condition()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="drift-monitor", daemon=True)
+        self._thread.start()
+
+    def __getattr__(self, name: str) -> Any:  # the settings the server logs (scales, profile, ...)
+        return getattr(self.monitor, name)
+
+    def observe(self, feeds: dict[str, Any], outputs: dict[str, Any]) -> None:
+        rows = len(next(iter(outputs.values())))
+        with self._drained:
+            if self._backlog + rows > self._limit:
+                self.dropped += rows
+                return
+            self._backlog += rows
+        self._queue.put((feeds, outputs, rows))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            feeds, outputs, rows = item
+            try:
+                with self._lock:
+                    self.monitor.observe(feeds, outputs)
+            except Exception as exc:  # monitoring must never stop: say it once, keep serving
+                self.errors += 1
+                if self.errors == 1:
+                    LOG.warning("drift monitor failed (requests are unaffected): %s: %s", type(exc).__name__, exc,
+                                exc_info=exc)
+            finally:
+                with self._drained:
+                    self._backlog -= rows
+                    if self._backlog == 0:
+                        self._drained.notify_all()
+
+    def wait(self, timeout_s: float = SCRAPE_WAIT_S) -> bool:
+        """Until every queued batch is observed (at most ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        with self._drained:
+            while self._backlog and time.monotonic() < deadline:
+                self._drained.wait(deadline - time.monotonic())
+            return self._backlog == 0
+
+    def collect(self) -> Iterator[Any]:
+        self.wait()
+        with self._lock:
+            families = list(self.monitor.collect())
+        dropped = CounterMetricFamily("drift_samples_dropped", "Samples served but not watched: the drift "
+                                      "monitor was behind.", labels=list(self.monitor.labels))
+        dropped.add_metric(list(self.monitor.labels.values()), self.dropped)
+        return iter([*families, dropped])
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)

@@ -33,7 +33,7 @@ from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
 from serve.model import ServedModel, bundle_version
-from serve.monitor import DriftMonitor
+from serve.monitor import BackgroundMonitor, DriftMonitor
 from serve.service import InferenceService
 
 LOG = logging.getLogger("serve")
@@ -94,8 +94,9 @@ def create_service(config: ServeConfig) -> InferenceService:
             LOG.warning("drift monitoring is off: %s", exc)
             drift_off = "off (the bundle's drift profile is of an older version; rebuild to monitor)"
         else:
-            metrics.attach(DriftMonitor(profile, model.name, model.version, config.drift_window, config.drift_scales,
-                                        config.drift_false_alarm_every, config.drift_accuracy_drop))
+            metrics.attach(BackgroundMonitor(DriftMonitor(
+                profile, model.name, model.version, config.drift_window, config.drift_scales,
+                config.drift_false_alarm_every, config.drift_accuracy_drop)))
     runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
     batcher = Batcher(runners, config.batching, metrics, pad_values(manifest.text) if manifest.text else None)
 

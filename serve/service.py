@@ -63,12 +63,19 @@ class InferenceService:
         if not await self.batcher.drain(self.grace_s):
             LOG.warning("stopped with %d request(s) unfinished after %g s", self.batcher.queued, self.grace_s)
         self.batcher.close()
+        self._close_monitor()
         LOG.info("stopped: %s", self.stats.summary())
+
+    def _close_monitor(self) -> None:
+        monitor = self.metrics.monitor
+        if monitor is not None and hasattr(monitor, "close"):  # the drift monitor's thread
+            monitor.close()
 
     def abort(self) -> None:
         LOG.warning("stopped at once (second interrupt) with %d request(s) unfinished; %s",
                     self.batcher.queued + self.batcher.busy, self.stats.summary())
         self.batcher.close()
+        self._close_monitor()
 
     # -- what both protocols describe ---------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:

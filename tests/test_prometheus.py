@@ -167,8 +167,9 @@ def test_prometheus_aggregates_two_servers_and_runs_the_dashboard(bundle, tmp_pa
             values = [float(r["value"][1]) for r in prometheus.query(concrete)]
             assert any(math.isfinite(v) for v in values), f"dashboard query gave no number: {concrete} -> {values}"
             check(concrete, [round(v, 6) for v in values])
-        throughput = prometheus.value(queries[0].replace("$__rate_interval", "1m").replace("$model", ".*"))
-        assert throughput > 0
+        per_protocol = {r["metric"]["protocol"]: float(r["value"][1]) for r in prometheus.query(
+            queries[0].replace("$__rate_interval", "1m").replace("$model", ".*"))}
+        assert set(per_protocol) == {"http", "grpc"} and per_protocol["http"] > 0 and per_protocol["grpc"] == 0
 
         # The autoscaling metric of the plain Kubernetes variant: prometheus-adapter's query, per replica.
         import yaml

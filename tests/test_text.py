@@ -177,6 +177,26 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
         assert re.search(r'inference_text_truncated_total\{model="words",version="\w+"\} 1\.0', metrics), metrics
         status, answer, _ = http("POST", server.url + "/v2/models/words/infer", infer_text([texts[0]]))
         assert "parameters" not in json.loads(answer)
+        # gRPC takes BYTES too: raw (tritonclient's 4-byte length prefixes) and typed bytes_contents.
+        import tritonclient.grpc as triton_grpc
+
+        from optimize.oip import grpc_service_pb2 as pb, grpc_service_pb2_grpc
+
+        grpc_client = triton_grpc.InferenceServerClient(server.grpc_url)
+        tensor = triton_grpc.InferInput("text", [len(texts), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
+        assert np.allclose(grpc_client.infer("words", [tensor]).as_numpy("output"), want, atol=1e-5)
+        request = pb.ModelInferRequest(model_name="words")
+        request.inputs.add(name="text", datatype="BYTES", shape=[2, 1]).contents.bytes_contents.extend(
+            [long.encode(), texts[0].encode()])
+        import grpc
+
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            typed = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert typed.parameters["text_truncated"].int64_param == 1
+        status, answer, _ = http("POST", server.url + "/v2/models/words/infer", infer_text([long, texts[0]]))
+        over_http = np.asarray(json.loads(answer)["outputs"][0]["data"], np.float32)
+        assert np.allclose(np.frombuffer(typed.raw_output_contents[0], np.float32), over_http, atol=1e-5)
     finally:
         server.stop()
 
