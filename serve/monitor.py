@@ -1,9 +1,10 @@
 """Drift monitoring in the server: ``StreamMonitor`` (``optimize.drift.stream``) as a Prometheus collector.
 
 Nothing is done per metric on the request path: the series are produced from the monitor's arrays
-when ``/metrics`` is scraped. In the server the monitor runs behind ``BackgroundMonitor``: a served
-batch is handed to a thread of its own, so binning a window of images and testing it (tens of
-milliseconds for ResNet-sized inputs) never delays the answer of the request that closed it.
+when ``/metrics`` is scraped. For large inputs the server runs the monitor behind
+``BackgroundMonitor``: a served batch is handed to a thread of its own, so binning images (about a
+millisecond each for ResNet-sized ones) never delays an answer; small inputs are watched inline,
+where a thread's wake-ups would cost more than the binning.
 
 Series (``model``, ``version`` on all; ``scale`` is the samples per window):
 - ``drift_samples_total``; ``drift_windows_total{scale}``, ``drift_alarms_total{scale}`` (counters);

@@ -39,7 +39,8 @@ from serve.service import InferenceService
 LOG = logging.getLogger("serve")
 WARMUP_CALLS = 3
 SPIN_BELOW_S = 0.002
-SETTLE_S = 0.25  # between closing the HTTP listener and closing idle connections  # engines faster than this keep ONNX Runtime's threads spinning between calls
+SETTLE_S = 0.25
+BACKGROUND_ROW_BYTES = 64 << 10  # inputs of a sample at least this large are watched on the monitor's thread  # between closing the HTTP listener and closing idle connections  # engines faster than this keep ONNX Runtime's threads spinning between calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,11 @@ def create_service(config: ServeConfig) -> InferenceService:
             LOG.warning("drift monitoring is off: %s", exc)
             drift_off = "off (the bundle's drift profile is of an older version; rebuild to monitor)"
         else:
-            metrics.attach(BackgroundMonitor(DriftMonitor(
-                profile, model.name, model.version, config.drift_window, config.drift_scales,
-                config.drift_false_alarm_every, config.drift_accuracy_drop)))
+            monitor = DriftMonitor(profile, model.name, model.version, config.drift_window, config.drift_scales,
+                                   config.drift_false_alarm_every, config.drift_accuracy_drop)
+            # Large inputs (images) on a thread of their own: binning them would hold up answers. Small
+            # ones inline: a thread's wake-ups would cost the request path more than the binning does.
+            metrics.attach(BackgroundMonitor(monitor) if _row_bytes(inputs) >= BACKGROUND_ROW_BYTES else monitor)
     runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
     batcher = Batcher(runners, config.batching, metrics, pad_values(manifest.text) if manifest.text else None)
 
@@ -115,6 +118,11 @@ def create_service(config: ServeConfig) -> InferenceService:
         f" samples, a false alarm per {metrics.monitor.requests_per_false_alarm:g} on average; estimated accuracy "
         + ("on" if metrics.monitor.estimates else f"off ({metrics.monitor.profile.calibration['reason']})"))
     return app
+
+
+def _row_bytes(inputs: list) -> int:
+    """Bytes of one sample's inputs (axes of any size counted as 1)."""
+    return sum(int(np.prod([d if d > 0 else 1 for d in s.shape[1:]])) * np.dtype(s.dtype).itemsize for s in inputs)
 
 
 def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.ndarray]) -> list:

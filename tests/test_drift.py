@@ -253,6 +253,44 @@ def test_monitor_exposition_is_exact_and_an_alarm_names_its_scale(caplog):
     assert "drift: the 10-sample window alarmed" in caplog.text and "strongest feature x[" in caplog.text
 
 
+def test_the_background_monitor_exposes_what_the_inline_one_does_and_counts_what_it_drops():
+    """The server's thread for large inputs: the same series as observing inline (a scrape waits for
+    the backlog), plus ``drift_samples_dropped_total``, which counts batches beyond its backlog."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serve import monitor as served
+    from serve.monitor import BackgroundMonitor, DriftMonitor
+
+    profile, x, logits = small_profile(np.random.default_rng(6))
+    texts = []
+    for background in (False, True):
+        inline = DriftMonitor(profile, "digits", "v1", window=5, scales=(5, 10), requests_per_false_alarm=1000)
+        monitor = BackgroundMonitor(inline) if background else inline
+        registry = CollectorRegistry()
+        registry.register(monitor)
+        for start in range(0, 40, 4):
+            monitor.observe({"x": x[start:start + 4]}, {"logits": logits[start:start + 4]})
+        texts.append(generate_latest(registry).decode())
+        if background:
+            monitor.close()
+    dropped = 'drift_samples_dropped_total{model="digits",version="v1"} 0.0\n'
+    assert dropped in texts[1] and texts[1].replace(family_text(texts[1], "drift_samples_dropped_total"), "") == texts[0]
+
+    held = threading.Event()
+    slow = DriftMonitor(profile, "digits", "v1", window=5, scales=(5,), requests_per_false_alarm=1000)
+    real_observe = slow.observe
+    slow.observe = lambda feeds, outputs: (held.wait(10), real_observe(feeds, outputs))
+    behind = BackgroundMonitor(slow)
+    for start in range(0, 5 * served.BACKLOG_WINDOWS + 20, 5):  # the thread is held: the backlog fills
+        behind.observe({"x": x[start % 40:start % 40 + 5]}, {"logits": logits[start % 40:start % 40 + 5]})
+    assert behind.dropped == 20
+    held.set()
+    assert behind.wait(10) and slow.samples == 5 * served.BACKLOG_WINDOWS
+    behind.close()
+
+
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
     return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("drift") / "bundle", "--held-out", "0.5",

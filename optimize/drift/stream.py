@@ -22,6 +22,7 @@ from optimize.drift.profile import Profile
 from optimize.drift.stats import Scale, WindowResult
 
 log = logging.getLogger("optimize.drift")
+FLUSH_BYTES = 1 << 20  # pending input bytes that are binned at once, without waiting for a full window
 
 
 @dataclasses.dataclass
@@ -71,11 +72,16 @@ class StreamMonitor:
         self._outputs = [o["name"] for o in spec["outputs"]]
         self._pending: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self._pending_rows = 0
+        self._pending_bytes = 0
 
     def observe(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        self._pending.append(({n: feeds[n] for n in self._inputs if n in feeds}, {n: outputs[n] for n in self._outputs}))
+        kept = {n: feeds[n] for n in self._inputs if n in feeds}
+        self._pending.append((kept, {n: outputs[n] for n in self._outputs}))
         self._pending_rows += len(next(iter(outputs.values())))
-        if self.filled + self._pending_rows >= self.window:
+        self._pending_bytes += sum(a.nbytes for a in kept.values())
+        # Small inputs are binned a window at a time (per-call overhead dominates); large ones as
+        # they come, so the work is spread over the requests instead of landing on one.
+        if self.filled + self._pending_rows >= self.window or self._pending_bytes >= FLUSH_BYTES:
             self.flush()
 
     def _binned(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +91,7 @@ class StreamMonitor:
         """Bin every kept sample, closing each fast window that fills."""
         if not self._pending:
             return
-        pending, self._pending, self._pending_rows = self._pending, [], 0
+        pending, self._pending, self._pending_rows, self._pending_bytes = self._pending, [], 0, 0
         try:
             feeds = {n: np.concatenate([f[n] for f, _ in pending]) for n in pending[0][0]}
             outputs = {n: np.concatenate([o[n] for _, o in pending]) for n in pending[0][1]}
