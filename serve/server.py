@@ -33,14 +33,15 @@ from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
 from serve.model import ServedModel, bundle_version
+from serve.closing import refuse_queued
 from serve.monitor import BackgroundMonitor, DriftMonitor
 from serve.service import InferenceService
 
 LOG = logging.getLogger("serve")
 WARMUP_CALLS = 3
-SPIN_BELOW_S = 0.002
-SETTLE_S = 0.25
-BACKGROUND_ROW_BYTES = 64 << 10  # inputs of a sample at least this large are watched on the monitor's thread  # between closing the HTTP listener and closing idle connections  # engines faster than this keep ONNX Runtime's threads spinning between calls
+SPIN_BELOW_S = 0.002  # engines faster than this keep ONNX Runtime's threads spinning between calls
+SETTLE_S = 0.25  # between closing the HTTP listener and closing idle connections
+BACKGROUND_ROW_BYTES = 64 << 10  # inputs of a sample at least this large are watched on the monitor's thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,10 +246,13 @@ async def _serve(service: InferenceService, config: ServeConfig) -> None:
         closing.append(loop.create_task(grpc.stop(config.grace_s)))  # GOAWAY; running RPCs finish
     if http is not None:
         # The listener first: connections accepted just before it closed get to send their request
-        # (answered with Connection: close) before uvicorn closes what is idle.
-        for listener in http.servers:
-            listener.close()
+        # (answered with Connection: close) before uvicorn closes what is idle; those still in the
+        # kernel's accept queue are answered 503 from a duplicate of the socket, not reset.
+        queued = loop.create_task(refuse_queued(listener.dup(), SETTLE_S))
+        for server in http.servers:
+            server.close()
         await asyncio.sleep(SETTLE_S)
+        LOG.info("answered %d connection(s) from the accept queue with 503", await queued)
         idle = sum(getattr(c, "cycle", None) is None for c in http.server_state.connections)
         LOG.info("HTTP listener closed; closing %d idle connection(s), %d answering", idle,
                  len(http.server_state.connections) - idle)

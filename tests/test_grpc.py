@@ -242,7 +242,10 @@ class KeepAliveLoad:
                 response.read()
                 used += 1
                 with self.lock:
-                    self.answered.append(time.monotonic())
+                    if response.status == 503:  # the drain's answer from the accept queue
+                        self.rejected += 1
+                    else:
+                        self.answered.append(time.monotonic())
                 if response.getheader("connection", "").lower() == "close":
                     connection.close()
                     connection = None
@@ -297,18 +300,16 @@ def test_sigterm_under_keep_alive_load_loses_no_request(bundle, protocol):  # no
         print(f"SIGTERM under {protocol} load: {before} answered before, {after} after, {len(load.lost)} lost, "
               f"{load.refused} refused connections, {load.rejected} answered UNAVAILABLE (shutting down)")
         print("lost:", load.lost)
-        # A reset on a connection's first request: a connection the kernel had queued for accept
-        # when the listener closed (the server logs that it closed no idle connection): refused.
-        queued = [x for x in load.lost if x.endswith("(request 1 of its connection)")]
-        assert not [x for x in load.lost if x not in queued and not x.startswith("CANCELLED")], load.lost[:5]
         log = running.process.stderr.read()
         if protocol == "http":
+            # Connections still in the kernel's accept queue are answered 503, not reset.
+            assert not load.lost, load.lost[:5]
             assert "closing 0 idle connection(s)" in log, log[-2000:]
         else:
             # grpc's shutdown cancels the calls it has received but not yet handed to a handler; with
             # clients that keep sending after UNAVAILABLE, a few are in that state when it starts.
             cancelled = [x for x in load.lost if x.startswith("CANCELLED")]
-            assert not queued and len(cancelled) == len(load.lost) and len(cancelled) <= after / 100, load.lost
+            assert len(cancelled) == len(load.lost) and len(cancelled) <= after / 100, load.lost
         assert after > 100  # the drain delay kept answering
     finally:
         if load is not None:
