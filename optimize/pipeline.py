@@ -75,7 +75,9 @@ class BuildResult:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "optimize": __version__}
+    from optimize.cache import code_fingerprint
+
+    versions = {"python": platform.python_version(), "optimize": __version__, "optimize_code": code_fingerprint()}
     for name in VERSIONED_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
@@ -242,7 +244,7 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
     with StopOnSignal(say) as stop, BundleWriter(out) as writer:
         for folder, pid in writer.removed_stale:
             say(f"removed {folder.name}, the staging folder of a build (pid {pid}) that was killed before it finished")
-        cache = StageCache(cache_dir_for(out) if plan.use_cache else None)
+        cache = StageCache((plan.cache_dir or cache_dir_for(out)) if plan.use_cache else None)
         prepared = prepare(plan, say)
         stop.check()
         if plan.max_accuracy_drop is None:

@@ -100,6 +100,7 @@ class BuildPlan:
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # the batch range engines must take (TensorRT's profile)
     selection: Selection | None = None  # benchmark and pick the winner after the build
     strict: bool = False  # a probably-wrong result (FP32 accuracy at chance) is an error, not a warning
+    cache_dir: Path | None = None  # the stage cache (None: OUT.cache beside the bundle); a search shares one
 
     @property
     def winner_selection(self) -> Selection | None:

@@ -10,7 +10,7 @@ if [ "$(id -u)" = 0 ] && ! { command -v dockerd && command -v debootstrap && com
     apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io debootstrap prometheus >/dev/null
 fi
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[cpu,test]'
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[cpu,search,test]'
 # A real Triton server (PyTriton) for the conformance tests, in a virtualenv of its own so that its
 # pins meet nothing of ours.
 if [ ! -x .venv-triton/bin/python ] || ! .venv-triton/bin/python -c "import pytriton, onnxruntime" 2>/dev/null; then

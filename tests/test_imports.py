@@ -5,7 +5,8 @@ import sys
 
 BLOCKER = r"""
 import sys
-BLOCKED = {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "onnxscript", "PIL", "sklearn"}
+BLOCKED = {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "onnxscript", "PIL", "sklearn",
+           "ray", "optuna", "mlflow"}
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -20,6 +21,8 @@ for args in (["--help"], *([name, "--help"] for name in optimize.cli.COMMANDS),
     result = CliRunner().invoke(optimize.cli.main, args)
     assert result.exit_code == 0, (args, result.output)
     print(result.output.splitlines()[0])
+searched = CliRunner().invoke(optimize.cli.main, ["search", "model.pt", "--out", "best"])
+assert searched.exit_code != 0 and "pip install 'optimize[search]'" in searched.output, searched.output
 print("modules:", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 """
 

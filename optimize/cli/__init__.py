@@ -18,6 +18,7 @@ COMMANDS = {
     "drift": "optimize.cli.drift",
     "export": "optimize.cli.export",
     "inspect": "optimize.cli.inspect",
+    "search": "optimize.cli.search",
     "serve": "optimize.cli.serve",
 }
 

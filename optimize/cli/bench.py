@@ -73,6 +73,8 @@ def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_mis
 @click.option("--model-name", help="The server's model name (default: the bundle's).")
 @click.option("--no-torch", is_flag=True, help="Skip the torch-eager FP32 baseline.")
 @click.option("--no-cross-check", is_flag=True, help="Skip OpenVINO's benchmark_app cross-check.")
+@click.option("--mlflow", "mlflow_uri", help="Record this run in MLflow: a tracking server URI, or file:/sqlite: "
+                                            "(default: MLFLOW_TRACKING_URI when set).")
 @click.option("--select", "select_winner", is_flag=True,
               help="Record this run's choice as the bundle's winner even when it measured a subset, another load "
                    "or SLO, or a server. Without it the winner changes only when every built target was measured "
@@ -80,7 +82,7 @@ def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_mis
 def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrency: str, rate: str | None,
             duration: str, arrivals: str, max_in_flight: int, rounds: int, load_text: str, latency_slo: str | None,
             allow_slo_miss: bool, url: str | None, model_name: str | None, no_torch: bool,
-            no_cross_check: bool, select_winner: bool) -> None:
+            no_cross_check: bool, mlflow_uri: str | None, select_winner: bool) -> None:
     """Measure every built target under realistic loads; report and pick the winner.
 
     Latency percentiles (p50-p99, max) and throughput per batch size, concurrency and open-loop
@@ -112,4 +114,8 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
     load = parse_load(load_text)
     report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True),
                                             select=select_winner)
+    from optimize.search.tracking import log_bench, tracking_uri
+
+    if tracking_uri(mlflow_uri):
+        log_bench(tracking_uri(mlflow_uri), bundle, report, folder, lambda t: click.echo(t, err=True))
     print_bench(report, decision, folder, allow_slo_miss)

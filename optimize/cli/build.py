@@ -26,6 +26,8 @@ from optimize.cli.prune_options import prune_configs, prune_options
 @engine_options
 @selection_options
 @prune_options
+@click.option("--mlflow", "mlflow_uri", help="Record this build in MLflow: a tracking server URI, or file:/sqlite: "
+                                            "(default: MLFLOW_TRACKING_URI when set).")
 def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) -> None:
     """Build engines from a PyTorch checkpoint into a bundle, gated on accuracy against FP32.
 
@@ -57,6 +59,10 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) ->
         prune=prune, distill=distill, batch_sizes=_numbers(options["batch_sizes"], "--batch-sizes"),
         selection=selection, strict=options["strict"])
     result = run_build(plan, say=lambda text: click.echo(text, err=True))
+    from optimize.search.tracking import log_build, tracking_uri
+
+    if tracking_uri(options["mlflow_uri"]):
+        log_build(tracking_uri(options["mlflow_uri"]), result, lambda text: click.echo(text, err=True))
     click.echo(targets_table(result.manifest))
     click.echo(f"bundle: {result.bundle}")
     explicit = {t.strip() for item in targets for t in item.split(",")} - {"all", "auto"}

@@ -1,0 +1,173 @@
+"""``optimize search`` end to end: a local Ray runs the trials, a real MLflow tracking server (SQLite
+on loopback) records them, and the runs are read back with ``MlflowClient``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, wait_for
+from test_serve import free_port
+
+pytest.importorskip("ray.tune", reason="optimize[search] is not installed")
+pytest.importorskip("mlflow", reason="optimize[search] is not installed")
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    process = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                                "--port", str(port), "--workers", "1",
+                                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                                "--artifacts-destination", str(folder / "artifacts")],
+                               stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "the MLflow server", every_s=0.5)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# Judged as regression (max abs error) within 1e-4: the FP32 engine passes, INT8 and the pruned
+# model (not recovered) fail their gate, deterministically.
+STRICT = ("--task", "regress", "--max-accuracy-drop", "0.0001")
+
+
+def search_args(tiny: dict, out: Path, *extra: str) -> list[str]:
+    return ["search", tiny["ckpt"], "--arch", tiny["arch"], "--calib", tiny["calib"], "--name", "tiny",
+            "--target", "ort-fp32,ort-int8", "--prune", "0,0.9", "--int8-scheme", "static", "--calib-method",
+            "minmax", "--recover-steps", "0", "--duration", "0.3s", "--rounds", "2", "--out", out, *extra]
+
+
+def test_search_records_every_trial_in_mlflow(tiny_checkpoint, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "best"
+    result = run_cli(*search_args(tiny_checkpoint, out, *STRICT, "--mlflow", mlflow_server), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    search = json.loads((tmp_path / "best.search" / "trials.json").read_text())
+    records = {r["key"]: r for r in search["trials"]}
+    assert len(records) == 4
+    failed = [r for r in records.values() if r["status"] == "failed"]
+    assert len(failed) == 3 and all("accuracy gate" in r["reason"] for r in failed)
+    measured = [r for r in records.values() if r["status"] == "ok"]
+    assert [r["label"] for r in measured] == ["ort-fp32, prune 0, all threads"]
+    assert all(r["node"]["id"] and r["torch_p50_ms"] > 0 and r["speedup_vs_torch"] > 0 for r in measured)
+    # No benchmark overlapped a build or another benchmark.
+    for r in measured:
+        for other in records.values():
+            if other is not r:
+                for span in ("build", "bench"):
+                    if other.get(span):
+                        assert other[span]["end"] <= r["bench"]["start"] or other[span]["start"] >= r["bench"]["end"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["search"]["trial"] == search["winner"]["key"]
+    assert manifest["winner"]["target"] == records[search["winner"]["key"]]["config"]["target"]
+    assert (out / "search" / "report.md").is_file() and (tmp_path / "best.search" / "frontier.png").is_file()
+    assert "## Frontier" in (tmp_path / "best.search" / "report.md").read_text()
+    assert run_cli("inspect", out).returncode == 0
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("optimize")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("optimize.kind") == "search"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["trial"] for r in children) == sorted(records)
+    for child in children:
+        record = records[child.data.tags["trial"]]
+        assert child.data.tags["status"] == record["status"]
+        assert child.data.params["trial.target"] == record["config"]["target"]
+        assert child.data.tags["code_fingerprint"] == manifest["versions"]["optimize_code"]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"record.json", "build.log"} <= artifacts
+        if record["status"] == "ok":
+            assert "manifest.json" in artifacts and child.data.metrics["latency_p50_ms"] > 0
+            assert child.info.status == "FINISHED"
+        else:
+            assert child.info.status == "FAILED" and "accuracy gate" in child.data.tags["reason"]
+
+
+def test_interrupted_search_reuses_finished_trials(tiny_checkpoint, tmp_path):
+    out = tmp_path / "best"
+    # Three trials of a four-configuration space: Optuna proposes them, its study kept in SQLite.
+    args = [sys.executable, "-m", "optimize", *map(str, search_args(tiny_checkpoint, out, "--parallel", "1",
+                                                                    "--trials", "3"))]
+    trials = tmp_path / "best.search" / "trials"
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    try:
+        wait_for(lambda: len(list(trials.glob("*/record.json"))) >= 2 or process.poll() is not None, 600,
+                 "two finished trials", every_s=0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    finished = {p.parent.name: p.stat().st_mtime for p in trials.glob("*/record.json")}
+    assert 2 <= len(finished) < 3, stderr[-3000:]
+    assert not out.exists()  # no winner was written from half a search
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(finished)} finished trial(s) are reused" in result.stderr
+    search = json.loads((tmp_path / "best.search" / "trials.json").read_text())
+    assert {r["key"] for r in search["trials"]} >= set(finished)
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'best.search' / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 3  # the first run's trials are in the reloaded study, and the one it added
+    for record in search["trials"]:
+        if record["key"] in finished:
+            assert record["reused"] is False  # the record as first written, not rebuilt
+            assert (trials / record["key"] / "record.json").stat().st_mtime == finished[record["key"]]
+    assert (out / "manifest.json").is_file()
+
+
+def test_missing_extra_names_it(monkeypatch):
+    from optimize.search import runner
+
+    monkeypatch.setattr(runner, "_importable", lambda module: module != "optuna")
+    with pytest.raises(runner.SearchExtraMissing, match=r"pip install 'optimize\[search\]'"):
+        runner.require_extras()
+
+
+def test_build_and_bench_record_a_run_each(tiny_checkpoint, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import build_tiny
+
+    bundle = build_tiny(tiny_checkpoint, tmp_path / "bundle", "--target", "ort-fp32", "--mlflow", mlflow_server)
+    benched = run_cli("bench", bundle, "--batch-sizes", "1", "--concurrency", "1", "--rate", "50",
+                      "--duration", "0.5s", "--rounds", "1", "--no-cross-check", "--mlflow", mlflow_server)
+    assert benched.returncode == 0, benched.stderr[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("optimize")
+    mine = [r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags.get("bundle") == str(bundle.resolve())]
+    kinds = {r.data.tags["optimize.kind"]: r for r in mine}
+    assert set(kinds) == {"build", "bench"}
+    assert kinds["build"].data.metrics["ort-fp32.size_bytes"] > 0
+    assert kinds["bench"].data.metrics["ort-fp32.batch_1.p50_ms"] > 0
+    assert "report.md" in {a.path for a in client.list_artifacts(kinds["bench"].info.run_id)}
