@@ -92,6 +92,7 @@ def test_search_records_every_trial_in_mlflow(tiny_checkpoint, mlflow_server, tm
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("optimize.kind") == "search"]
     assert len(parents) == 1
+    assert {"report.md", "frontier.png", "trials.json"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["trial"] for r in children) == sorted(records)
     for child in children:
@@ -171,3 +172,33 @@ def test_build_and_bench_record_a_run_each(tiny_checkpoint, mlflow_server, tmp_p
     assert kinds["build"].data.metrics["ort-fp32.size_bytes"] > 0
     assert kinds["bench"].data.metrics["ort-fp32.batch_1.p50_ms"] > 0
     assert "report.md" in {a.path for a in client.list_artifacts(kinds["bench"].info.run_id)}
+
+
+def test_search_runs_on_an_existing_ray_cluster(tiny_checkpoint, tmp_path):
+    """``--ray-address``: the same search on a Ray head started apart (``ray start --block``)."""
+    port = free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                             "--object-store-memory", str(100 << 20), "--include-dashboard", "false",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        out = tmp_path / "best"
+        args = search_args(tiny_checkpoint, out, "--ray-address", f"127.0.0.1:{port}")
+        args[args.index("0,0.9")] = "0"
+        args[args.index("ort-fp32,ort-int8")] = "ort-fp32"
+        result = wait_for(lambda: _run_when_up(args), 120, "the Ray head", every_s=1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"the cluster at 127.0.0.1:{port}" in result.stderr
+        record = json.loads((tmp_path / "best.search" / "trials.json").read_text())["trials"][0]
+        assert record["status"] == "ok" and record["node"]["id"]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def _run_when_up(args: list) -> subprocess.CompletedProcess | None:
+    result = run_cli(*args, timeout=600)
+    if result.returncode != 0 and "cannot reach the Ray cluster" in result.stderr:
+        return None  # the head is still starting
+    return result

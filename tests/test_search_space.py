@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from optimize.search import frontier
@@ -108,3 +110,22 @@ def test_front_and_winner():
     assert frontier.choose(records, slo, 0.1)["key"] is None
     assert "meets p99 <= 2 ms" in frontier.choose(records, slo, 0.1)["reason"]
     assert frontier.choose(records, None, None)["key"] == "tie-better"
+
+
+def test_a_rerun_with_other_arguments_is_refused(tmp_path):
+    from optimize.bench.run import BenchConfig
+    from optimize.errors import OptimizeError
+    from optimize.plan import BuildPlan, SourceConfig
+    from optimize.search.runner import SearchPlan, _state
+    from optimize.select import LoadSpec
+
+    plan = SearchPlan(plan=BuildPlan(source=SourceConfig(tmp_path / "m.pt"), out=tmp_path / "best"),
+                      space=space(), load=LoadSpec("batch", 1), bench=BenchConfig())
+    said = []
+    first = _state(plan, said.append)
+    assert (tmp_path / "best.search" / "search.json").is_file() and not said
+    assert _state(dataclasses.replace(plan, trials=5, parallel=1), said.append) == first  # same search
+    assert "resuming the search" in said[0]
+    other = dataclasses.replace(plan, space=space(prune=(0.0, 0.5)))
+    with pytest.raises(OptimizeError, match="holds a search with other arguments.*--fresh"):
+        _state(other, said.append)

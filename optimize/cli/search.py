@@ -90,11 +90,12 @@ def command(checkpoint: Path, out: Path, **o) -> None:
     from optimize.bench.run import BenchConfig
     from optimize.cli.bench import _numbers
     from optimize.plan import BuildPlan, QuantConfig
-    from optimize.search.runner import SearchPlan, model_family, require_extras, run_search
+    from optimize.search.runner import SearchPlan, model_family, ray_environment, require_extras, run_search
     from optimize.search.space import parse_space
     from optimize.search.tracking import tracking_uri
     from optimize.select import parse_duration, parse_load, parse_slo
 
+    ray_environment(o["ray_address"])
     require_extras()
     say = lambda text: click.echo(text, err=True)  # noqa: E731
     max_drop, disabled = budget(o["max_drop_text"])

@@ -63,7 +63,7 @@ def choose(records: list[dict[str, Any]], slo: Slo | None, max_drop: float | Non
     done = measured(records)
     within = [r for r in done if max_drop is None or drop(r) <= max_drop + 1e-9]
     fits = [r for r in within if slo is None or latency(r, slo) <= slo.limit_ms]
-    budget = "no accuracy budget" if max_drop is None else f"accuracy drop <= {max_drop:g}"
+    budget = "accuracy budget (off)" if max_drop is None else f"accuracy drop <= {max_drop:g}"
     if not fits:
         why = (f"none of {len(done)} measured trial(s) is within the {budget}" if not within
                else f"none of the {len(within)} trial(s) within the {budget} meets {slo}")

@@ -80,6 +80,14 @@ class SearchResult:
     summary: dict[str, Any]
 
 
+def ray_environment(address: str | None) -> None:
+    """Settings Ray reads when it is first imported. A cluster started with `ray start` takes a token
+    by default, and a driver sends the one it has only when told to (RAY_AUTH_MODE=token)."""
+    if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                    or (Path.home() / ".ray" / "auth_token").exists()):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def require_extras() -> None:
     missing = [name for name, module in (("ray[tune]", "ray.tune"), ("optuna", "optuna"))
                if not _importable(module)]
@@ -162,8 +170,13 @@ def _init_ray(plan: SearchPlan, say: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
     if plan.ray_address:
-        ray.init(address=plan.ray_address, log_to_driver=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+        try:
+            ray.init(address=plan.ray_address, log_to_driver=False, logging_level="ERROR",
+                     runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+        except (ConnectionError, RuntimeError) as exc:
+            raise InputSpecError(f"cannot reach the Ray cluster at --ray-address {plan.ray_address} "
+                                 f"({str(exc).splitlines()[0][:200]}); is `ray start --head` running there, and with token "
+                                 f"authentication, is its token in RAY_AUTH_TOKEN or ~/.ray/auth_token?") from None
         say(f"Ray: the cluster at {plan.ray_address}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
     else:
         ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
@@ -173,6 +186,7 @@ def _init_ray(plan: SearchPlan, say: Callable[[str], None]) -> None:
 
 def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool = False) -> SearchResult:
     """Run (or resume) the search, then write the report and the winner's bundle."""
+    ray_environment(plan.ray_address)
     require_extras()
     plan = dataclasses.replace(plan, plan=_absolute(plan.plan))
     folder = plan.search_dir
@@ -213,7 +227,12 @@ def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool
                 ray.shutdown()
     if interrupted:
         raise KeyboardInterrupt
-    return _finish(plan, records, time.time() - started, say)
+    result = _finish(plan, records, time.time() - started, say)
+    if plan.mlflow_uri:
+        from optimize.search.tracking import log_report
+
+        log_report(plan, state, [folder / "report.md", folder / "frontier.png", folder / "trials.json"])
+    return result
 
 
 def _tune(plan: SearchPlan, context: TrialContext, todo: list[TrialConfig] | None, samples: int,

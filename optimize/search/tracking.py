@@ -136,6 +136,20 @@ def log_search(plan: Any, state: dict[str, Any], records: list[dict[str, Any]], 
     say(f"MLflow: {len(records)} trial run(s) under parent run {parent} at {uri}")
 
 
+def log_report(plan: Any, state: dict[str, Any], files: list[Path]) -> None:
+    """The search's report, plot and trials.json as artifacts of its parent run."""
+    parent = (state.get("mlflow") or {}).get("parent")
+    if parent is None:
+        return
+    mlflow = client(plan.mlflow_uri)
+    try:
+        for path in files:
+            if Path(path).exists():
+                mlflow.log_artifact(parent, str(path))
+    except Exception as exc:
+        raise TrackingError(f"MLflow at {plan.mlflow_uri}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
 def _log_trial(mlflow: Any, experiment: str, parent: str, plan: Any, record: dict[str, Any]) -> str:
     manifest_path = plan.search_dir / record["bundle"] / "manifest.json" if record.get("bundle") else None
     manifest = json.loads(manifest_path.read_text()) if manifest_path and manifest_path.exists() else {}

@@ -174,4 +174,4 @@ def _accuracy(entry: Any) -> dict[str, Any] | None:
     if "drop" not in gate:
         return None
     return {"metric": gate.get("metric"), "drop": gate["drop"], "interval": gate.get("interval"),
-            "max_drop": gate.get("max_drop"), "passed": gate.get("passed"), "figures": entry.accuracy}
+            "max_drop": gate.get("budget"), "passed": gate.get("passed"), "figures": entry.accuracy}
