@@ -230,7 +230,7 @@ class KeepAliveLoad:
                 connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
                 try:
                     connection.connect()
-                except ConnectionRefusedError:
+                except (ConnectionRefusedError, ConnectionResetError):  # the listener closed under the connect
                     with self.lock:
                         self.refused += 1
                     connection = None
