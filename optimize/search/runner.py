@@ -179,7 +179,8 @@ def _init_ray(plan: SearchPlan, say: Callable[[str], None]) -> None:
                                  f"authentication, is its token in RAY_AUTH_TOKEN or ~/.ray/auth_token?") from None
         say(f"Ray: the cluster at {plan.ray_address}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+        # address="local": a new instance even when this machine records another (`ray start`'s file)
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
         say(f"Ray: a local instance, {os.cpu_count()} CPUs, object store {OBJECT_STORE_BYTES >> 20} MB")
 
