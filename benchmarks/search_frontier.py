@@ -43,6 +43,7 @@ from optimize.search.space import parse_space
 from optimize.select import LoadSpec
 
 LOAD = LoadSpec("batch", 1.0)
+CPU_TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
 
 
 def trial_bench(duration_s: float, rounds: int) -> BenchConfig:
@@ -75,14 +76,14 @@ def source(model: str, work: Path) -> tuple[SourceConfig, DataConfig, str | None
 
 
 def search(plan: BuildPlan, space: Any, bench: BenchConfig, parallel: int | None = None,
-           budget_disabled: bool = False) -> Any:
-    return run_search(SearchPlan(plan=plan, space=space, load=LOAD, bench=bench, parallel=parallel,
+           budget_disabled: bool = False, load: LoadSpec = LOAD) -> Any:
+    return run_search(SearchPlan(plan=plan, space=space, load=load, bench=bench, parallel=parallel,
                                  budget_disabled=budget_disabled), say=print, fresh=True)
 
 
-def same_run(engines: dict[str, tuple[Path, str]], rounds: int) -> dict[str, dict[str, Any]]:
-    """Each (bundle, target) timed at batch 1 in one run, interleaved by round."""
-    plan = LoadPlan(batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(), duration_s=3.0 * rounds,
+def same_run(engines: dict[str, tuple[Path, str]], rounds: int, batch: int = 1) -> dict[str, dict[str, Any]]:
+    """Each (bundle, target) timed at ``batch`` in one run, interleaved by round."""
+    plan = LoadPlan(batch_sizes=(batch,), concurrency=(), rates=(), rate_fractions=(), duration_s=3.0 * rounds,
                     rounds=rounds)
     with contextlib.ExitStack() as stack:
         runners = {name: stack.enter_context(load_runner(bundle, target)) for name, (bundle, target) in engines.items()}
@@ -99,26 +100,32 @@ def same_run(engines: dict[str, tuple[Path, str]], rounds: int) -> dict[str, dic
     return out
 
 
-def versus_default(model: str, work: Path, rounds: int) -> tuple[dict[str, Any], str]:
+def versus_default(model: str, work: Path, rounds: int, batch: int) -> tuple[dict[str, Any], str]:
+    from optimize.plan import Selection
+
+    load = LoadSpec("batch", float(batch))
     src, data, task = source(model, work / "model")
-    base = BuildPlan(source=src, out=work / "default", targets=("auto",), data=data, task=task)
+    # --target auto without its baselines (torch-compile is measured, never chosen)
+    base = BuildPlan(source=src, out=work / "default", targets=CPU_TARGETS, data=data, task=task,
+                     selection=Selection(load=load))
     started = time.time()
     default = run_build(base, say=print)
     default_s = time.time() - started
     default_target = default.manifest.winner_target
     plan = dataclasses.replace(base, out=work / "searched", targets=("ort-fp32",), selection=None)
     space = parse_space(model_family(plan, print))
-    result = search(plan, space, trial_bench(3.0, 3))
+    result = search(plan, space, trial_bench(3.0, 3), load=load)
     winner = result.winner
     searched = next(r for r in result.records if r["key"] == winner["key"])
     timed = same_run({"default build winner": (default.bundle, default_target),
-                      "search winner": (result.bundle, searched["config"]["target"])}, rounds)
+                      "search winner": (result.bundle, searched["config"]["target"])}, rounds, batch)
     a, b = timed["default build winner"], timed["search winner"]
     faster = b["p50_ms"] < a["p50_ms"] and a["p50_ms"] - b["p50_ms"] > max(a["high"] - a["low"], b["high"] - b["low"])
     candidates = {n: {"status": t.status, "drop": (t.gate or {}).get("drop"), "reason": t.reason}
                   for n, t in default.manifest.targets.items()}
-    shutil.copyfile(result.search_dir / "frontier.png", Path("benchmarks/results") / f"search_{model}_frontier.png")
-    results = {"model": model, "default": {"winner": default_target, "reason": default.manifest.winner["reason"],
+    tag = model + (f"_batch{batch}" if batch != 1 else "")
+    shutil.copyfile(result.search_dir / "frontier.png", Path("benchmarks/results") / f"search_{tag}_frontier.png")
+    results = {"model": model, "load": load.label, "default": {"winner": default_target, "reason": default.manifest.winner["reason"],
                                            "targets": candidates, "wall_s": round(default_s, 1)},
                "search": {"winner": searched["label"], "reason": winner["reason"], "summary": result.summary,
                           "front": [r["label"] for r in result.front]},
@@ -129,14 +136,15 @@ def versus_default(model: str, work: Path, rounds: int) -> tuple[dict[str, Any],
                     for n, c in candidates.items()]
     md = "\n".join([
         f"# optimize search against the best default build: {model}", "",
-        f"`python -m benchmarks.search_frontier --model {model}`; batch 1; the two winners timed in one run, "
+        f"`python -m benchmarks.search_frontier --model {model} --batch {batch}`; the default build and the search "
+        f"both judge at {load.label}; the two winners timed in one run at that batch, "
         f"{rounds} interleaved rounds (p50 of the median round, range of round p50s).", "",
         f"Default build (`--target auto`, {default_s:.0f} s): winner **{default_target}** ({default.manifest.winner['reason']})",
-        "", markdown_table(["target", "status", "accuracy drop", "reason"], default_rows), "",
+        "", markdown_table([["target", "status", "accuracy drop", "reason"], *default_rows]), "",
         f"Search ({result.summary['trials']} trials, {result.summary['failed']} failed, {result.summary['wall_s']:g} s "
         f"wall, up to {result.summary['parallel_builds']} builds at once): winner **{searched['label']}**", "",
-        f"![frontier](search_{model}_frontier.png)", "",
-        markdown_table(["engine", "p50 ms", "round range ms", "spread %"], rows), "",
+        f"![frontier](search_{tag}_frontier.png)", "",
+        markdown_table([["engine", "p50 ms", "round range ms", "spread %"], *rows]), "",
         f"Search winner faster than the default build's beyond the spread of both: **{faster}** "
         f"({a['p50_ms'] / b['p50_ms']:.2f}x)", "",
         "## The search's report", "", (result.search_dir / "report.md").read_text().split("\n", 2)[2]])
@@ -169,8 +177,8 @@ def parallel_speedup(work: Path, rounds: int) -> tuple[dict[str, Any], str]:
         "# optimize search on ResNet-18 (random weights: speed only, the accuracy budget off)", "",
         "`python -m benchmarks.search_frontier --model resnet18`: prune 0,0.3 x ort-int8, openvino-int8 x static, "
         f"weights (minmax calibration); batch 1, {rounds} rounds per trial.", "",
-        markdown_table(["run", "trials", "wall s", "trial time s", "builds at once"],
-                       [["parallel (Ray, one trial per CPU)", str(parallel.summary["trials"]),
+        markdown_table([["run", "trials", "wall s", "trial time s", "builds at once"],
+                        ["parallel (Ray, one trial per CPU)", str(parallel.summary["trials"]),
                          f"{parallel.summary['wall_s']:g}", f"{parallel.summary['trial_time_s']:g}",
                          str(parallel.summary["parallel_builds"])],
                         ["one trial at a time", str(sequential.summary["trials"]), f"{sequential.summary['wall_s']:g}",
@@ -189,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits", help="digits, resnet18 or a zoo model (efficientnet)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="the batch size both builds are judged and timed at")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-search-") as scratch:
@@ -196,8 +205,9 @@ def main() -> None:
         if args.model == "resnet18":
             results, md = parallel_speedup(work, 3)
         else:
-            results, md = versus_default(args.model, work, args.rounds)
-    write_results(Path(args.out) / f"search_{args.model}", results, md)
+            results, md = versus_default(args.model, work, args.rounds, args.batch)
+    name = f"search_{args.model}" + (f"_batch{args.batch}" if args.batch != 1 else "")
+    write_results(Path(args.out) / name, results, md)
     print(md)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from optimize import atomic
 from optimize.bench.report import _fmt as _cell
+from optimize.bench.report import markdown_table
 from optimize.search import frontier
 
 
@@ -24,9 +25,7 @@ def trial_row(record: dict[str, Any], slo: Any) -> list[str]:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table([header, *[[cell.replace("|", "/") for cell in row] for row in rows]])
 
 
 def markdown(plan: Any, records: list[dict[str, Any]], kept: list[dict[str, Any]], winner: dict[str, Any],
