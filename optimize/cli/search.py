@@ -45,7 +45,7 @@ def budget(text: str | None) -> tuple[float | None, bool]:
 @click.option("--trials", type=click.IntRange(1, None),
               help="How many trials (default: the whole space when it has at most 32 configurations, else 32 "
                    "proposed by Optuna). At least the space's size: a grid.")
-@click.option("--time-budget", help="Stop starting trials after this long, e.g. 30m or 2h.")
+@click.option("--time-budget", help="Stop starting trials after this long, e.g. 30m or 120m.")
 @click.option("--parallel", type=click.IntRange(1, None),
               help="Trials at once (default: one per CPU). Builds overlap; benchmarks never do.")
 @click.option("--ray-address", help="Run the trials on this Ray cluster (default: a local Ray started here). "
@@ -102,7 +102,10 @@ def command(checkpoint: Path, out: Path, **o) -> None:
     prune, distill = prune_configs({**o, "prune_ratio": None})
     load = parse_load(o["load_text"])
     duration = parse_duration(o["duration"])
-    time_budget = parse_duration(o["time_budget"]) if o["time_budget"] else None
+    try:
+        time_budget = parse_duration(o["time_budget"]) if o["time_budget"] else None
+    except InputSpecError:
+        raise InputSpecError(f"--time-budget {o['time_budget']!r} must be a positive time such as 30m, 120m or 900s") from None
     plan = BuildPlan(source=source_config(checkpoint, o), out=out, targets=("ort-fp32",), data=data_config(o),
                      quant=QuantConfig(), task=o["task"], max_accuracy_drop=max_drop, name=o["name"],
                      prune=prune, distill=distill, batch_sizes=_numbers(o["batch_sizes"], "--batch-sizes"),

@@ -161,7 +161,9 @@ def _values(text: str | None, flag: str, parse: Any, allowed: tuple | None = Non
         try:
             value = parse(part)
         except ValueError:
-            raise InputSpecError(f"{flag} {text!r}: {part!r} is not a valid value") from None
+            hint = {"--prune": " (a share from 0 up to, not including, 1)", "--threads": " (a whole number)",
+                    "--per-channel": " (true or false)"}.get(flag, "")
+            raise InputSpecError(f"{flag} {text!r}: {part!r} is not a valid value{hint}") from None
         if allowed is not None and value not in allowed:
             raise InputSpecError(f"{flag} {text!r}: {part!r} is not one of {', '.join(map(str, allowed))}")
         if value not in values:
