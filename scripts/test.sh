@@ -19,4 +19,4 @@ if [ ! -x .venv-triton/bin/python ] || ! .venv-triton/bin/python -c "import pytr
         || echo "PyTriton could not be installed: the conformance tests will skip" >&2
 fi
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"

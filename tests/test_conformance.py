@@ -211,7 +211,11 @@ def _grpc_code(answer: tuple[str, Any]) -> dict[str, Any]:
 def _stats_delta(endpoint: Endpoint, send: Callable[[], Any], read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     before = read()
     send()
-    after = read()
+    # Triton records a request's statistics after its response is sent: wait for them to settle.
+    deadline, after = time.monotonic() + 10, read()
+    while after["success"] == before["success"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = read()
     keys = ("inference_count", "execution_count", "success")
     return {k: after[k] - before[k] for k in keys}
 

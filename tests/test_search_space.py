@@ -129,3 +129,31 @@ def test_a_rerun_with_other_arguments_is_refused(tmp_path):
     other = dataclasses.replace(plan, space=space(prune=(0.0, 0.5)))
     with pytest.raises(OptimizeError, match="holds a search with other arguments.*--fresh"):
         _state(other, said.append)
+
+
+def test_a_reloaded_study_learns_the_trials_on_disk(tmp_path):
+    # Ctrl-C can come after a trial wrote its record and before Ray Tune told the searcher: the
+    # study is brought up to the records on its next run, and what was left running is closed.
+    optuna = pytest.importorskip("optuna")
+    from optimize.search.runner import FAILED_LATENCY_MS, sync_study
+
+    searched = space()
+    configs = searched.configs()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="search", directions=["minimize", "minimize"])
+    told = study.ask()
+    searched.optuna_space()(told)
+    study.tell(told, [0.0, 1.0])
+    study.ask()  # running when the search stopped
+    told_key = searched.from_proposal(told.params).key
+    records = [{"config": c.to_json(), "accuracy": {"drop": 0.01}, "latency_ms": {"p50": 2.0}} for c in configs[:3]]
+    records.append({"config": configs[3].to_json(), "status": "failed"})
+    expected = 4 - (told_key in {c.key for c in configs[:4]})
+    assert sync_study(storage, searched, records) == expected
+    assert sync_study(storage, searched, records) == 0  # nothing twice
+    trials = optuna.load_study(study_name="search", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {searched.from_proposal(t.params).key for t in complete} == {c.key for c in configs[:4]} | {told_key}
+    assert [t.state for t in trials].count(optuna.trial.TrialState.RUNNING) == 0
+    failed = next(t for t in complete if searched.from_proposal(t.params).key == configs[3].key)
+    assert failed.values[1] == FAILED_LATENCY_MS

@@ -121,11 +121,45 @@ def _trainable(proposal: dict[str, Any], context: TrialContext, space: SearchSpa
 
     config = TrialConfig.from_json(proposal["trial"]) if "trial" in proposal else space.from_proposal(proposal)
     record = run_trial(context, config)
+    drop, latency = objectives(record)
+    tune.report({"accuracy_drop": drop, "latency_ms": latency, "ok": record["status"] == "ok",
+                 "trial_key": config.key})
+
+
+def objectives(record: dict[str, Any]) -> tuple[float, float]:
+    """What Optuna is told of a finished trial: its accuracy drop and latency, the worst values for
+    what a failed trial did not measure."""
     drop = (record.get("accuracy") or {}).get("drop")
     latency = (record.get("latency_ms") or {}).get("p50")
-    tune.report({"accuracy_drop": FAILED_DROP if drop is None else float(drop),
-                 "latency_ms": FAILED_LATENCY_MS if latency is None else float(latency),
-                 "ok": record["status"] == "ok", "trial_key": config.key})
+    return (FAILED_DROP if drop is None else float(drop), FAILED_LATENCY_MS if latency is None else float(latency))
+
+
+def sync_study(storage: Any, space: SearchSpace, records: list[dict[str, Any]]) -> int:
+    """Bring a reloaded study up to the trials on disk: a trial whose record was written as Ctrl-C
+    came, before Ray Tune told the searcher, is added as complete, and the trials the interrupted
+    run left running are closed as failed (the sampler would otherwise wait on them). Returns how
+    many trials were added."""
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name="search", directions=["minimize", "minimize"],
+                                load_if_exists=True)
+    known = set()
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            known.add(space.from_proposal(trial.params).key)
+        elif trial.state == optuna.trial.TrialState.RUNNING:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    added = 0
+    for record in records:
+        config = TrialConfig.from_json(record["config"])
+        if config.key in known:
+            continue
+        fixed = optuna.trial.FixedTrial(space.to_proposal(config))
+        space.optuna_space()(fixed)
+        study.add_trial(optuna.trial.create_trial(params=fixed.params, distributions=fixed.distributions,
+                                                  values=list(objectives(record))))
+        added += 1
+    return added
 
 
 def _state(plan: SearchPlan, say: Callable[[str], None]) -> dict[str, Any]:
@@ -254,6 +288,9 @@ def _tune(plan: SearchPlan, context: TrialContext, todo: list[TrialConfig] | Non
         from ray.tune.search.optuna import OptunaSearch
 
         storage = optuna.storages.RDBStorage(f"sqlite:///{context.search_dir / 'study.db'}")
+        added = sync_study(storage, plan.space, _records(context.search_dir, plan.space.configs()))
+        if added:
+            say(f"{added} finished trial(s) the study had not been told of are added to it")
         searcher = OptunaSearch(space=plan.space.optuna_space(), metric=["accuracy_drop", "latency_ms"],
                                 mode=["min", "min"], sampler=optuna.samplers.TPESampler(seed=plan.seed),
                                 study_name="search", storage=storage)

@@ -116,6 +116,13 @@ class SearchSpace:
         return self.trial(values["prune"], target, values.get(f"int8_scheme[{target}]"),
                           values.get(f"calib_method[{target}]"), values.get("per_channel"), values["threads"])
 
+    def to_proposal(self, config: TrialConfig) -> dict[str, Any]:
+        """The Optuna proposal of a trial, ``from_proposal``'s inverse."""
+        values = {"prune": config.prune, "target": config.target, "threads": config.threads,
+                  f"int8_scheme[{config.target}]": config.int8_scheme,
+                  f"calib_method[{config.target}]": config.calib_method, "per_channel": config.per_channel}
+        return {k: v for k, v in values.items() if v is not None}
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
