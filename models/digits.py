@@ -79,6 +79,7 @@ def make_checkpoint(out_dir: str | Path, epochs: int = 30) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     np.random.seed(SEED)
     train_x, train_y, test_x, test_y = digits_split()
+    torch.manual_seed(SEED)  # the initial weights too: the same checkpoint whatever ran before in the process
     model = train(DigitsNet(), train_x, train_y, epochs)
     torch.save(model.state_dict(), out / "digits.pt")
     np.savez(out / "digits_calib.npz", x=train_x)

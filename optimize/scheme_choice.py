@@ -71,6 +71,9 @@ def time_engines(backend: Backend, folders: dict[str, Path], runner_config: Runn
     from optimize.cpu import detect
 
     cpu = detect()
+    # The engines are timed in interleaved rounds: a session whose threads spin after its call
+    # would take cores from the next engine's call and skew the comparison.
+    runner_config = dataclasses.replace(runner_config, idle_spin=False)
     config = TimingConfig(tuple((label, folder.name) for label, folder in folders.items()), cpu.model, cpu.isa,
                           cpu.cores, runner_config)
 

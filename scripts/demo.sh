@@ -11,8 +11,9 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-demo-output}
-"$PYTHON" -m models.digits "$WORK"
+# The checkpoint is trained once; a rerun into the same folder reuses it.
+[ -f "$WORK/digits.pt" ] || "$PYTHON" -m models.digits "$WORK"
 "$PYTHON" -m optimize build "$WORK/digits.pt" --arch models.digits:DigitsNet \
   --calib "$WORK/digits_calib.npz" --eval-data "$WORK/digits_test.npz" --target all --out "$WORK/bundle"
 "$PYTHON" -m optimize inspect "$WORK/bundle"
-"$PYTHON" -m optimize bench "$WORK/bundle" --duration 2s
+"$PYTHON" -m optimize bench "$WORK/bundle" --duration "${BENCH_DURATION:-2s}"

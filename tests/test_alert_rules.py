@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 
 RULES = ROOT / "deploy" / "prometheus"
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None,

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from optimize.cpu import detect
+from support import native_bf16, run_cli
 from optimize.targets import registry
 from optimize.targets.base import BuildConfig, BuildInputs
-from test_deploy import parse_pbtxt
+from support import parse_pbtxt
 
-NATIVE = detect().native_bf16
+NATIVE = native_bf16()  # from /proc/cpuinfo's flags, not from the code under test
 
 
 def test_availability_follows_the_cpu(tiny_checkpoint, tmp_path):

@@ -5,16 +5,7 @@ import torch
 
 from optimize.checkpoint import load_checkpoint, parse_arch_args
 from optimize.errors import CheckpointError
-
-
-class WritesAFile:
-    """Unpickling this runs ``open(path, 'w')``: a real code-execution payload."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
+from support import WritesAFile
 
 
 def test_state_dict_with_arch(tiny_checkpoint):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
-from test_checkpoint import WritesAFile
+from support import run_cli, run_process
+from support import WritesAFile
 
 
 def _no_leftovers(folder, name="b"):
@@ -34,7 +34,8 @@ def test_bad_recovery_bounds(tiny_checkpoint, tmp_path, flags, says):
 
 
 def test_missing_checkpoint(tmp_path):
-    line = _one_line_error(run_cli("build", tmp_path / "missing.pt", "--out", tmp_path / "b"))
+    """The user-mistake family through a real process: what the console shows and the exit status."""
+    line = _one_line_error(run_process("build", tmp_path / "missing.pt", "--out", tmp_path / "b"))
     assert "does not exist" in line
     assert _no_leftovers(tmp_path) == []
 
@@ -142,7 +143,7 @@ def test_ctrl_c_at_any_stage_keeps_the_previous_bundle(tiny_checkpoint, tmp_path
     import subprocess
     import sys
 
-    from conftest import wait_for
+    from support import wait_for
 
     t = tiny_checkpoint
     out = tmp_path / "b"
@@ -177,7 +178,7 @@ def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_and_a_live_
     import subprocess
     import sys
 
-    from conftest import wait_for
+    from support import wait_for
     from optimize.atomic import OWNER_FILE
 
     t = tiny_checkpoint

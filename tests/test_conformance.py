@@ -10,6 +10,7 @@ table of every case (Triton's answer, ours, same or different and why) is writte
 from __future__ import annotations
 
 import http.client
+import contextlib
 import json
 import os
 import signal
@@ -22,8 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from conftest import ROOT, build_tiny
-from test_serve import Server, free_port, wait_ready
+from support import ROOT, Server, free_port, stop_process, wait_ready
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
@@ -87,30 +87,22 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def endpoints(tiny_checkpoint, tmp_path_factory):
+def endpoints(bundles):
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    bundle = build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("conformance") / "bundle", "--target", "ort-fp32")
+    bundle = bundles.get("--target", "ort-fp32")
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "LD_LIBRARY_PATH": sysconfig.get_config_var("LIBDIR") or ""}
-    triton = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "fixtures" / "pytriton_onnx.py"),
-                               str(bundle / "model.onnx"), MODEL, str(http_port), str(grpc_port), "8"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    ours = Server(bundle, "--target", "ort-fp32", "--drain-delay", "3")
-    try:
+    with contextlib.ExitStack() as stack:
+        triton = subprocess.Popen([str(TRITON_PYTHON), str(ROOT / "tests" / "fixtures" / "pytriton_onnx.py"),
+                                   str(bundle / "model.onnx"), MODEL, str(http_port), str(grpc_port), "8"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        stack.callback(stop_process, triton)
+        ours = stack.enter_context(Server(bundle, "--target", "ort-fp32", "--drain-delay", "3"))
         wait_ready(triton, f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/ready", "Triton", timeout_s=120)
         yield {"triton": Endpoint("triton", http_port, grpc_port), "ours": Endpoint("ours", ours.port, ours.grpc_port),
                "processes": {"triton": triton, "ours": ours.process}}
-    finally:
-        for process in (triton, ours.process):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in (triton, ours.process):
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 # -- the requests ---------------------------------------------------------------------------------

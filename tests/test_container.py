@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny, ROOT
-from test_serve import free_port, http
+from support import ROOT, free_port, http
 
 pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.container]
 BASE = "optimize-test-base:bookworm"
@@ -121,8 +120,8 @@ def image(docker, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint, tmp_path_factory):
-    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("container") / "bundle", "--target", "ort-fp32")
+def bundle(bundles):
+    return bundles.get("--target", "ort-fp32")
 
 
 def test_image_is_slim_and_unprivileged(docker, image):

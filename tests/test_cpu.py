@@ -65,3 +65,32 @@ def test_serving_on_another_cpu_says_the_winner_may_not_be_fastest(caplog):
         message = caplog.records[0].getMessage()
         assert "the winner was measured on Intel(R) Xeon(R) Platinum 8488C" in message
         assert "may not be the fastest" in message and "--reselect" in message
+
+
+@pytest.mark.parametrize("name, arch", [("amd_epyc_avx2", "x86_64"), ("intel_icelake_vnni", "x86_64"),
+                                        ("intel_sapphire_rapids_amx", "x86_64"), ("arm_graviton3", "aarch64")])
+def test_what_a_cpu_gets_follows_its_raw_flags(name, arch, monkeypatch):
+    """The decisions that depend on the CPU, for CPUs this machine is not: openvino-bf16 is offered and
+    torch-compile computes in BF16 exactly where the recorded /proc/cpuinfo flags show native BF16."""
+    import optimize.cpu
+    from optimize.targets import registry
+    from optimize.targets.torch_compile import cpu_precision
+    from support import cpu_flags, native_bf16
+
+    text = (FIXTURES / f"{name}.txt").read_text()
+    monkeypatch.setattr(optimize.cpu, "detect", lambda: parse_cpuinfo(text, arch))
+    native = native_bf16(cpu_flags(text))
+    reason = registry.unavailable_reason("openvino-bf16")
+    assert (reason is None) == native, reason
+    if not native:
+        assert "has no native BF16" in reason
+    assert cpu_precision(parse_cpuinfo(text, arch)) == ("bf16" if native else "fp32")
+
+
+def test_this_cpu_is_read_as_its_raw_flags_say():
+    from support import cpu_flags, int8_dot, native_bf16
+
+    info = detect()
+    assert info.native_bf16 == native_bf16() and info.int8_dot == int8_dot()
+    if info.arch == "x86_64":
+        assert set(info.isa) <= cpu_flags()

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 from optimize import fit, validate
 from optimize.errors import CalibrationError
 
@@ -18,28 +18,23 @@ TWO = ("--arch", f"{TINY}:TwoInputs", "--target", "ort-fp32", "--no-cache")
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The real digits CNN (a short training) with its [0, 1] data, and its test split as a PNG folder."""
+def digits(digits_checkpoint, tmp_path_factory):
+    """The run's real digits CNN with its [0, 1] data, and its test split as a PNG folder."""
     from PIL import Image
 
-    from models.digits import make_checkpoint
-
-    folder = tmp_path_factory.mktemp("digits")
-    make_checkpoint(folder, epochs=6)
-    test = np.load(folder / "digits_test.npz")
-    for i, (image, label) in enumerate(zip(test["x"][:200], test["labels"][:200])):
+    folder = tmp_path_factory.mktemp("digits-png")
+    d = digits_checkpoint
+    for i, (image, label) in enumerate(zip(d["test_x"][:200], d["labels"][:200])):
         (folder / "png" / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray((image[0] * 255).astype(np.uint8)).save(folder / "png" / str(label) / f"{i}.png")
-    return {"ckpt": folder / "digits.pt", "calib": folder / "digits_calib.npz", "test": folder / "digits_test.npz",
-            "png": folder / "png", "x": np.load(folder / "digits_calib.npz")["x"], "test_x": test["x"],
-            "labels": test["labels"]}
+    return {**d, "png": folder / "png"}
 
 
 @pytest.fixture(scope="module")
 def two_inputs(tmp_path_factory):
     import torch
 
-    from conftest import load_tiny
+    from support import load_tiny
 
     folder = tmp_path_factory.mktemp("two")
     torch.save(load_tiny().TwoInputs().state_dict(), folder / "two.pt")
@@ -150,16 +145,17 @@ def test_chance_level_on_a_wrong_mean_and_std_of_images(digits, tmp_path):
     flags = ("--calib", digits["png"], "--image-size", "8x8", "--grayscale")
     right = run_cli("build", digits["ckpt"], *DIGITS, *flags, "--mean", "0", "--std", "1", "--out", tmp_path / "ok")
     assert right.returncode == 0 and "within chance" not in right.stderr + right.stdout, right.stderr
-    wrong = run_cli("build", digits["ckpt"], *DIGITS, *flags, "--mean", "1", "--std", "1", "--out", tmp_path / "b")
+    # Pixels in [0, 1] taken as if standardised around 2: [-2, -1] (the checkpoint scores 7.5% on it)
+    wrong = run_cli("build", digits["ckpt"], *DIGITS, *flags, "--mean", "2", "--std", "1", "--out", tmp_path / "b")
     assert wrong.returncode == 0, wrong.stderr
     warning = next(ln for ln in wrong.stderr.splitlines() if ln.startswith("warning:"))
     assert "the FP32 model itself scores" in warning and "within chance" in warning
-    assert "image folder read as grayscale, resized to 8x8, scaled to [0, 1], then mean 1 and std 1" in warning
+    assert "image folder read as grayscale, resized to 8x8, scaled to [0, 1], then mean 2 and std 1" in warning
     assert warning in wrong.stdout  # the build table repeats it
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["data"]["chance_level"]["at_chance"] is True
     assert manifest["warnings"] == [warning.removeprefix("warning: ")]
-    strict = run_cli("build", digits["ckpt"], *DIGITS, *flags, "--mean", "1", "--std", "1", "--strict",
+    strict = run_cli("build", digits["ckpt"], *DIGITS, *flags, "--mean", "2", "--std", "1", "--strict",
                      "--out", tmp_path / "s")
     assert "within chance" in _error(strict) and not (tmp_path / "s").exists()
 
@@ -170,7 +166,7 @@ def test_chance_level_on_unstandardised_tabular_features(tmp_path):
     import torch
     from sklearn.datasets import load_breast_cancer
 
-    from conftest import load_tiny
+    from support import load_tiny
 
     data = load_breast_cancer()
     x, y = data.data.astype(np.float32), data.target

@@ -9,41 +9,22 @@ InferenceService against the schema in ``deploy/schemas`` with its predictor che
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import build_tiny, run_cli
+from support import DEPLOYED, parse_pbtxt, run_cli, triton_proto
 from optimize.triton import model_config, to_pbtxt
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"TYPE_FP32": "float32", "TYPE_INT64": "int64", "TYPE_INT32": "int32", "TYPE_FP16": "float16"}
 
 
-def triton_proto():
-    """Triton's model_config_pb2, loaded from tritonclient without its gRPC client."""
-    import tritonclient
-
-    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
-    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_pbtxt(text: str):
-    from google.protobuf import text_format
-
-    return text_format.Parse(text, triton_proto().ModelConfig())
-
-
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint, tmp_path_factory):
-    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("deploy") / "bundle",
-                      "--target", "ort-fp32,ort-int8,openvino-int8")
+def bundle(bundles):
+    return bundles.get(*DEPLOYED)
 
 
 @pytest.mark.parametrize("target", ["ort-fp32", "ort-int8", "openvino-int8"])

@@ -3,6 +3,7 @@ estimate, the profile, the server's series (exact exposition), the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import build_tiny, run_cli
+from support import HALF_HELD_OUT, run_cli
 from optimize.drift.accuracy import fit_calibration
 from optimize.drift.features import Extractor, Feature
 from optimize.drift.profile import Profile, profile_from_outputs
@@ -292,9 +293,8 @@ def test_the_background_monitor_exposes_what_the_inline_one_does_and_counts_what
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint, tmp_path_factory):
-    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("drift") / "bundle", "--held-out", "0.5",
-                      "--target", "ort-fp32")
+def bundle(bundles):
+    return bundles.get(*HALF_HELD_OUT)
 
 
 def test_build_writes_a_profile_per_target_and_the_cli_tests_files(bundle, tmp_path):
@@ -329,11 +329,12 @@ def test_build_writes_a_profile_per_target_and_the_cli_tests_files(bundle, tmp_p
 
 @pytest.mark.service
 def test_servers_export_drift_series_and_the_fleet_test_sums_them(bundle):
-    from test_serve import Server, http
+    from support import Server, http
 
     held = np.load(bundle / "data" / "heldout.npz")["x"]
-    servers = [Server(bundle, *SMALL_DRIFT), Server(bundle, *SMALL_DRIFT)]
-    try:
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(Server(bundle, *SMALL_DRIFT)) for _ in range(2)]
+
         def send(server, x):
             body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                                            "data": x.reshape(-1).tolist()}]}).encode()
@@ -375,14 +376,12 @@ def test_servers_export_drift_series_and_the_fleet_test_sums_them(bundle):
         report = json.loads(fleet.stdout)
         assert report["samples"] >= 10 and report["whole"]["alarm"] and "2 replica(s)" in report["source"]
         assert report["estimated_accuracy"] is None and report["no_estimate"].startswith("no labels were given")
-    finally:
-        for server in servers:
-            server.stop()
 
 
-def test_a_labelled_build_estimates_accuracy_and_an_older_profile_asks_for_a_rebuild(tiny_checkpoint, tmp_path):
-    bundle = build_tiny(tiny_checkpoint, tmp_path / "bundle", "--held-out", "0.5", "--target", "ort-fp32",
-                        calib=tiny_checkpoint["calib_labelled"])
+def test_a_labelled_build_estimates_accuracy_and_an_older_profile_asks_for_a_rebuild(bundles, tiny_checkpoint,
+                                                                                   tmp_path):
+    # a copy: the test rewrites the profile
+    bundle = bundles.copy(tmp_path / "bundle", *HALF_HELD_OUT, calib=tiny_checkpoint["calib_labelled"])
     estimate = json.loads((bundle / "manifest.json").read_text())["targets"]["ort-fp32"]["drift"]["estimated_accuracy"]
     assert estimate["method"] == "thresholded-confidence" and 0.6 <= estimate["reference_accuracy"] <= 0.95
     assert {"accuracy", "estimated", "raw_confidence", "ece", "ece_raw", "estimate_error"} <= set(estimate["check"])

@@ -95,7 +95,7 @@ def test_weight_only_int8_on_an_old_opset_is_a_user_error_naming_the_fix(tmp_pat
 
 
 def test_a_batch_size_fixed_by_forward_names_the_cause_and_fix():
-    from conftest import load_tiny
+    from support import load_tiny
 
     spec = dynamic_spec("x", (2, 4), "float32", sequence=False)
     with pytest.raises(ExportError) as info:

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, wait_for
-from test_serve import Server, bundle, http, slow_bundle  # noqa: F401 (fixtures)
+from support import ROOT, wait_for
+from support import SERVED, Server, http
 
 pytestmark = pytest.mark.service
 grpc = pytest.importorskip("grpc")
@@ -22,10 +22,8 @@ from optimize.oip import grpc_service_pb2 as pb, grpc_service_pb2_grpc  # noqa: 
 
 
 @pytest.fixture(scope="module")
-def server(bundle):  # noqa: F811
-    running = Server(bundle, "--target", "ort-fp32", "--max-body-mb", "1")
-    yield running
-    running.stop()
+def bundle(bundles):
+    return bundles.get(*SERVED)
 
 
 def _stub(server):
@@ -40,7 +38,7 @@ def test_the_generated_modules_are_what_the_vendored_protos_compile_to():
     assert result.returncode == 0, result.stderr
 
 
-def test_tritonclient_grpc_infers_unchanged_raw_and_typed_equal_to_the_engine(server, bundle):  # noqa: F811
+def test_tritonclient_grpc_infers_unchanged_raw_and_typed_equal_to_the_engine(server, bundle):
     import tritonclient.grpc as triton
 
     from optimize.bundle import load_runner
@@ -116,11 +114,10 @@ def test_mistakes_get_triton_s_status_code_and_a_message_naming_the_problem(serv
     assert error.value.code().name == code and says in error.value.details(), error.value.details()
 
 
-def test_a_full_queue_is_unavailable_at_once_as_triton_answers(slow_bundle):  # noqa: F811
-    running = Server(slow_bundle, "--queue-capacity", "1", "--max-batch", "1", "--drain-delay", "0")
+def test_a_full_queue_is_unavailable_at_once_as_triton_answers(slow_bundle):
     x = np.zeros((1, 3, 192, 192), np.float32)
     codes = []
-    try:
+    with Server(slow_bundle, "--queue-capacity", "1", "--max-batch", "1", "--drain-delay", "0") as running:
         channel, stub = _stub(running)
 
         def hammer():
@@ -144,8 +141,6 @@ def test_a_full_queue_is_unavailable_at_once_as_triton_answers(slow_bundle):  # 
         rejected = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(
             "inference_requests_total{") and 'protocol="grpc"' in line and 'outcome="rejected"' in line)
         assert rejected == sum(c == "UNAVAILABLE" for c, _ in codes)
-    finally:
-        running.stop()
 
 
 def test_a_fuzz_of_malformed_requests_gets_no_internal_error_and_the_server_keeps_serving(server):
@@ -284,46 +279,44 @@ class KeepAliveLoad:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_sigterm_under_keep_alive_load_loses_no_request(bundle, protocol):  # noqa: F811
-    running = Server(bundle, "--target", "ort-fp32", "--drain-delay", "2", "--grace", "10")
+def test_sigterm_under_keep_alive_load_loses_no_request(bundle, protocol):
     load = None
-    try:
-        load = KeepAliveLoad(running, protocol)
-        wait_for(lambda: len(load.answered) > 200, 30, "the load to get going")
-        signalled = time.monotonic()
-        running.process.send_signal(signal.SIGTERM)
-        assert running.process.wait(timeout=60) == 0
-        time.sleep(0.3)
-        load.stop()
-        before = sum(t < signalled for t in load.answered)
-        after = len(load.answered) - before
-        print(f"SIGTERM under {protocol} load: {before} answered before, {after} after, {len(load.lost)} lost, "
-              f"{load.refused} refused connections, {load.rejected} answered UNAVAILABLE (shutting down)")
-        print("lost:", load.lost)
-        log = running.process.stderr.read()
-        if protocol == "http":
-            # Connections still in the kernel's accept queue are answered 503, not reset.
-            assert not load.lost, load.lost[:5]
-            assert "closing 0 idle connection(s)" in log, log[-2000:]
-        else:
-            # grpc's shutdown cancels the calls it has received but not yet handed to a handler; with
-            # clients that keep sending after UNAVAILABLE, a few are in that state when it starts.
-            cancelled = [x for x in load.lost if x.startswith("CANCELLED")]
-            assert len(cancelled) == len(load.lost) and len(cancelled) <= after / 100, load.lost
-        assert after > 100  # the drain delay kept answering
-    finally:
-        if load is not None:
+    with Server(bundle, "--target", "ort-fp32", "--drain-delay", "2", "--grace", "10") as running:
+        try:
+            load = KeepAliveLoad(running, protocol)
+            wait_for(lambda: len(load.answered) > 200, 30, "the load to get going")
+            signalled = time.monotonic()
+            running.process.send_signal(signal.SIGTERM)
+            assert running.process.wait(timeout=60) == 0
+            time.sleep(0.3)
             load.stop()
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait(timeout=30)
+            before = sum(t < signalled for t in load.answered)
+            after = len(load.answered) - before
+            print(f"SIGTERM under {protocol} load: {before} answered before, {after} after, {len(load.lost)} lost, "
+                  f"{load.refused} refused connections, {load.rejected} answered UNAVAILABLE (shutting down)")
+            print("lost:", load.lost)
+            log = running.process.stderr.read()
+            if protocol == "http":
+                # Connections still in the kernel's accept queue are answered 503, not reset.
+                assert not load.lost, load.lost[:5]
+                assert "closing 0 idle connection(s)" in log, log[-2000:]
+            else:
+                # grpc's shutdown cancels the calls it has received but not yet handed to a handler; with
+                # clients that keep sending after UNAVAILABLE, a few are in that state when it starts.
+                cancelled = [x for x in load.lost if x.startswith("CANCELLED")]
+                assert len(cancelled) == len(load.lost) and len(cancelled) <= after / 100, load.lost
+            assert after > 100  # the drain delay kept answering
+        finally:
+            if load is not None:
+                load.stop()
 
 
-def test_bench_drives_the_grpc_endpoint_with_the_same_loads(server, bundle):  # noqa: F811
+def test_bench_drives_the_grpc_endpoint_with_the_same_loads(server, bundles, tmp_path):
     import json
 
-    from conftest import run_cli
+    from support import run_cli
 
+    bundle = bundles.copy(tmp_path / "bundle", *SERVED)  # bench writes its report into the bundle
     result = run_cli("bench", bundle, "--url", f"grpc://{server.grpc_url}", "--target", "ort-fp32", "--no-torch",
                      "--no-cross-check", "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2",
                      "--rate", "50")

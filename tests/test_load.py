@@ -33,12 +33,29 @@ def test_arrivals_are_seeded_and_at_the_rate():
     assert len(constant) == 200 and constant[1] == pytest.approx(0.01)
 
 
+class SimulatedClock:
+    """A time source that only the simulated service moves: what a measurement then reports is
+    exact, whatever else the machine is doing."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def service(self, seconds_per_item: float):
+        def send(batch: int) -> None:
+            self.now += seconds_per_item * batch
+        return send
+
+
 def test_batch_sweep_counts_items_per_request():
-    point = batch_point(serial_service(), 4, MeasureConfig(window_s=0.2, max_windows=4, time_limit_s=3))
+    clock = SimulatedClock()
+    point = batch_point(clock.service(SERVICE_S), 4, MeasureConfig(window_s=0.2, max_windows=4, time_limit_s=3), clock)
     summary = point.summary()
     assert summary["load"] == "batch=4" and summary["items_per_request"] == 4
-    assert 15 < summary["p50_ms"] < 40
-    assert summary["throughput_items_per_s"] == pytest.approx(4000 / summary["p50_ms"] / 1, rel=0.5)
+    assert summary["p50_ms"] == pytest.approx(20.0) and summary["p99_ms"] == pytest.approx(20.0)
+    assert summary["throughput_items_per_s"] == pytest.approx(200.0)  # 4 items per 20 ms
 
 
 def test_closed_loop_queues_behind_a_serial_service():
@@ -69,18 +86,18 @@ def test_open_loop_above_capacity_shows_growing_latency_and_late_sends():
 
 
 class Engine:
-    """An engine answering in 2 ms, or 10 ms while the shared ``noise`` flag is up."""
+    """An engine answering in 2 ms on the simulated clock, or 10 ms while the shared ``noise`` flag is up."""
 
-    def __init__(self, name: str, log: list[str], noise: list[bool]):
+    def __init__(self, name: str, log: list[str], noise: list[bool], clock: SimulatedClock):
         from optimize.specs import TensorSpec
 
-        self.name, self.log, self.noise = name, log, noise
+        self.name, self.log, self.noise, self.clock = name, log, noise, clock
         self.inputs = [TensorSpec("x", (-1, 2))]
 
     def infer(self, feeds):
         if not self.log or self.log[-1] != self.name:
             self.log.append(self.name)
-        time.sleep(0.010 if self.noise[0] else 0.002)
+        self.clock.now += 0.010 if self.noise[0] else 0.002
         return {"y": feeds["x"]}
 
 
@@ -92,7 +109,8 @@ def test_rounds_interleave_engines_and_a_disturbed_round_does_not_move_p50():
 
     log: list[str] = []
     noise = [False]
-    runners = {"a": Engine("a", log, noise), "b": Engine("b", log, noise)}
+    clock = SimulatedClock()
+    runners = {"a": Engine("a", log, noise, clock), "b": Engine("b", log, noise, clock)}
     plan = LoadPlan(batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(), rounds=3,
                     measure=MeasureConfig(warmup_iterations=2, warmup_s=0.0, window_s=0.05, max_windows=3,
                                           time_limit_s=1.0))
@@ -102,11 +120,11 @@ def test_rounds_interleave_engines_and_a_disturbed_round_does_not_move_p50():
         ticks.append(label)
         noise[0] = len(ticks) in (2, 3)
 
-    points = bench_engines(runners, {"x": np.zeros((4, 2), np.float32)}, plan, threading.Event(), tick)
+    points = bench_engines(runners, {"x": np.zeros((4, 2), np.float32)}, plan, threading.Event(), tick, clock)
     assert log == ["a", "b", "a", "b", "a", "b"]  # round by round, not all of one engine first
     for name in ("a", "b"):
         summary = points[name][0].summary()
         assert summary["rounds"] == 3 and len(summary["round_p50_ms"]) == 3
-        assert max(summary["round_p50_ms"]) > 8  # the disturbed round is reported...
-        assert 1.9 < summary["p50_ms"] < 5  # ...but the median round is an undisturbed one
-        assert summary["spread_pct"] > 100
+        assert sorted(summary["round_p50_ms"]) == pytest.approx([2.0, 2.0, 10.0])  # the disturbed round is reported...
+        assert summary["p50_ms"] == pytest.approx(2.0)  # ...but the median round is an undisturbed one
+        assert summary["spread_pct"] == pytest.approx(400.0)

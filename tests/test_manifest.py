@@ -67,19 +67,15 @@ def test_a_v1_bundle_runs_and_matches_its_reference_outputs():
 
 @pytest.mark.service
 def test_a_v1_bundle_is_served_benchmarked_and_exported_unchanged(v1, tmp_path):
-    from conftest import run_cli
-    from test_serve import Server, http, infer_body
+    from support import Server, http, infer_body, run_cli
 
     before = (v1 / "manifest.json").read_text()
-    server = Server(v1, "--target", "openvino-fp32")
-    try:
+    with Server(v1, "--target", "openvino-fp32") as server:
         x = np.load(v1 / "data" / "heldout.npz")["x"][:2]
         status, body, _ = http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))
         assert status == 200, body
         metadata = json.loads(http("GET", server.url + "/v2/models/tiny")[1])
         assert metadata["platform"] == "openvino-fp32"
-    finally:
-        server.stop()
     assert (v1 / "manifest.json").read_text() == before
     result = run_cli("export", "triton", v1, tmp_path / "repo", "--target", "ort-fp32")
     assert result.returncode == 0, result.stderr

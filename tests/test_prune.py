@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from support import run_cli
 from optimize.calibration import Samples
 from optimize.checkpoint import load_checkpoint
 from optimize.errors import CheckpointError, PruneError

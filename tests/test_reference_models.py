@@ -2,21 +2,25 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from support import ROOT, native_bf16, run_cli
 
 pytestmark = pytest.mark.slow
 CPU_TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
 
 
-def test_readme_demo_builds_all_cpu_targets_on_real_digits(tmp_path):
-    """The README's first command, minus the install (this interpreter already has it)."""
-    env = {**os.environ, "SKIP_INSTALL": "1", "PYTHON": sys.executable, "WORK": str(tmp_path)}
+def test_readme_demo_builds_all_cpu_targets_on_real_digits(digits_checkpoint, tmp_path):
+    """The README's first command, minus the install (this interpreter already has it), the training
+    (the run's digits checkpoint is the one it would make) and its benchmark's duration per point."""
+    for name in ("digits.pt", "digits_calib.npz", "digits_test.npz"):
+        shutil.copyfile(digits_checkpoint["folder"] / name, tmp_path / name)
+    env = {**os.environ, "SKIP_INSTALL": "1", "PYTHON": sys.executable, "WORK": str(tmp_path), "BENCH_DURATION": "0.5s"}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,8 +38,11 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(tmp_path):
     last = result.stdout.splitlines()[-2:]
     assert last[0].startswith("winner: ") and last[1].startswith("winner recorded: "), last
     report = json.loads((tmp_path / "bundle" / "bench" / "report.json").read_text())
-    # torch-compile is measured beside them as the compiled-PyTorch baseline, and never wins
-    assert set(report["engines"]) == {"torch-eager-fp32", "torch-compile", *CPU_TARGETS}
+    # torch-compile is measured beside them as the compiled-PyTorch baseline, and never wins;
+    # openvino-bf16 is built where the CPU has BF16 natively (its flags say so), and only there
+    bf16 = ("openvino-bf16",) if native_bf16() else ()
+    assert set(report["engines"]) == {"torch-eager-fp32", "torch-compile", *CPU_TARGETS, *bf16}
+    assert (manifest["targets"].get("openvino-bf16", {}).get("status") == "built") == bool(bf16)
     assert manifest_winner(tmp_path / "bundle") in CPU_TARGETS
 
 
@@ -66,13 +73,11 @@ def test_minilm_int8_keeps_embeddings(tmp_path):
         assert record["runner_settings"]["session_config"] == {"session.disable_quant_qdq": "1"}
 
 
-def test_digits_half_pruned_recovers_within_a_point_then_int8(tmp_path):
-    from models.digits import make_checkpoint
-
-    make_checkpoint(tmp_path)
+def test_digits_half_pruned_recovers_within_a_point_then_int8(digits_checkpoint, tmp_path):
+    d = digits_checkpoint
     out = tmp_path / "bundle"
-    result = run_cli("build", tmp_path / "digits.pt", "--arch", "models.digits:DigitsNet",
-                     "--calib", tmp_path / "digits_calib.npz", "--eval-data", tmp_path / "digits_test.npz",
+    result = run_cli("build", d["ckpt"], "--arch", "models.digits:DigitsNet",
+                     "--calib", d["calib"], "--eval-data", d["test"],
                      "--prune", "0.5", "--target", "openvino-int8,ort-int8", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -7,9 +7,7 @@ import json
 import pytest
 
 from optimize.scheme_choice import choose, faster
-from tests.conftest import build_tiny, run_cli
-
-TARGETS = "ort-fp32,ort-int8,openvino-int8"
+from support import DEPLOYED, build_tiny, run_cli
 
 
 def timing(*rounds: float) -> dict:
@@ -28,9 +26,8 @@ def test_a_tie_within_the_spread_goes_to_the_more_accurate():
 
 
 @pytest.fixture(scope="module")
-def chosen(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scheme") / "bundle"
-    build_tiny(tiny_checkpoint, out, "--target", TARGETS)
+def chosen(bundles):
+    out = bundles.get(*DEPLOYED)
     return out, json.loads((out / "manifest.json").read_text())
 
 
@@ -53,10 +50,11 @@ def test_the_chosen_scheme_is_the_fastest_recorded_one_that_passed(chosen, targe
     assert choice["search_time_s"] >= 0 and choice["reason"]
 
 
-def test_a_rebuild_on_the_same_cpu_reuses_the_recorded_choice(chosen, tiny_checkpoint):
+def test_a_rebuild_on_the_same_cpu_reuses_the_recorded_choice(chosen, tiny_checkpoint, tmp_path):
     out, first = chosen
     result = run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"], "--calib",
-                     tiny_checkpoint["calib"], "--name", "tiny", "--out", out, "--target", TARGETS)
+                     tiny_checkpoint["calib"], "--name", "tiny", "--out", tmp_path / "again", *DEPLOYED)
+    out = tmp_path / "again"
     assert result.returncode == 0, result.stderr
     again = json.loads((out / "manifest.json").read_text())["targets"]["ort-int8"]["scheme_choice"]
     assert again["timing_reused"] is True

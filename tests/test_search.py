@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, wait_for
-from test_serve import free_port
+from support import free_port, run_cli, run_process, wait_for
 
 pytest.importorskip("ray.tune", reason="optimize[search] is not installed")
 pytest.importorskip("mlflow", reason="optimize[search] is not installed")
@@ -63,7 +62,7 @@ def test_search_records_every_trial_in_mlflow(tiny_checkpoint, mlflow_server, tm
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "best"
-    result = run_cli(*search_args(tiny_checkpoint, out, *STRICT, "--mlflow", mlflow_server), timeout=900)
+    result = run_process(*search_args(tiny_checkpoint, out, *STRICT, "--mlflow", mlflow_server), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     search = json.loads((tmp_path / "best.search" / "trials.json").read_text())
     records = {r["key"]: r for r in search["trials"]}
@@ -157,7 +156,7 @@ def test_missing_extra_names_it(monkeypatch):
 def test_build_and_bench_record_a_run_each(tiny_checkpoint, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from conftest import build_tiny
+    from support import build_tiny
 
     bundle = build_tiny(tiny_checkpoint, tmp_path / "bundle", "--target", "ort-fp32", "--mlflow", mlflow_server)
     benched = run_cli("bench", bundle, "--batch-sizes", "1", "--concurrency", "1", "--rate", "50",
@@ -198,7 +197,7 @@ def test_search_runs_on_an_existing_ray_cluster(tiny_checkpoint, tmp_path):
 
 
 def _run_when_up(args: list) -> subprocess.CompletedProcess | None:
-    result = run_cli(*args, timeout=600)
+    result = run_process(*args, timeout=600)
     if result.returncode != 0 and "cannot reach the Ray cluster" in result.stderr:
         return None  # the head is still starting
     return result

@@ -7,99 +7,21 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import build_tiny, run_cli, wait_for
+from support import SERVED, Server, binary_body, http, infer_body, run_cli, wait_for
 
 pytestmark = pytest.mark.service
-# The server runs with torch unimportable: serving needs only the engine's backend.
-NO_TORCH = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "nncf", "onnxscript", "sklearn"}:
-            raise ImportError(f"{name} is not available when serving")
-sys.meta_path.insert(0, Block())
-from optimize.cli import main
-sys.exit(main())
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read(), dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(), dict(error.headers)
-
-
-def wait_ready(process: subprocess.Popen, url: str, what: str, timeout_s: float = 60) -> None:
-    """Poll ``url`` until it answers 200; fail with the process's output if it exits first."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{what} exited: {(process.stderr or process.stdout).read()}")
-        try:
-            if http("GET", url)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not become ready")
-
-
-class Server:
-    def __init__(self, bundle, *args):
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        self.process = subprocess.Popen([sys.executable, "-c", NO_TORCH, "serve", str(bundle), "--host", "127.0.0.1",
-                                         "--port", str(self.port), "--grpc-port", str(self.grpc_port),
-                                         *map(str, args)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_ready(self.process, self.url + "/v2/health/ready", "server")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            self.process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint, tmp_path_factory):
-    return build_tiny(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "bundle", "--target", "ort-fp32,openvino-fp32")
+def bundle(bundles):
+    return bundles.get(*SERVED)
 
 
-@pytest.fixture(scope="module")
-def server(bundle):
-    running = Server(bundle, "--target", "ort-fp32", "--max-body-mb", "1")
-    yield running
-    running.stop()
-
-
-def infer_body(x: np.ndarray, name: str = "x", datatype: str = "FP32") -> bytes:
-    return json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype,
-                                   "data": x.reshape(-1).tolist()}]}).encode()
-
-
-def binary_body(x: np.ndarray, name: str = "x", datatype: str = "FP32") -> tuple[bytes, dict]:
-    """A request with the binary tensor extension: (body, headers)."""
-    header = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype,
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
-    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
 def test_metadata_health_config_and_stats(server):
@@ -118,15 +40,13 @@ def test_metadata_health_config_and_stats(server):
 
 def test_stats_follow_tritons_definitions_and_the_access_log_is_json_lines(bundle):
     """A fresh server: one batch-4 request adds 4 inferences, 1 execution, 1 request to every phase."""
-    running = Server(bundle, "--target", "ort-fp32", "--access-log")
-    try:
+    with Server(bundle, "--target", "ort-fp32", "--access-log") as running:
         before = json.loads(http("GET", running.url + "/v2/models/tiny/stats")[1])["model_stats"][0]
         assert before["inference_count"] == 0 and before["execution_count"] == 0  # warm-up is not counted
         x = np.load(bundle / "data" / "heldout.npz")["x"][:4]
         assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
         assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x[:1], "nope"))[0] == 400
         stats = json.loads(http("GET", running.url + "/v2/models/tiny/stats")[1])["model_stats"][0]
-    finally:
         running.stop()
     log = running.process.stderr.read()
     assert stats["inference_count"] == 4 and stats["execution_count"] == 1
@@ -265,6 +185,20 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server, kind):
 
 
 def test_metrics_count_outcomes_and_batches(server):
+    """Eight callers at once, ten requests each: the counters move by exactly that (the server is the
+    run's shared one, so the test reads what its own requests added)."""
+    version = json.loads(http("GET", server.url + "/v2/models/tiny")[1])["versions"][0]
+    labels = f'model="tiny",version="{version}"'
+
+    def counters() -> tuple[float, float, str]:
+        text = http("GET", server.url + "/metrics")[1].decode()
+        ok = float(next(line.split()[-1] for line in text.splitlines() if line.startswith(
+            f'inference_requests_total{{model="tiny",outcome="ok",protocol="http",version="{version}"}}')))
+        batches = float(next(line.split()[-1] for line in text.splitlines()
+                             if line.startswith(f'inference_batch_size_count{{{labels}}}')))
+        return ok, batches, text
+
+    ok_before, batches_before, _ = counters()
     x = np.zeros((1, 3, 16, 16), np.float32)
     threads = [threading.Thread(target=lambda: [http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))
                                                 for _ in range(10)]) for _ in range(8)]
@@ -272,39 +206,22 @@ def test_metrics_count_outcomes_and_batches(server):
         thread.start()
     for thread in threads:
         thread.join()
-    text = http("GET", server.url + "/metrics")[1].decode()
-    version = json.loads(http("GET", server.url + "/v2/models/tiny")[1])["versions"][0]
-    labels = f'model="tiny",version="{version}"'
-    ok = float(next(line.split()[-1] for line in text.splitlines()
-                    if line.startswith(f'inference_requests_total{{model="tiny",outcome="ok",protocol="http",version="{version}"}}')))
-    assert ok >= 80
+    ok_after, batches_after, text = counters()
+    assert ok_after - ok_before == 80
     assert f'inference_queue_capacity{{{labels}}} 64.0' in text
     assert (f'model_info{{bundle="bundle",model="tiny",precision="fp32",target="ort-fp32",version="{version}"}} 1.0'
             in text)
-    batches = float(next(line.split()[-1] for line in text.splitlines()
-                         if line.startswith(f'inference_batch_size_count{{{labels}}}')))
-    assert batches < ok  # eight callers at once: some requests shared an engine call
+    assert batches_after - batches_before < 80  # eight callers at once: some requests shared an engine call
     for name in ("inference_request_duration_seconds_bucket", "inference_queue_duration_seconds_count",
                  "inference_compute_duration_seconds_sum", "inference_batch_size_bucket", "inference_requests_in_flight"):
         assert name in text
 
 
-@pytest.fixture(scope="module")
-def slow_bundle(tiny_checkpoint, tmp_path_factory):
-    """The tiny CNN on 3x192x192 inputs: each engine call takes milliseconds, long enough to queue behind."""
-    out = tmp_path_factory.mktemp("slow") / "bundle"
-    result = run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"], "--input-shape",
-                     "1x3x192x192", "--name", "tiny", "--target", "openvino-fp32", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
     """With one engine and a queue of one, twelve callers overload the server: some requests are
-    rejected, each 503 comes back within REJECT_WITHIN_S and faster than the median answered request
-    (it does not wait for the busy engine); then SIGTERM turns readiness false and drains."""
-    REJECT_WITHIN_S = 0.25
-    running = Server(slow_bundle, "--queue-capacity", "1", "--max-batch", "1", "--drain-delay", "1", "--grace", "10")
+    rejected, and a rejection does not wait for the busy engine (the median 503 comes back before the
+    median answer); then SIGTERM turns readiness false and drains. How fast a 503 is, is measured in
+    ``benchmarks/bench_serve.py``, not here."""
     x = np.random.default_rng(0).standard_normal((1, 3, 192, 192)).astype(np.float32)
     body, headers = binary_body(x)  # binary tensors: decoding the request costs next to nothing
     statuses = []
@@ -315,7 +232,7 @@ def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
             status = http("POST", running.url + "/v2/models/tiny/infer", body, headers)[0]
             statuses.append((status, time.perf_counter() - started))
 
-    try:
+    with Server(slow_bundle, "--queue-capacity", "1", "--max-batch", "1", "--drain-delay", "1", "--grace", "10") as running:
         threads = [threading.Thread(target=hammer) for _ in range(12)]
         for thread in threads:
             thread.start()
@@ -327,7 +244,6 @@ def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
         assert rejected and answered, f"{len(rejected)} rejected, {len(answered)} answered"
         print(f"{len(rejected)} rejected in at most {max(rejected):.3f} s (median {np.median(rejected):.3f}); "
               f"{len(answered)} answered, median {np.median(answered):.3f} s")
-        assert max(rejected) < REJECT_WITHIN_S, sorted(rejected)[-5:]
         assert np.median(rejected) < np.median(answered), (np.median(rejected), np.median(answered))
         metrics = http("GET", running.url + "/metrics")[1].decode()
         counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
@@ -337,16 +253,13 @@ def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
         wait_for(lambda: http("GET", running.url + "/v2/health/ready")[0] == 503, 5, "readiness to turn false")
         assert http("POST", running.url + "/v2/models/tiny/infer", body, headers)[0] == 200  # still served while draining
         assert running.process.wait(timeout=30) == 0
-    finally:
-        if running.process.poll() is None:  # a failed check above must not leave the server running
-            running.process.kill()
-            running.process.wait(timeout=30)
 
 
-def test_bench_drives_the_server_with_the_same_loads(server, bundle):
+def test_bench_drives_the_server_with_the_same_loads(server, bundles, tmp_path):
     from optimize.bundle import read_manifest
     from serve.model import bundle_version
 
+    bundle = bundles.copy(tmp_path / "bundle", *SERVED)  # bench writes its report into the bundle
     before = read_manifest(bundle)
     version = bundle_version(bundle, before, "ort-fp32")
     result = run_cli("bench", bundle, "--url", server.url, "--target", "ort-fp32", "--no-torch", "--no-cross-check",
@@ -429,11 +342,11 @@ def test_a_thousand_malformed_requests_get_4xx_and_the_server_keeps_serving(serv
 
 
 def test_the_server_says_what_it_serves_when_ready_and_a_summary_when_it_stops(bundle):
-    running = Server(bundle, "--target", "ort-fp32")
-    x = np.zeros((2, 3, 16, 16), np.float32)
-    assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
-    assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x[:, :1]))[0] == 400
-    running.stop()
+    with Server(bundle, "--target", "ort-fp32") as running:
+        x = np.zeros((2, 3, 16, 16), np.float32)
+        assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x))[0] == 200
+        assert http("POST", running.url + "/v2/models/tiny/infer", infer_body(x[:, :1]))[0] == 400
+        running.stop()
     log = running.process.stderr.read()
     assert "serving tiny version" in log and "target ort-fp32 (fp32) on http://127.0.0.1:" in log
     assert "engine: backend=onnxruntime" in log and "batching: up to 8 rows" in log and "drift: windows of 20 every 20" in log
@@ -442,10 +355,10 @@ def test_the_server_says_what_it_serves_when_ready_and_a_summary_when_it_stops(b
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(bundle):
-    running = Server(bundle, "--target", "ort-fp32")
-    running.process.send_signal(signal.SIGINT)
-    running.process.send_signal(signal.SIGINT)
-    assert running.process.wait(timeout=60) == 0
+    with Server(bundle, "--target", "ort-fp32") as running:
+        running.process.send_signal(signal.SIGINT)
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=60) == 0
     log = running.process.stderr.read()
     assert "Traceback" not in log and "CancelledError" not in log, log
 
@@ -461,13 +374,10 @@ def test_schemathesis_finds_nothing_with_every_check(bundle):
     cli = Path(sys.executable).parent / "schemathesis"
     if not cli.is_file():
         pytest.skip("schemathesis is a test dependency (pip install -e '.[test]')")
-    running = Server(bundle, "--target", "ort-fp32", "--max-batch", "2", "--no-grpc")
-    try:
+    with Server(bundle, "--target", "ort-fp32", "--max-batch", "2", "--no-grpc") as running:
         result = subprocess.run([str(cli), "run", running.url + "/openapi.json", "--checks", "all",
                                  "--max-examples", "80", "--seed", "3", "--no-color"],
                                 capture_output=True, text=True, timeout=300)
-    finally:
-        running.stop()
     summary = [line.strip() for line in result.stdout.splitlines() if " generated" in line]
     print(summary)
     assert result.returncode == 0, result.stdout[-4000:]

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 from optimize.errors import InputSpecError
 from optimize.specs import TensorSpec
 from optimize.tokenizer import TextEncoder, text_section
@@ -123,7 +123,7 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
     import tritonclient.http as triton
 
     from optimize.bundle import load_runner, read_manifest
-    from test_serve import Server, http
+    from support import Server, http
     from tiny_models import tiny_encoder
 
     torch.save(tiny_encoder().state_dict(), tmp_path / "encoder.pt")
@@ -142,8 +142,7 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
     shown = run_cli("inspect", out).stdout
     assert "input   text  [-1, 1]  BYTES" in shown and "tokenizer tokenizer/tokenizer.json" in shown
 
-    server = Server(out)
-    try:
+    with Server(out) as server:
         meta = json.loads(http("GET", server.url + "/v2/models/words")[1])
         assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1, 1]}]
         config = json.loads(http("GET", server.url + "/v2/models/words/config")[1])
@@ -197,8 +196,6 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
         status, answer, _ = http("POST", server.url + "/v2/models/words/infer", infer_text([long, texts[0]]))
         over_http = np.asarray(json.loads(answer)["outputs"][0]["data"], np.float32)
         assert np.allclose(np.frombuffer(typed.raw_output_contents[0], np.float32), over_http, atol=1e-5)
-    finally:
-        server.stop()
 
 
 def infer_text(texts):

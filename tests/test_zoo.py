@@ -12,7 +12,7 @@ import json
 import onnx
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from models import zoo
 
 # (model, target) -> a substring of the failure reason; every other cell must be built within budget.

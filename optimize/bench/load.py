@@ -111,6 +111,15 @@ class LoadPlan:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def for_duration(cls, duration_s: float, **fields: Any) -> "LoadPlan":
+        """A plan whose batch sweep scales with ``duration_s`` as the loops do: windows of up to an
+        eighth of it, at most twice it per point (the defaults at 4 s), so a short run is short."""
+        measure = dataclasses.replace(cls.measure, window_s=min(cls.measure.window_s, duration_s / 8),
+                                      warmup_s=min(MeasureConfig.warmup_s, duration_s / 4),
+                                      time_limit_s=min(cls.measure.time_limit_s, 2 * duration_s))
+        return cls(duration_s=duration_s, measure=measure, **fields)
+
 
 def _windows(finish_times: list[float], latencies: list[float], start: float, wall: float,
              count: int = 4) -> list[float]:
@@ -135,9 +144,10 @@ def _stable(medians: list[float], tolerance: float) -> bool:
     return bool(recent.max() - recent.min() <= tolerance * np.median(recent))
 
 
-def batch_point(send: Send, batch: int, config: MeasureConfig) -> LoadPoint:
+def batch_point(send: Send, batch: int, config: MeasureConfig,
+                clock: Callable[[], float] = time.perf_counter) -> LoadPoint:
     """One caller, back to back, at ``batch`` samples per request, until stable."""
-    result = measure(lambda: send(batch), config, items_per_call=batch)
+    result = measure(lambda: send(batch), config, items_per_call=batch, clock=clock)
     return LoadPoint("batch", batch, result.samples_s, sum(result.samples_s), batch,
                      result.window_medians_s, result.stable)
 

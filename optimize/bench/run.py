@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import time
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -81,10 +82,10 @@ def capacity_rps(points: list[LoadPoint]) -> float:
 
 
 def measure_point(send: Callable[[int], Any], kind: str, value: float, plan: LoadPlan, stop: threading.Event,
-                  measured: list[LoadPoint]) -> LoadPoint | None:
+                  measured: list[LoadPoint], clock: Callable[[], float] = time.perf_counter) -> LoadPoint | None:
     """One load; ``measured`` (this engine's merged points so far) gives the capacity for rate fractions."""
     if kind == "batch":
-        return batch_point(send, int(value), plan.measure)
+        return batch_point(send, int(value), plan.measure, clock)
     if kind == "concurrency":
         duration = max(1.0, plan.duration_s / max(1, plan.rounds))
         return closed_loop(send, int(value), duration, plan.measure.tolerance, stop)
@@ -96,9 +97,10 @@ def measure_point(send: Callable[[int], Any], kind: str, value: float, plan: Loa
 
 
 def bench_engines(runners: dict[str, Any], held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
-                  tick: Callable[[str], None]) -> dict[str, list[LoadPoint]]:
+                  tick: Callable[[str], None], clock: Callable[[], float] = time.perf_counter
+                  ) -> dict[str, list[LoadPoint]]:
     """Every load of ``plan`` on every engine, interleaved by round; stops early (keeping what was
-    measured, whole rounds only) on Ctrl-C or when ``stop`` is set."""
+    measured, whole rounds only) on Ctrl-C or when ``stop`` is set. ``clock`` times the batch loads."""
     sends = {}
     for name, runner in runners.items():
         feeds = {b: tiled_feeds(held, runner.inputs, b) for b in {1, *plan.batch_sizes}}
@@ -111,7 +113,7 @@ def bench_engines(runners: dict[str, Any], held: dict[str, np.ndarray], plan: Lo
                 for kind, value in steady_points(plan):
                     if stop.is_set():
                         raise KeyboardInterrupt
-                    point = measure_point(sends[name], kind, value, plan, stop, [])
+                    point = measure_point(sends[name], kind, value, plan, stop, [], clock)
                     rounds[name].setdefault((kind, value), []).append(point)
                     tick(point.label)
         for name in runners:

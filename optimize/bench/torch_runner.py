@@ -28,6 +28,7 @@ class TorchProgramRunner(Runner):
             raise BundleError(f"{program_path} is missing: the torch-eager baseline needs the bundle's "
                               f"program.pt2 (TorchScript sources have none; use --no-torch)")
         threads = config.threads or max(1, (os.cpu_count() or 2))
+        self._threads_before = torch.get_num_threads()  # the process's own setting, restored on close
         torch.set_num_threads(threads)
         self._module = torch.export.load(str(program_path)).module()
         self._threads = threads
@@ -42,6 +43,11 @@ class TorchProgramRunner(Runner):
             result = self._module(*(torch.from_numpy(feeds[s.name]) for s in self.inputs))
         values = [result] if isinstance(result, torch.Tensor) else list(result)
         return {name: value.numpy() for name, value in zip(self._names, values)}
+
+    def close(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads_before)
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -60,7 +60,9 @@ def print_bench(report: dict, decision: dict | None, folder: Path, allow_slo_mis
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Batch sweep: one caller, back to back.")
 @click.option("--concurrency", default="1,4", show_default=True, help="Closed loop: callers sending back to back.")
 @click.option("--rate", help="Open loop request rates per second (default: 0.5, 0.9 and 1.5 x each engine's measured capacity).")
-@click.option("--duration", default="4s", show_default=True, help="Length of each closed- and open-loop run.")
+@click.option("--duration", default="4s", show_default=True,
+              help="Length of each open-loop run and of each closed loop's rounds together; a batch-sweep point "
+                   "is measured in windows of up to 1/8 of it until stable, for at most twice it.")
 @click.option("--arrivals", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True,
               help="Open-loop arrival process.")
 @click.option("--max-in-flight", type=int, default=64, show_default=True, help="Open loop: most requests outstanding at once.")
@@ -101,10 +103,10 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
 
     if max_in_flight < 1:
         raise InputSpecError(f"--max-in-flight {max_in_flight} must be at least 1")
-    plan = LoadPlan(batch_sizes=_numbers(batch_sizes, "--batch-sizes"),
-                    concurrency=_numbers(concurrency, "--concurrency"),
-                    rates=_numbers(rate, "--rate", float), duration_s=parse_duration(duration),
-                    arrivals=arrivals, max_in_flight=max_in_flight, rounds=rounds)
+    plan = LoadPlan.for_duration(parse_duration(duration), batch_sizes=_numbers(batch_sizes, "--batch-sizes"),
+                                 concurrency=_numbers(concurrency, "--concurrency"),
+                                 rates=_numbers(rate, "--rate", float), arrivals=arrivals,
+                                 max_in_flight=max_in_flight, rounds=rounds)
     wanted = tuple(t for item in targets for t in item.split(",") if t)
     config = BenchConfig(plan=plan, targets=wanted, torch_baseline=not no_torch, cross_check=not no_cross_check,
                          url=url, model_name=model_name)

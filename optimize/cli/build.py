@@ -16,7 +16,7 @@ from optimize.cli.prune_options import prune_configs, prune_options
 @click.command("build")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Bundle folder to write (replaced atomically; the stage cache goes to OUT.cache/).")
+              help="Bundle folder to write (replaced atomically; the stage cache goes to OUT.cache/ unless --cache-dir).")
 @click.option("--target", "targets", multiple=True, default=("all",), show_default=True,
               help="ort-fp32, ort-int8, openvino-fp32, openvino-int8, trt-fp16, trt-int8, torch-compile, all, "
                    "or auto (all, then benchmark and pick the winner). Repeat or comma-separate.")
@@ -55,7 +55,8 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) ->
     plan = BuildPlan(
         source=source_config(checkpoint, options), out=out, targets=targets, data=data_config(options),
         quant=quant_config(options), task=options["task"], max_accuracy_drop=accuracy_drop(options["max_drop_text"]),
-        name=options["name"], runner=RunnerConfig(threads=options["threads"]), use_cache=not options["no_cache"],
+        name=options["name"], runner=RunnerConfig(threads=options["threads"], idle_spin=options["spin"]),
+        use_cache=not options["no_cache"], cache_dir=options["cache_dir"],
         prune=prune, distill=distill, batch_sizes=_numbers(options["batch_sizes"], "--batch-sizes"),
         selection=selection, strict=options["strict"])
     result = run_build(plan, say=lambda text: click.echo(text, err=True))

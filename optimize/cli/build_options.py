@@ -72,9 +72,16 @@ QUANT_OPTIONS = [
                       "the labelled data), instead of warning."),
 ]
 ENGINE_OPTIONS = [
-    click.option("--threads", type=int, default=0, show_default=True, help="Inference threads (0: all physical cores)."),
+    click.option("--threads", type=click.IntRange(0, None), default=0, show_default=True, envvar="OPTIMIZE_THREADS",
+                 help="Inference threads (0: all physical cores; also OPTIMIZE_THREADS)."),
+    click.option("--spin/--no-spin", default=True, show_default=True, envvar="OPTIMIZE_SPIN",
+                 help="ONNX Runtime's threads keep spinning after a call, so the next starts at once; --no-spin "
+                      "(OPTIMIZE_SPIN=0) frees the cores between calls on a shared machine. The server never spins."),
     click.option("--name", help="Model name (default: the checkpoint's file name)."),
     click.option("--no-cache", is_flag=True, help="Do not reuse or write the stage cache."),
+    click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="OPTIMIZE_CACHE_DIR",
+                 help="Stage cache to share between bundles (also OPTIMIZE_CACHE_DIR; default: OUT.cache/ beside "
+                      "the bundle). It grows by one folder per distinct stage; delete it to clear it."),
     click.option("--batch-sizes", default="1,8,32", show_default=True,
                  help="Batch sizes the engine must take: TensorRT's profile spans min..max, tuned for the middle one."),
 ]

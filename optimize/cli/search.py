@@ -53,6 +53,9 @@ def budget(text: str | None) -> tuple[float | None, bool]:
 @click.option("--mlflow", "mlflow_uri", help="Record the search in MLflow: a tracking server URI, or file:/sqlite: "
                                             "(default: MLFLOW_TRACKING_URI when set).")
 @click.option("--fresh", is_flag=True, help="Forget an earlier search in OUT.search/ and start over.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="OPTIMIZE_CACHE_DIR",
+              help="Stage cache the trials share, with other searches and builds too (also OPTIMIZE_CACHE_DIR; "
+                   "default: OUT.search/cache/).")
 @click.option("--search-seed", type=int, default=0, show_default=True, help="Seed of Optuna's sampler.")
 @source_options
 @data_options
@@ -109,7 +112,7 @@ def command(checkpoint: Path, out: Path, **o) -> None:
     plan = BuildPlan(source=source_config(checkpoint, o), out=out, targets=("ort-fp32",), data=data_config(o),
                      quant=QuantConfig(), task=o["task"], max_accuracy_drop=max_drop, name=o["name"],
                      prune=prune, distill=distill, batch_sizes=_numbers(o["batch_sizes"], "--batch-sizes"),
-                     strict=o["strict"])
+                     strict=o["strict"], cache_dir=o["cache_dir"])
     if o["prune_granularity"] != "auto" or o["prune_ignore"] or o["prune_round_to"]:
         from optimize.passes.prune import PruneConfig
 
@@ -122,8 +125,8 @@ def command(checkpoint: Path, out: Path, **o) -> None:
     kind = model_family(plan, say)
     space = parse_space(kind, o["prune_values"], o["target_values"], o["scheme_values"], o["method_values"],
                         o["per_channel_values"], o["thread_values"])
-    bench = BenchConfig(plan=LoadPlan(batch_sizes=(), concurrency=(), rates=(), rate_fractions=(),
-                                      duration_s=duration * o["rounds"], rounds=o["rounds"]),
+    bench = BenchConfig(plan=LoadPlan.for_duration(duration * o["rounds"], batch_sizes=(), concurrency=(), rates=(),
+                                                   rate_fractions=(), rounds=o["rounds"]),
                         cross_check=False)
     if disabled:
         say("accuracy budget off: trials are judged on speed only; drops are still measured and reported")

@@ -94,7 +94,7 @@ def trial_plan(context: TrialContext, config: TrialConfig) -> Any:
         prune = dataclasses.replace(base.prune, ratio=config.prune) if base.prune else PruneConfig(ratio=config.prune)
     return dataclasses.replace(base, out=context.folder(config) / "bundle", targets=(config.target,), quant=quant,
                                prune=prune, runner=dataclasses.replace(base.runner, threads=config.threads),
-                               selection=None, cache_dir=context.search_dir / "cache")
+                               selection=None, cache_dir=base.cache_dir or context.search_dir / "cache")
 
 
 def run_trial(context: TrialContext, config: TrialConfig) -> dict[str, Any]:

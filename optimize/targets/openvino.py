@@ -123,10 +123,11 @@ class OpenVinoBackend(Backend):
         tool = _benchmark_app()
         if tool is None:
             return "benchmark_app is not installed (it ships with the openvino package)"
-        command = [tool, "-m", str(folder / "model.xml"), "-d", "CPU", "-hint", "latency", "-api", "sync",
-                   "-t", str(seconds), "-shape", shapes, "-infer_precision",
-                   "bf16" if triton_parameters(folder) else "f32"]
-        return command + (["-nthreads", str(threads)] if threads else [])
+        # benchmark_app takes a thread count only without a hint: one stream is what the latency hint
+        # gives a synchronous caller, so the two configurations are the same engine setup.
+        hint = ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)] if threads else ["-hint", "latency"]
+        return [tool, "-m", str(folder / "model.xml"), "-d", "CPU", *hint, "-api", "sync", "-t", str(seconds),
+                "-shape", shapes, "-infer_precision", "bf16" if triton_parameters(folder) else "f32"]
 
 
 def _benchmark_app() -> str | None:

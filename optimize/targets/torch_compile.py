@@ -129,6 +129,7 @@ class TorchCompileRunner(Runner):
             raise BundleError(f"{engine_dir}: this torch-compile package was compiled for a CUDA GPU and this "
                               f"machine has none; rebuild the target here")
         self._threads = config.threads or max(1, os.cpu_count() or 2)
+        self._threads_before = torch.get_num_threads()  # the process's own setting, restored on close
         torch.set_num_threads(self._threads)
         self._model = torch._inductor.aoti_load_package(str(engine_dir / PACKAGE_FILE))
         self._record = record
@@ -147,6 +148,11 @@ class TorchCompileRunner(Runner):
             result = self._model(*args)
         values = [result] if isinstance(result, torch.Tensor) else list(result)
         return {name: value.float().cpu().numpy() for name, value in zip(self._record["outputs"], values)}
+
+    def close(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads_before)
 
     @property
     def settings(self) -> dict[str, Any]:
