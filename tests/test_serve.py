@@ -263,7 +263,7 @@ def test_bench_drives_the_server_with_the_same_loads(server, bundles, tmp_path):
     before = read_manifest(bundle)
     version = bundle_version(bundle, before, "ort-fp32")
     result = run_cli("bench", bundle, "--url", server.url, "--target", "ort-fp32", "--no-torch", "--no-cross-check",
-                     "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2", "--rate", "50")
+                     "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2", "--rate", "50", "--rounds", "1")
     assert result.returncode == 0, result.stderr
     report = json.loads((bundle / "bench" / "report.json").read_text())
     assert set(report["engines"]) == {"ort-fp32", "server"}
