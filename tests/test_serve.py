@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import SERVED, Server, binary_body, http, infer_body, run_cli, wait_for
+from support import SERVED, Server, binary_body, http, infer_body, run_cli, run_process, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -367,7 +367,8 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(bundle):
 
 
 def test_an_impossible_port_is_a_usage_error(bundle):
-    result = run_cli("serve", bundle, "--port", "99999")
+    """The usage-error family (click's) through a real process: what the console shows, exit 2."""
+    result = run_process("serve", bundle, "--port", "99999")
     assert result.returncode == 2 and "99999 is not in the range 1<=x<=65535" in result.stderr
 
 
