@@ -155,6 +155,14 @@ class StageCache:
         self.root = Path(root) if root else None
         self.hits: list[str] = []
         self.misses: list[str] = []
+        if self.root is not None:
+            try:  # before any stage runs: a cache that cannot be written is the user's to fix
+                (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                from optimize.errors import InputSpecError
+
+                raise InputSpecError(f"the stage cache {self.root} cannot be written ({exc.strerror}): give "
+                                     f"--cache-dir (or OPTIMIZE_CACHE_DIR) a folder you can write, or --no-cache") from exc
 
     def run(self, stage: Stage, inputs: dict[str, str | None], config: StageConfig,
             produce: Callable[[Path], dict[str, Any]], label: str | None = None) -> tuple[Path, dict[str, Any]]:

@@ -241,10 +241,10 @@ def run_build(plan: BuildPlan, say: Callable[[str], None] = print) -> BuildResul
     _quiet_libraries()
     registry.expand(list(plan.targets))  # an unknown name fails before anything is loaded
     out = Path(plan.out)
+    cache = StageCache((plan.cache_dir or cache_dir_for(out)) if plan.use_cache else None)
     with StopOnSignal(say) as stop, BundleWriter(out) as writer:
         for folder, pid in writer.removed_stale:
             say(f"removed {folder.name}, the staging folder of a build (pid {pid}) that was killed before it finished")
-        cache = StageCache((plan.cache_dir or cache_dir_for(out)) if plan.use_cache else None)
         prepared = prepare(plan, say)
         stop.check()
         if plan.max_accuracy_drop is None:

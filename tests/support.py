@@ -157,8 +157,19 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return error.code, error.read(), dict(error.headers)
 
 
-def wait_ready(process: subprocess.Popen, url: str, what: str, timeout_s: float = 60) -> None:
-    """Poll ``url`` until it answers 200; fail with the process's output if it exits first."""
+def wait_ready(process: subprocess.Popen, url: str, what: str, timeout_s: float = 60,
+               on_failure: Callable[[], None] | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's output if it exits first.
+    ``on_failure`` (stopping the process) runs before the failure is raised, Ctrl-C included."""
+    try:
+        _poll_ready(process, url, what, timeout_s)
+    except BaseException:
+        if on_failure is not None:
+            on_failure()
+        raise
+
+
+def _poll_ready(process: subprocess.Popen, url: str, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -224,11 +235,7 @@ class Server:
                                          "--port", str(self.port), "--grpc-port", str(self.grpc_port),
                                          *map(str, args)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_ready(self.process, self.url + "/v2/health/ready", "server")
-        except BaseException:
-            self.stop()
-            raise
+        wait_ready(self.process, self.url + "/v2/health/ready", "server", on_failure=self.stop)
 
     def stop(self) -> None:
         stop_process(self.process)

@@ -40,6 +40,15 @@ def test_missing_checkpoint(tmp_path):
     assert _no_leftovers(tmp_path) == []
 
 
+def test_a_cache_dir_that_cannot_be_written(tiny_checkpoint, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    line = _one_line_error(run_cli("build", tiny_checkpoint["ckpt"], "--arch", tiny_checkpoint["arch"],
+                                   "--input-shape", "1x3x16x16", "--cache-dir", tmp_path / "file" / "cache",
+                                   "--out", tmp_path / "b"))
+    assert "the stage cache" in line and "cannot be written" in line and "--cache-dir" in line
+    assert _no_leftovers(tmp_path) == []
+
+
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "c.pt").write_bytes(b"\x00garbage" * 10)
     line = _one_line_error(run_cli("build", tmp_path / "c.pt", "--arch", "tests/tiny_models.py:tiny_cnn",

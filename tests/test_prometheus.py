@@ -46,11 +46,7 @@ class Prometheus:
             ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_ready(self.process, self.url + "/-/ready", "prometheus")
-        except BaseException:
-            self.stop()
-            raise
+        wait_ready(self.process, self.url + "/-/ready", "prometheus", on_failure=self.stop)
 
     def query(self, expr: str) -> list[dict]:
         status, body, _ = http("GET", f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
