@@ -18,8 +18,8 @@ from pathlib import Path
 from benchmarks.common import environment, markdown_table, write_results
 from optimize.bench.load import LoadPlan
 from optimize.bench.run import BenchConfig, bench_bundle
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, Selection, SourceConfig
+from optimize.auto import Selection, build_and_select
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.select import LoadSpec
 from optimize.targets.base import RunnerConfig
 
@@ -48,10 +48,10 @@ def main() -> None:
         build = BuildPlan(source=SourceConfig(work / f"resnet{depth}.pt", f"models.resnet:resnet{depth}"),
                           out=work / "bundle", targets=TARGETS,
                           data=DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.25),
-                          runner=RunnerConfig(threads=args.threads),
-                          selection=Selection(LoadSpec("batch", 1), bench=BenchConfig(plan=plan)))
-        built = run_build(build, say=print)  # builds, benchmarks (run A) and picks the winner
-        again = bench_bundle(built.bundle, BenchConfig(plan=plan), None, LoadSpec("batch", 1), say=print)[0]
+                          runner=RunnerConfig(threads=args.threads))
+        # builds, benchmarks (run A) and picks the winner
+        built = build_and_select(build, Selection(LoadSpec("batch", 1), bench=BenchConfig(plan=plan)))
+        again = bench_bundle(built.bundle, BenchConfig(plan=plan), None, LoadSpec("batch", 1))[0]
         runs = [built.report, again]
         first, second = runs
         engines = list(first["engines"])

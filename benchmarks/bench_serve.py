@@ -34,8 +34,8 @@ from optimize.bench.http_runner import HttpRunner
 from optimize.bench.load import LoadPlan, closed_loop, open_loop
 from optimize.bench.run import BenchConfig, run_bench, tiled_feeds
 from optimize.bundle import read_manifest
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 
 
@@ -94,7 +94,7 @@ def build(work: Path, kind: str, targets: tuple[str, ...]) -> Path:
         source = SourceConfig(work / f"resnet{depth}.pt", f"models.resnet:resnet{depth}")
         data = DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.25)
     plan = BuildPlan(source=source, out=work / "bundle", targets=targets, data=data, runner=RunnerConfig(threads=2))
-    return run_build(plan, say=print).bundle
+    return run_build(plan).bundle
 
 
 def client_for(bundle: Path, url: str) -> tuple[HttpRunner, dict[str, np.ndarray]]:
@@ -111,7 +111,7 @@ def overhead(bundle: Path, target: str, rounds: int) -> dict:
         plan = LoadPlan(batch_sizes=(1,), concurrency=(1,), rates=(), rate_fractions=(), duration_s=2.0 * rounds,
                         rounds=rounds)
         report = run_bench(bundle, BenchConfig(plan=plan, targets=(target,), torch_baseline=False, cross_check=False,
-                                               url=server.url), say=print, progress=False)
+                                               url=server.url), progress=False)
     finally:
         server.stop()
     engine = {p["load"]: p for p in report["engines"][target]["points"]}

@@ -12,7 +12,11 @@ import numpy as np
 
 from optimize.bench.measure import MeasureConfig, interleaved
 from optimize.bench.report import markdown_table  # noqa: F401  (re-exported for the scripts)
-from optimize.pipeline import library_versions, machine_info
+from optimize.cli.console import install as show_progress
+from optimize.environment import library_versions, machine_info
+
+# The scripts show the library's progress on stderr as the CLI does (the library itself only logs).
+show_progress()
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, baseline: str,

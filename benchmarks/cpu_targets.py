@@ -24,8 +24,8 @@ import numpy as np
 
 from benchmarks.common import environment, markdown_table, time_interleaved, timing_parser, write_results
 from optimize.bundle import load_runner
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, QuantConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, QuantConfig, SourceConfig
 from optimize.targets import registry
 from optimize.targets.base import RunnerConfig
 
@@ -75,7 +75,7 @@ def main() -> None:
     for key, targets, quant in (("fixed", INT8, QuantConfig(int8_scheme=default)), ("measured", INT8, QuantConfig()),
                                 ("fp", FLOAT, QuantConfig())):
         start = time.perf_counter()
-        builds[key] = run_build(BuildPlan(source, work / key, targets, data, quant, runner=runner), say=print)
+        builds[key] = run_build(BuildPlan(source, work / key, targets, data, quant, runner=runner))
         wall[key] = time.perf_counter() - start
     manifests = {k: b.manifest.to_json() for k, b in builds.items()}
     task = manifests["fp"]["task"]

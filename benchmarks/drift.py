@@ -48,8 +48,8 @@ from benchmarks.common import environment, markdown_table, write_results
 from benchmarks.drift_streams import (BEFORE, ESTIMATE_SCALE, Pool, detection, false_alarms, fast_window_cost, infer_pool,
                                       summarise)
 from optimize.drift.profile import profile_from_outputs
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 from serve.monitor import DriftMonitor
 
@@ -119,7 +119,7 @@ def digits(work: Path, args: argparse.Namespace) -> dict:
     bundle = run_build(BuildPlan(source=SourceConfig(work / "digits.pt", "models.digits:DigitsNet"), out=work / "bundle",
                                  targets=("ort-fp32",), data=DataConfig(calib=str(work / "world.npz"),
                                                                         held_out_fraction=0.3),
-                                 runner=RunnerConfig(threads=2)), say=print).bundle
+                                 runner=RunnerConfig(threads=2))).bundle
     runner = load_runner(bundle, "ort-fp32")
     rng = np.random.default_rng(2)
     normal = infer_pool(runner, {"x": images[world]}, labels[world])
@@ -172,14 +172,14 @@ def _padded(feeds: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
 def minilm(work: Path, args: argparse.Namespace) -> dict:
     from models.minilm import corpus, extra_corpus, make_checkpoint
     from optimize.bundle import load_runner, read_manifest
-    from optimize.tokenizer import TextEncoder
+    from optimize.inputs.tokenizer import TextEncoder
 
     make_checkpoint(work)
     bundle = run_build(BuildPlan(source=SourceConfig(work / "minilm.pt", "models.minilm:MiniLM"), out=work / "bundle",
                                  targets=("ort-fp32",), data=DataConfig(calib=str(work / "minilm_text.npz"),
                                                                         held_out_fraction=0.5, max_held_out=600,
                                                                         tokenizer=str(work / "tokenizer")),
-                                 runner=RunnerConfig(threads=2)), say=print).bundle
+                                 runner=RunnerConfig(threads=2))).bundle
     manifest = read_manifest(bundle)
     encoder = TextEncoder.from_manifest(bundle, manifest)
     runner = load_runner(bundle, "ort-fp32")

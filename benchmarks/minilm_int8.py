@@ -17,8 +17,8 @@ import numpy as np
 
 from benchmarks.common import environment, markdown_table, time_interleaved, timing_parser, write_results
 from optimize.bundle import load_runner
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, QuantConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, QuantConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 
 SCHEMES = {"ort-int8": ("weights", "dynamic", "static"), "openvino-int8": ("weights", "static")}
@@ -38,14 +38,14 @@ def main() -> None:
     data = DataConfig(calib=str(work / "minilm_text.npz"))
     runner_config = RunnerConfig(threads=args.threads)
     bundles = {"fp32": run_build(BuildPlan(source, work / "fp32", ("ort-fp32", "openvino-fp32"), data,
-                                           runner=runner_config), say=print)}
+                                           runner=runner_config))}
     engines = {"ort-fp32": ("fp32", "ort-fp32"), "openvino-fp32": ("fp32", "openvino-fp32")}
     for target, schemes in SCHEMES.items():
         for scheme in schemes:
             name = f"{target}-{scheme}"
             bundles[name] = run_build(BuildPlan(source, work / name, (target,), data,
                                                 QuantConfig(int8_scheme=scheme, recover_accuracy=False),
-                                                max_accuracy_drop=100.0, runner=runner_config), say=print)
+                                                max_accuracy_drop=100.0, runner=runner_config))
             engines[name] = (name, target)
 
     model = MiniLM()

@@ -17,8 +17,9 @@ import numpy as np
 
 from benchmarks.common import environment, markdown_table, time_interleaved, timing_parser, write_results
 from optimize.bundle import load_runner
-from optimize.pipeline import machine_info, run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.environment import machine_info
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import BuildConfig, BuildInputs, RunnerConfig
 
 TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
@@ -28,7 +29,7 @@ def depthwise_kept(bundle: Path, work: Path, calibration: np.ndarray, threads: i
     """``ort-int8`` with every grouped convolution left FP32 (the same quantizer, ``keep_fp32``)."""
     import onnx
 
-    from optimize.calibration import Samples
+    from optimize.inputs.calibration import Samples
     from optimize.targets import onnxruntime as ort_target
 
     graph = onnx.load(str(bundle / "model.onnx")).graph
@@ -69,7 +70,7 @@ def main() -> None:
     plan = BuildPlan(source=SourceConfig(work / "mobilenet.pt", "models.mobilenet:mobilenet_v2"), out=work / "bundle",
                      targets=TARGETS, data=DataConfig(calib=str(work / "calib.npz"), held_out_fraction=0.25),
                      runner=RunnerConfig(threads=args.threads), max_accuracy_drop=100.0)
-    bundle = run_build(plan, say=print).bundle
+    bundle = run_build(plan).bundle
     x1 = calibration[:1]
     calls = {"torch-eager-fp32": lambda: model(torch.from_numpy(x1))}
     runners = {t: load_runner(bundle, t) for t in TARGETS}

@@ -19,8 +19,8 @@ import numpy as np
 from benchmarks.common import environment, markdown_table, write_results
 from optimize.passes.distill import MIN_RECOVERY_SAMPLES, DistillConfig
 from optimize.passes.prune import PruneConfig
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 
 TARGETS = ("openvino-int8", "ort-int8")
 
@@ -36,7 +36,7 @@ def one_run(work: Path, samples: int, seed: int, ratio: float) -> dict:
                      data=DataConfig(calib=str(calib), eval_data=str(work / "digits_test.npz")),
                      max_accuracy_drop=100.0, use_cache=False,
                      prune=PruneConfig(ratio), distill=DistillConfig(seed=seed))
-    manifest = run_build(plan, say=lambda _: None).manifest.to_json()
+    manifest = run_build(plan).manifest.to_json()
     stage = manifest["stages"]["prune"]
     acc = {step: stage["accuracy"][step]["eval"]["accuracy_pct"] for step in stage["accuracy"]}
     for target in TARGETS:

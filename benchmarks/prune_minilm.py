@@ -22,8 +22,8 @@ from benchmarks.common import environment, markdown_table, time_interleaved, wri
 from optimize.bundle import load_runner
 from optimize.passes.distill import DistillConfig
 from optimize.passes.prune import PruneConfig
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 
 TARGET = "ort-fp32"
@@ -36,7 +36,7 @@ def build(work: Path, ratio: float | None, steps: int, batch_size: int, threads:
                                      train_data=str(work / "minilm_extra_text.npz") if ratio else None),
                      runner=RunnerConfig(threads=threads), max_accuracy_drop=100.0,
                      prune=PruneConfig(ratio) if ratio else None, distill=DistillConfig(steps=steps, batch_size=batch_size))
-    return run_build(plan, say=print)
+    return run_build(plan)
 
 
 def main() -> None:

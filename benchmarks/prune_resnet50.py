@@ -24,8 +24,8 @@ from benchmarks.common import environment, markdown_table, time_interleaved, wri
 from optimize.bundle import load_runner
 from optimize.passes.prune import PruneConfig, count
 from optimize.passes.distill import DistillConfig
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 
 BACKENDS = ("ort-fp32", "openvino-fp32")
@@ -37,7 +37,7 @@ def build(work: Path, depth: int, ratio: float | None, threads: int, backends: t
                      data=DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.25),
                      runner=RunnerConfig(threads=threads), max_accuracy_drop=100.0,
                      prune=PruneConfig(ratio, round_to=8) if ratio else None, distill=DistillConfig(steps=0))
-    return run_build(plan, say=print)
+    return run_build(plan)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.common import environment, write_results
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.passes.precision import qdq_graph
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")

@@ -21,8 +21,8 @@ import numpy as np
 from benchmarks.common import environment, markdown_table, time_interleaved, write_results
 from optimize import validate
 from optimize.bundle import load_runner
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
 
 TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
@@ -60,7 +60,7 @@ def main() -> None:
     plan = BuildPlan(source=SourceConfig(work / f"resnet{args.depth}.pt", arch), out=work / "bundle",
                      targets=TARGETS, data=DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.2),
                      runner=RunnerConfig(threads=args.threads))
-    result = run_build(plan, say=print)
+    result = run_build(plan)
     bundle = result.bundle
     model = {18: resnet18, 50: resnet50}[args.depth]()
     model.load_state_dict(torch.load(work / f"resnet{args.depth}.pt", weights_only=True))

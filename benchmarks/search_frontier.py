@@ -36,8 +36,7 @@ from benchmarks.common import environment, markdown_table, write_results
 from optimize.bench.load import LoadPlan
 from optimize.bench.run import BenchConfig, bench_engines, run_bench
 from optimize.bundle import load_runner, read_manifest
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.search.runner import SearchPlan, model_family, run_search
 from optimize.search.space import parse_space
 from optimize.select import LoadSpec
@@ -78,7 +77,7 @@ def source(model: str, work: Path) -> tuple[SourceConfig, DataConfig, str | None
 def search(plan: BuildPlan, space: Any, bench: BenchConfig, parallel: int | None = None,
            budget_disabled: bool = False, load: LoadSpec = LOAD) -> Any:
     return run_search(SearchPlan(plan=plan, space=space, load=load, bench=bench, parallel=parallel,
-                                 budget_disabled=budget_disabled), say=print, fresh=True)
+                                 budget_disabled=budget_disabled), fresh=True)
 
 
 def same_run(engines: dict[str, tuple[Path, str]], rounds: int, batch: int = 1) -> dict[str, dict[str, Any]]:
@@ -101,18 +100,17 @@ def same_run(engines: dict[str, tuple[Path, str]], rounds: int, batch: int = 1) 
 
 
 def versus_default(model: str, work: Path, rounds: int, batch: int) -> tuple[dict[str, Any], str]:
-    from optimize.plan import Selection
+    from optimize.auto import Selection, build_and_select
 
     load = LoadSpec("batch", float(batch))
     src, data, task = source(model, work / "model")
     # --target auto without its baselines (torch-compile is measured, never chosen)
-    base = BuildPlan(source=src, out=work / "default", targets=CPU_TARGETS, data=data, task=task,
-                     selection=Selection(load=load))
+    base = BuildPlan(source=src, out=work / "default", targets=CPU_TARGETS, data=data, task=task)
     started = time.time()
-    default = run_build(base, say=print)
+    default = build_and_select(base, Selection(load=load))
     default_s = time.time() - started
     default_target = default.manifest.winner_target
-    plan = dataclasses.replace(base, out=work / "searched", targets=("ort-fp32",), selection=None)
+    plan = dataclasses.replace(base, out=work / "searched", targets=("ort-fp32",))
     space = parse_space(model_family(plan, print))
     result = search(plan, space, trial_bench(3.0, 3), load=load)
     winner = result.winner
@@ -163,8 +161,7 @@ def parallel_speedup(work: Path, rounds: int) -> tuple[dict[str, Any], str]:
                         budget_disabled=True)
     winner = next(r for r in parallel.records if r["key"] == parallel.winner["key"])
     standalone = run_bench(parallel.bundle, dataclasses.replace(
-        bench, plan=dataclasses.replace(bench.plan, batch_sizes=(1,)), targets=(winner["config"]["target"],)),
-        say=print, progress=False)
+        bench, plan=dataclasses.replace(bench.plan, batch_sizes=(1,)), targets=(winner["config"]["target"],)), progress=False)
     alone = next(p for p in standalone["engines"][winner["config"]["target"]]["points"] if p["load"] == LOAD.label)
     spreads = [r["spread_pct"] for r in parallel.records if r["status"] == "ok"]
     shutil.copyfile(parallel.search_dir / "frontier.png", Path("benchmarks/results") / "search_resnet18_frontier.png")

@@ -77,7 +77,7 @@ def serve_and_embed(bundle: Path, target: str, batch: list[str]) -> tuple[np.nda
 def cut_at_calibration_length(bundle: Path, target: str, batch: list[str]) -> np.ndarray:
     """What a server that cut every text at the calibration length answered: the same engine, 64 tokens."""
     from optimize.bundle import load_runner, read_manifest
-    from optimize.tokenizer import TextEncoder
+    from optimize.inputs.tokenizer import TextEncoder
 
     manifest = read_manifest(bundle)
     section = {**manifest.text, "max_length": CALIBRATION_LENGTH}
@@ -98,8 +98,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from models.minilm import make_checkpoint, model_dir
-    from optimize.pipeline import run_build
-    from optimize.plan import BuildPlan, DataConfig, SourceConfig
+    from optimize.build.pipeline import run_build
+    from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 
     batch = texts()
     reference_model = SentenceTransformer(str(model_dir()), device="cpu")
@@ -115,7 +115,7 @@ def main() -> None:
                          targets=("ort-fp32", "openvino-int8"),
                          data=DataConfig(calib=str(folder / "minilm_text.npz"), tokenizer=str(folder / "tokenizer")),
                          name="minilm")
-        result = run_build(plan, say=lambda text: print(text, file=sys.stderr))
+        result = run_build(plan)
         served_length = result.manifest.text["max_length"]
         for target in result.manifest.built_targets():
             served, parameters, counter = serve_and_embed(result.bundle, target, batch)

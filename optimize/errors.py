@@ -40,10 +40,6 @@ class BuildError(OptimizeError):
     """A target's engine could not be built for the stated reason."""
 
 
-class AccuracyGateError(OptimizeError):
-    """An engine's accuracy breaches the budget given with --max-accuracy-drop."""
-
-
 class BundleError(OptimizeError):
     """A bundle folder is missing, incomplete or would overwrite something that is not a bundle."""
 

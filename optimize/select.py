@@ -70,7 +70,7 @@ def parse_duration(text: str) -> float:
 
 def select(manifest: Any, report: dict[str, Any], slo: Slo | None, load: LoadSpec) -> dict[str, Any]:
     """The decision, with every candidate's numbers; ``target`` is None when nothing qualifies.
-    ``manifest`` is the bundle's ``optimize.manifest.Manifest``."""
+    ``manifest`` is the bundle's ``optimize.bundle.manifest.Manifest``."""
     metric = slo.key if slo else "p99_ms"
     candidates = []
     for name, entry in manifest.targets.items():

@@ -14,14 +14,21 @@ Per task:
 A classifier's output may be dense (``N x classes x ...``, per-pixel classes): the class axis is
 the second, agreement is per element, and intervals resample whole samples (their elements are
 not independent).
+
+Evaluation (``evaluate``, ``judge_selection``) runs any model, given as ``run(samples) -> outputs``,
+on the build's ``GateData``: the held-out, selection, labelled and long-text ``Split``s, each with
+the original FP32 model's outputs on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from optimize.inputs.calibration import Samples
 
 DEFAULT_MAX_DROP = {"classify": 1.0, "embed": 1.0, "regress": None}
 REGRESS_BUDGET_SHARE = 0.05  # of the FP32 outputs' standard deviation
@@ -282,3 +289,77 @@ def chance_level(logits: np.ndarray, labels: np.ndarray, data: str) -> ChanceLev
     accuracy = float((np.asarray(logits).argmax(-1) == labels).mean() * 100)
     bound = binomial_upper(len(labels), chance) / len(labels)
     return ChanceLevel(accuracy, chance * 100, bound * 100, len(labels), data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Samples and the original FP32 model's outputs on them, named as the manifest says it."""
+
+    samples: "Samples"
+    reference: dict[str, np.ndarray]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateData:
+    """What every accuracy number of a build is measured on, always against the original FP32 model.
+
+    ``held_out`` is the gate's data; ``selection`` is what candidates and recovery steps are chosen
+    on (where the data were too few for a split of its own, the held-out data, said in its name);
+    ``labelled`` is ``--eval-data``; ``long`` holds token rows at the serving length when that is
+    beyond the data's own (``long_tokens``)."""
+
+    task: str
+    output: str  # the output the gate reads
+    held_out: Split
+    selection: Split
+    labelled: Split | None = None
+    long: Split | None = None
+    long_tokens: int | None = None
+
+
+Run = Callable[["Samples"], dict[str, np.ndarray]]
+
+
+def evaluate(run: Run, data: GateData, max_drop: float | None) -> dict[str, Any]:
+    """Accuracy of a model (``run(samples) -> outputs``) on the held-out and labelled data, and the gate."""
+    task, first, held = data.task, data.output, data.held_out
+    outputs = run(held.samples)
+    accuracy = {"held_out": metrics(task, held.reference[first], outputs[first], held.samples.labels)}
+    baseline = None
+    gated = (held.reference[first], outputs[first], held.samples.labels)
+    if data.labelled is not None:
+        labelled = data.labelled
+        outputs = run(labelled.samples)
+        accuracy["eval"] = metrics(task, labelled.reference[first], outputs[first], labelled.samples.labels)
+        baseline = metrics(task, labelled.reference[first], labelled.reference[first], labelled.samples.labels)
+        accuracy["eval_fp32_torch"] = baseline
+        gated = (labelled.reference[first], outputs[first], labelled.samples.labels)
+    verdict = gate(task, accuracy.get("eval", accuracy["held_out"]), baseline, max_drop)
+    labelled_metric = verdict.metric == "labelled accuracy"
+    verdict = with_interval(verdict, drop_interval(task, *gated, labelled_metric), len(gated[0]))
+    if data.long is not None:
+        outputs = run(data.long.samples)
+        accuracy["held_out_max_length"] = {**metrics(task, data.long.reference[first], outputs[first]),
+                                           "tokens": data.long_tokens}
+        at_length = gate(task, accuracy["held_out_max_length"], None, max_drop)
+        if verdict.passed and not at_length.passed:
+            verdict = dataclasses.replace(at_length, message=f"at {data.long_tokens} tokens: {at_length.message}")
+    return {"accuracy": accuracy, "gate": verdict.to_json()}
+
+
+def judge_selection(run: Run, data: GateData, max_drop: float | None) -> dict[str, Any]:
+    """A model (``run(samples) -> outputs``) judged on the selection split against the original FP32
+    model: its metrics and verdict, for choosing among candidates without touching the gate's data."""
+    split, first = data.selection, data.output
+    outputs = run(split.samples)
+    result, verdict = judge(data.task, split.reference[first], outputs[first], split.samples.labels, max_drop)
+    return {"data": split.name, "samples": len(split), "metrics": result, "gate": verdict.to_json()}
+
+
+def runs(runner: Any) -> Run:
+    """An engine's ``Runner`` as ``run(samples) -> outputs`` (batches of 32)."""
+    return lambda samples: runner.infer_all(samples.batches(32))

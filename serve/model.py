@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from optimize.specs import TensorSpec
-from optimize.triton import model_config
+from optimize.inputs.specs import TensorSpec
+from optimize.deploy.triton import model_config
 from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
 
 
@@ -52,7 +52,7 @@ class ServedModel:
     inputs: list[TensorSpec]
     outputs: list[dict[str, Any]]
     max_batch: int
-    text: Any = None  # optimize.tokenizer.TextEncoder for a token model built with a tokenizer
+    text: Any = None  # optimize.inputs.tokenizer.TextEncoder for a token model built with a tokenizer
 
     def signatures(self) -> list[list[dict[str, Any]]]:
         """The input sets this server accepts, each a list of {name, datatype, shape (-1: any)}.

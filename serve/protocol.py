@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize.specs import OIP_DATATYPES, oip_datatype
+from optimize.inputs.specs import OIP_DATATYPES, oip_datatype
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_DIMENSION = 1 << 31  # no tensor is this long; beyond it numpy's shapes overflow

@@ -16,15 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from optimize.bench.measure import MeasureConfig, round_medians
-from optimize.bundle import load_runner
+from optimize.bench.measure import BRIEF, COMPARISON_ROUNDS, faster, round_medians
+from optimize.bundle.folder import load_runner
 from optimize.errors import BundleError
-from optimize.scheme_choice import faster
 from optimize.targets import registry
 
-ROUNDS = 5
-TIMING = MeasureConfig(warmup_iterations=3, warmup_s=0.1, window_s=0.2, min_window_iterations=3,
-                       stable_windows=2, tolerance=0.10, max_windows=3, time_limit_s=2.0)
 
 
 def candidates(manifest: Any) -> list[str]:
@@ -46,7 +42,7 @@ def reselect(bundle: Path, manifest: Any) -> tuple[str, dict[str, Any]]:
     feeds = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in manifest.inputs}
     with contextlib.ExitStack() as stack:
         runners = {name: stack.enter_context(load_runner(bundle, name)) for name in names}
-        timings = round_medians({n: (lambda r=r: r.infer(feeds)) for n, r in runners.items()}, ROUNDS, TIMING)
+        timings = round_medians({n: (lambda r=r: r.infer(feeds)) for n, r in runners.items()}, COMPARISON_ROUNDS, BRIEF)
     fastest = min(names, key=lambda n: timings[n]["p50_ms"])
     winner = manifest.winner_target
     if winner in timings and winner != fastest and not faster(timings[fastest], timings[winner]):

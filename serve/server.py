@@ -25,10 +25,10 @@ from typing import Any, Iterator
 import numpy as np
 import uvicorn
 
-from optimize.bundle import choose_target, load_runner, read_manifest
+from optimize.bundle.folder import choose_target, load_runner, read_manifest
 from optimize.drift.profile import DRIFT_DIR, Profile
 from optimize.errors import BundleError
-from optimize.tokenizer import TextEncoder, pad_values
+from optimize.inputs.tokenizer import TextEncoder, pad_values
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 from serve.app import InferenceApp
 from serve.service import InferenceService
 from serve.batching import Batcher, BatchingConfig, Overloaded

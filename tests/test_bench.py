@@ -83,7 +83,7 @@ def _point(load, p99, throughput=100.0):
 
 
 def test_selection_prefers_fastest_within_budget_and_slo():
-    from optimize.manifest import Manifest, TargetRecord
+    from optimize.bundle.manifest import Manifest, TargetRecord
 
     records = {"a": {"status": "built", "gate": {"passed": True, "drop": 0.1}},
                "b": {"status": "built", "gate": {"passed": False, "drop": 3.0, "message": "drop 3 exceeds 1"}},
@@ -142,8 +142,8 @@ def test_ctrl_c_keeps_what_was_measured(bundle):
                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     report = bundle / "bench" / "report.json"
     before = report.stat().st_mtime if report.exists() else 0
-    for line in process.stderr:  # the progress bar (its \r updates read as lines) past three loads:
-        done = re.search(r"\| (\d+)/\d+ \[", line)  # the fourth, a 5 s closed loop, is running
+    for line in process.stderr:  # redirected, a line per load measured; past three loads the
+        done = re.search(r"measured .* \((\d+)/\d+\)", line)  # fourth, a 5 s closed loop, is running
         if done and int(done.group(1)) >= 3:
             break
     process.send_signal(signal.SIGINT)

@@ -55,7 +55,7 @@ def test_the_engine_records_its_precision_and_never_runs_fp32_under_a_bf16_name(
 
 
 def test_the_triton_config_carries_the_bf16_hint():
-    from optimize.triton import model_config, to_pbtxt
+    from optimize.deploy.triton import model_config, to_pbtxt
 
     tensors = [{"name": "x", "datatype": "FP32", "shape": [-1, 6]}]
     config = model_config("m", "openvino-bf16", 8, tensors, [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],

@@ -148,51 +148,51 @@ def test_int8_recovery_when_the_budget_is_breached(tiny_checkpoint, tmp_path, ta
 
 
 @pytest.mark.slow
-def test_python_api_auto_builds_benchmarks_and_picks_the_winner_like_the_cli(tiny_checkpoint, tmp_path):
-    """``run_build`` with ``auto`` and no CLI: the plan's selection benchmarks and records a winner;
-    ``bench_bundle`` then re-measures through the API and records its own decision."""
+def test_python_api_auto_builds_benchmarks_and_picks_the_winner_like_the_cli(tiny_checkpoint, tmp_path, caplog):
+    """``build_and_select`` with no CLI: the build, then the selection benchmarks and records a winner;
+    ``bench_bundle`` then re-measures through the API and records its own decision. The library
+    logs its progress (``optimize.*`` loggers) and prints nothing."""
     import dataclasses
+    import logging
 
+    from optimize.auto import Selection, build_and_select, selection_for
     from optimize.bench.load import LoadPlan
     from optimize.bench.run import BenchConfig, bench_bundle
+    from optimize.build.plan import BuildPlan, DataConfig, QuantConfig, SourceConfig
     from optimize.bundle import read_manifest
-    from optimize.pipeline import run_build
-    from optimize.plan import BuildPlan, DataConfig, QuantConfig, Selection, SourceConfig
     from optimize.select import LoadSpec, parse_slo
 
     t = tiny_checkpoint
-    said: list[str] = []
     quick = BenchConfig(plan=LoadPlan.for_duration(0.3, batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(),
                                                    rounds=1), torch_baseline=False, cross_check=False)
     plan = BuildPlan(source=SourceConfig(t["ckpt"], t["arch"]), out=tmp_path / "api", targets=("ort-fp32", "ort-int8"),
-                     data=DataConfig(calib=str(t["calib"])), quant=QuantConfig(), use_cache=False,
-                     selection=Selection(LoadSpec("batch", 1), parse_slo("p99=1s"), bench=quick, progress=False))
-    result = run_build(plan, say=said.append)
+                     data=DataConfig(calib=str(t["calib"])), quant=QuantConfig(), use_cache=False)
+    with caplog.at_level(logging.INFO, logger="optimize"):
+        result = build_and_select(plan, Selection(LoadSpec("batch", 1), parse_slo("p99=1s"), bench=quick,
+                                                  progress=False))
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("optimize.")]
     assert result.manifest.built_targets() == ["ort-fp32", "ort-int8"] and not result.failed
     assert result.decision["target"] in ("ort-fp32", "ort-int8") and result.decision["met"]
     assert read_manifest(result.bundle).winner_target == result.decision["target"]
     assert (result.report_folder / "report.json").is_file() and any("measuring" in line for line in said)
+    assert any(line.startswith("loaded ") for line in said) and any("ort-int8: built" in line for line in said)
     quick = dataclasses.replace(quick, targets=("ort-int8",))
-    report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), say=said.append,
-                                       progress=False)
+    report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), progress=False)
     assert set(report["engines"]) == {"ort-int8"} and decision["target"] == "ort-int8"
     winner = result.decision["target"]
     assert read_manifest(result.bundle).winner_target == winner and not report["winner_applied"]  # a subset
-    report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), say=said.append,
-                                       progress=False, select=True)
+    report, decision, _ = bench_bundle(result.bundle, quick, None, LoadSpec("batch", 1), progress=False, select=True)
     assert read_manifest(result.bundle).winner_target == "ort-int8" and report["winner_applied"]
-    # "auto" in the targets alone selects too, with the default selection (run_build runs the plan's
-    # winner_selection, as above; the CLI's --target auto builds and selects in test_bench).
-    source = SourceConfig(t["ckpt"], t["arch"])
-    assert BuildPlan(source=source, out=tmp_path / "auto", targets=("auto",)).winner_selection == Selection()
-    assert BuildPlan(source=source, out=tmp_path / "auto", targets=("ort-fp32,auto",)).winner_selection == Selection()
-    assert BuildPlan(source=source, out=tmp_path / "auto", targets=("all",)).winner_selection is None
+    # "auto" in the targets alone selects too, with the default selection (the CLI's --target auto
+    # builds and selects in test_bench).
+    assert selection_for(("auto",)) == Selection() and selection_for(("ort-fp32,auto",)) == Selection()
+    assert selection_for(("all",)) is None
 
 
 def test_an_unknown_target_fails_before_anything_is_written(tiny_checkpoint, tmp_path):
     from optimize.errors import OptimizeError
-    from optimize.pipeline import run_build
-    from optimize.plan import BuildPlan, SourceConfig
+    from optimize.build.pipeline import run_build
+    from optimize.build.plan import BuildPlan, SourceConfig
 
     t = tiny_checkpoint
     with pytest.raises(OptimizeError, match="unknown target 'tpu-int4'"):

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from optimize.cache import Stage, StageCache, module_source_hash, stage_key, undeclared_imports
-from optimize.scheme_choice import TIMING_STAGE
-from optimize.pipeline import EXPORT_STAGE, ExportStageConfig
-from optimize.prune_stage import PRUNE_STAGE, PruneStageConfig
+from optimize.bundle.cache import Stage, StageCache, module_source_hash, stage_key, undeclared_imports
+from optimize.build.scheme_choice import TIMING_STAGE
+from optimize.build.pipeline import EXPORT_STAGE, ExportStageConfig
+from optimize.build.prune_stage import PRUNE_STAGE, PruneStageConfig
 from optimize.passes.distill import DistillConfig
 from optimize.passes.prune import PruneConfig
-from optimize.specs import TensorSpec
-from optimize.target_stage import TargetStageConfig, target_stage
+from optimize.inputs.specs import TensorSpec
+from optimize.build.target_stage import TargetStageConfig, target_stage
 from optimize.targets import registry
 from optimize.targets.base import BuildConfig
 

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from optimize.checkpoint import load_checkpoint, parse_arch_args
+from optimize.inputs.checkpoint import load_checkpoint, parse_arch_args
 from optimize.errors import CheckpointError
 from support import WritesAFile
 
@@ -137,3 +137,51 @@ def test_missing_file_and_bad_arch(tmp_path, tiny_checkpoint):
         load_checkpoint(tiny_checkpoint["ckpt"], "tests/tiny_models.py:Nope")
     with pytest.raises(CheckpointError, match="pass --arch"):
         load_checkpoint(tiny_checkpoint["ckpt"])
+
+
+USERS_MODELS = """
+import torch
+
+
+class MyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+@pytest.mark.service
+def test_a_users_own_models_py_wins_over_ours_from_the_console_script(tmp_path):
+    """``optimize build net.pt --arch models:MyNet`` in the user's folder, through the installed
+    console script (which, unlike ``python -m``, does not put the folder on the path): their own
+    ``models.py`` is the one loaded, not a module of ours."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "models.py").write_text(USERS_MODELS)
+    torch.save({"fc.weight": torch.randn(3, 4), "fc.bias": torch.randn(3)}, tmp_path / "net.pt")
+    script = Path(sys.executable).parent / "optimize"
+    done = subprocess.run([str(script), "build", "net.pt", "--arch", "models:MyNet", "--input-shape", "1x4",
+                           "--target", "ort-fp32", "--out", "bundle"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["arch"] == "models:MyNet" and manifest["outputs"][0]["shape"] == [-1, 3]
+
+
+def test_a_module_named_like_one_of_ours_already_imported_still_resolves_to_the_users_file(tmp_path, monkeypatch):
+    import sys
+
+    import serve  # ours, imported in this process already (as in a test, or a long-lived program)
+    from optimize.inputs.factory import resolve_factory
+
+    (tmp_path / "serve.py").write_text("def MyNet():\n    return 'theirs'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert resolve_factory("serve:MyNet")() == "theirs"
+    assert sys.modules["serve"] is serve  # everything else still sees ours

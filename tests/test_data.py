@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from optimize.calibration import ImageOptions, load_samples
+from optimize.inputs.calibration import ImageOptions, load_samples
 from optimize.errors import CalibrationError, InputSpecError
-from optimize.specs import dynamic_spec, parse_input_shapes
+from optimize.inputs.specs import dynamic_spec, parse_input_shapes
 
 
 def test_parse_input_shapes():

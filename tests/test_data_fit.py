@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from support import TINY, run_cli
-from optimize import fit, validate
+from optimize import validate
+from optimize.build import fit
 from optimize.errors import CalibrationError
 
 DIGITS = ("--arch", "models.digits:DigitsNet", "--target", "ort-fp32", "--no-cache")

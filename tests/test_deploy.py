@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from support import DEPLOYED, parse_pbtxt, run_cli, triton_proto
-from optimize.triton import model_config, to_pbtxt
+from optimize.deploy.triton import model_config, to_pbtxt
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"TYPE_FP32": "float32", "TYPE_INT64": "int64", "TYPE_INT32": "int32", "TYPE_FP16": "float16"}

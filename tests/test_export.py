@@ -6,7 +6,7 @@ import torch
 from optimize.errors import ExportError, ParityError
 from optimize.passes.export import FP32_EXPORT_TOLERANCE, compare_outputs, export_onnx, export_program
 from optimize.passes.weight_only import quantize_weights
-from optimize.specs import dynamic_spec
+from optimize.inputs.specs import dynamic_spec
 
 
 @torch.library.custom_op("testlib::mystery", mutates_args=())

@@ -13,7 +13,7 @@ class Block:
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
 import optimize, optimize.cli, optimize.targets.registry as registry
-from optimize.pipeline import run_build  # the pipeline itself imports backends lazily too
+from optimize.build.pipeline import run_build  # the pipeline itself imports backends lazily too
 import serve.server, serve.app, optimize.bench.run
 from click.testing import CliRunner
 for args in (["--help"], *([name, "--help"] for name in optimize.cli.COMMANDS),

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.targets.base import ALL_NODES, BuildConfig, BuildInputs
 
 
@@ -128,10 +128,11 @@ def test_histogram_calibration_gets_whole_batches_only():
 
 
 def test_a_candidate_the_backend_cannot_build_is_recorded_and_the_search_goes_on(se_model, tmp_path):
-    from optimize.candidates import Candidate, CandidateSearch
+    from optimize.targets.candidates import Candidate, CandidateSearch
     from optimize.errors import BuildError
     from optimize.targets import onnxruntime as ort_target
     from optimize.targets.base import RecoveryContext
+    from optimize.validate import GateData, Split
 
     onnx_path, samples, _ = se_model
     backend, config = ort_target.BACKEND, BuildConfig("int8", "static")
@@ -155,8 +156,9 @@ def test_a_candidate_the_backend_cannot_build_is_recorded_and_the_search_goes_on
                                              "interval": verdict.interval, "message": verdict.message}}
 
     backend.build(BuildInputs(onnx_path), BuildConfig("fp32"), None, tmp_path / "fp32")
-    context = RecoveryContext(BuildInputs(onnx_path), config, samples, None, samples, {}, "regress", 1e9, build,
-                              lambda folder: ({}, {}), lambda text: None, select=select)
+    split = Split(samples, {}, "held-out data")
+    context = RecoveryContext(BuildInputs(onnx_path), config, samples, None, GateData("regress", "out", split, split),
+                              1e9, build, lambda folder: ({}, {}), select)
     search = CandidateSearch(context, 60.0)
     chosen = search.first_within([Candidate("bad", config, "a refused variant", refuse),
                                   Candidate("keep-all", BuildConfig("int8", "static", keep_fp32=(ALL_NODES,)),

@@ -89,7 +89,7 @@ class Engine:
     """An engine answering in 2 ms on the simulated clock, or 10 ms while the shared ``noise`` flag is up."""
 
     def __init__(self, name: str, log: list[str], noise: list[bool], clock: SimulatedClock):
-        from optimize.specs import TensorSpec
+        from optimize.inputs.specs import TensorSpec
 
         self.name, self.log, self.noise, self.clock = name, log, noise, clock
         self.inputs = [TensorSpec("x", (-1, 2))]

@@ -12,7 +12,7 @@ import pytest
 
 from optimize.bundle import choose_target, load_runner, read_manifest
 from optimize.errors import BundleError
-from optimize.manifest import Manifest, TargetRecord
+from optimize.bundle.manifest import Manifest, TargetRecord
 
 V1 = Path(__file__).parent / "fixtures" / "v1_bundle"
 

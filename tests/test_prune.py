@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from support import run_cli
-from optimize.calibration import Samples
-from optimize.checkpoint import load_checkpoint
+from optimize.inputs.calibration import Samples
+from optimize.inputs.checkpoint import load_checkpoint
 from optimize.errors import CheckpointError, PruneError
 from optimize.passes.distill import DistillConfig, distill
 from optimize.passes.prune import PruneConfig, prune_module
-from optimize.passes.pruned_checkpoint import rebuild_pruned, save_pruned
+from optimize.inputs.pruned_checkpoint import rebuild_pruned, save_pruned
 from tiny_models import CustomLayerCNN, TinyCNN, tiny_cnn, tiny_encoder
 
 X = (torch.randn(2, 3, 16, 16),)

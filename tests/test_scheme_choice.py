@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from optimize.scheme_choice import choose, faster
+from optimize.bench.measure import faster
+from optimize.build.scheme_choice import choose
 from support import DEPLOYED, build_tiny, run_cli
 
 

@@ -112,23 +112,23 @@ def test_front_and_winner():
     assert frontier.choose(records, None, None)["key"] == "tie-better"
 
 
-def test_a_rerun_with_other_arguments_is_refused(tmp_path):
+def test_a_rerun_with_other_arguments_is_refused(tmp_path, caplog):
     from optimize.bench.run import BenchConfig
     from optimize.errors import OptimizeError
-    from optimize.plan import BuildPlan, SourceConfig
+    from optimize.build.plan import BuildPlan, SourceConfig
     from optimize.search.runner import SearchPlan, _state
     from optimize.select import LoadSpec
 
     plan = SearchPlan(plan=BuildPlan(source=SourceConfig(tmp_path / "m.pt"), out=tmp_path / "best"),
                       space=space(), load=LoadSpec("batch", 1), bench=BenchConfig())
-    said = []
-    first = _state(plan, said.append)
-    assert (tmp_path / "best.search" / "search.json").is_file() and not said
-    assert _state(dataclasses.replace(plan, trials=5, parallel=1), said.append) == first  # same search
-    assert "resuming the search" in said[0]
+    caplog.set_level("INFO", logger="optimize")
+    first = _state(plan)
+    assert (tmp_path / "best.search" / "search.json").is_file() and not caplog.records
+    assert _state(dataclasses.replace(plan, trials=5, parallel=1)) == first  # same search
+    assert "resuming the search" in caplog.records[0].getMessage()
     other = dataclasses.replace(plan, space=space(prune=(0.0, 0.5)))
     with pytest.raises(OptimizeError, match="holds a search with other arguments.*--fresh"):
-        _state(other, said.append)
+        _state(other)
 
 
 def test_a_reloaded_study_learns_the_trials_on_disk(tmp_path):

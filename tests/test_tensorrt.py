@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.passes.precision import KEEP_FP32_OPS, TRT_FP16_OPS, fp16_graph, graph_report, qdq_graph
 from optimize.targets import registry
 from optimize.targets.base import BuildConfig
@@ -236,7 +236,7 @@ def test_profile_spans_the_sequence_axis_up_to_the_serving_length(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from optimize.calibration import Samples
+    from optimize.inputs.calibration import Samples
 
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "sequence"])

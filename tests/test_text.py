@@ -10,8 +10,8 @@ import pytest
 
 from support import TINY, run_cli
 from optimize.errors import InputSpecError
-from optimize.specs import TensorSpec
-from optimize.tokenizer import TextEncoder, text_section
+from optimize.inputs.specs import TensorSpec
+from optimize.inputs.tokenizer import TextEncoder, text_section
 
 LENGTH = 16
 TOKENS = [TensorSpec("input_ids", (-1, -1), "int64"), TensorSpec("attention_mask", (-1, -1), "int64")]
@@ -81,7 +81,7 @@ def test_serving_length_comes_from_the_model_files(tokenizer_file, tmp_path):
     import json as json_module
     import shutil
 
-    from optimize.tokenizer import serving_length
+    from optimize.inputs.tokenizer import serving_length
     from tiny_models import tiny_encoder
 
     model = tiny_encoder()  # 32 position embeddings

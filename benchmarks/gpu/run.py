@@ -27,8 +27,8 @@ import numpy as np
 
 from benchmarks.common import environment, markdown_table, write_results
 from optimize.bundle import load_runner, read_manifest
-from optimize.pipeline import run_build
-from optimize.plan import BuildPlan, DataConfig, SourceConfig
+from optimize.build.pipeline import run_build
+from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets import registry
 
 TARGETS = ("trt-fp16", "trt-int8", "torch-compile", "ort-fp32")
@@ -49,7 +49,7 @@ def build(work: Path, kind: str) -> Path:
         source = SourceConfig(work / "resnet50.pt", "models.resnet:resnet50")
         data = DataConfig(calib=str(work / "resnet_calib.npz"), held_out_fraction=0.25)
     plan = BuildPlan(source=source, out=work / "bundle", targets=TARGETS, data=data, batch_sizes=BATCHES)
-    return run_build(plan, say=print).bundle
+    return run_build(plan).bundle
 
 
 def eager_fp16(bundle: Path):

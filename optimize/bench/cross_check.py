@@ -7,15 +7,18 @@ one-caller batch-1 load. Its median beside ours shows whether our measuring harn
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from optimize.manifest import Manifest
+from optimize.bundle.manifest import Manifest
 from optimize.targets import registry
+
+log = logging.getLogger(__name__)
 
 MEDIAN = re.compile(r"Median:\s+([0-9.]+)\s*(ms|us|s)\b")
 TO_MS = {"ms": 1.0, "us": 0.001, "s": 1000.0}
@@ -44,8 +47,7 @@ def _run(command: list[str]) -> tuple[float | None, str | None]:
     return float(match.group(1)) * TO_MS[match.group(2)], None
 
 
-def vendor_benchmarks(bundle: Path, manifest: Manifest, engines: dict[str, dict[str, Any]],
-                      say: Callable[[str], None]) -> dict[str, Any]:
+def vendor_benchmarks(bundle: Path, manifest: Manifest, engines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``{target: {benchmark_app_p50_ms, ours_p50_ms, ours_over_benchmark_app, command}}`` for every
     measured target whose backend has a vendor tool; ``{target: {"skipped": why}}`` when it is missing."""
     threads = manifest.runner_config.threads or 0
@@ -69,6 +71,6 @@ def vendor_benchmarks(bundle: Path, manifest: Manifest, engines: dict[str, dict[
         results[name] = {"benchmark_app_p50_ms": theirs, "ours_p50_ms": ours,
                          "ours_over_benchmark_app": ours / theirs if ours and theirs else None,
                          "command": " ".join(command[1:])}
-        say(f"{name}: benchmark_app median {theirs:.3f} ms, ours {ours:.3f} ms" if ours else
+        log.info(f"{name}: benchmark_app median {theirs:.3f} ms, ours {ours:.3f} ms" if ours else
             f"{name}: benchmark_app median {theirs:.3f} ms")
     return results

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import BundleError
-from optimize.specs import OIP_DATATYPES, TensorSpec, oip_datatype
+from optimize.inputs.specs import OIP_DATATYPES, TensorSpec, oip_datatype
 from optimize.targets.base import Runner
 
 

@@ -114,3 +114,25 @@ def round_medians(calls: dict[str, Callable[[], Any]], rounds: int, config: Meas
         out[name] = {"p50_ms": float(np.median(medians)), "p50_ms_per_round": medians.round(4).tolist(),
                      "spread_pct": float((medians.max() - medians.min()) / np.median(medians) * 100)}
     return out
+
+
+# A brief comparison of engines at batch 1 (the build's INT8 scheme choice, the server's --reselect):
+# interleaved rounds of short measurements; two engines differ only beyond the paired ratios' spread.
+COMPARISON_ROUNDS = 5
+BRIEF = MeasureConfig(warmup_iterations=3, warmup_s=0.05, window_s=0.1, min_window_iterations=3,
+                      stable_windows=2, tolerance=0.10, max_windows=3, time_limit_s=1.5)
+MIN_TIE = 0.02  # paired ratios closer to 1 than this are a tie whatever the spread
+
+
+def paired_ratio(slow: dict[str, Any], fast: dict[str, Any]) -> tuple[float, float]:
+    """(median, interquartile range) of the per-round ratios slow/fast of two ``round_medians``
+    entries: measured in the same round, so the machine's drift cancels."""
+    ratios = np.asarray(slow["p50_ms_per_round"]) / np.asarray(fast["p50_ms_per_round"])
+    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    return float(q50), float(q75 - q25)
+
+
+def faster(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """``a`` is faster than ``b`` by more than the measured spread."""
+    ratio, iqr = paired_ratio(b, a)
+    return ratio - 1.0 > max(MIN_TIE, iqr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import time
 import threading
 from pathlib import Path
@@ -20,14 +21,18 @@ from typing import Any, Callable
 
 import numpy as np
 
+from optimize.quiet import on_terminal
 from optimize.bench.load import LoadPlan, LoadPoint, batch_point, closed_loop, merge_rounds, open_loop
-from optimize.bundle import read_manifest
+from optimize.bundle.folder import read_manifest
 from optimize.errors import BundleError
-from optimize.manifest import Manifest
-from optimize.specs import TensorSpec
+from optimize.bundle.manifest import Manifest
+from optimize.inputs.specs import TensorSpec
+from optimize.select import LoadSpec, Slo
 
 BASELINE = "torch-eager-fp32"
 SERVER = "server"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +171,7 @@ def open_runners(bundle: Path, manifest: Manifest, names: list[str], config: Ben
                  stack: contextlib.ExitStack) -> dict[str, Any]:
     """Every engine to measure, open at once (the rounds interleave them), closed by ``stack``:
     torch eager first, then the targets, then the server (checked first, before anything is loaded)."""
-    from optimize.bundle import load_runner
+    from optimize.bundle.folder import load_runner
 
     inputs, outputs = manifest.inputs, manifest.output_names
     server = None
@@ -193,8 +198,7 @@ def open_runners(bundle: Path, manifest: Manifest, names: list[str], config: Ben
     return runners
 
 
-def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = print,
-              progress: bool = True) -> dict[str, Any]:
+def run_bench(bundle: Path, config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Measure, then return the report (``write_report`` saves it in the bundle)."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -209,38 +213,47 @@ def run_bench(bundle: Path, config: BenchConfig, say: Callable[[str], None] = pr
         client_overhead = None
         if SERVER in runners:
             client_overhead = runners[SERVER].client_overhead_ms(tiled_feeds(held, manifest.inputs, 1))
-        measured = _measure(runners, held, config.plan, stop, say, progress)
+        measured = _measure(runners, held, config.plan, stop, progress)
         settings = {name: runner.settings for name, runner in runners.items()}
-    return _report(manifest, config, measured, settings, client_overhead, stop.is_set(), bundle, say)
+    return _report(manifest, config, measured, settings, client_overhead, stop.is_set(), bundle)
 
 
 def _measure(runners: dict[str, Any], held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
-             say: Callable[[str], None], progress: bool) -> dict[str, list[LoadPoint]]:
+             progress: bool) -> dict[str, list[LoadPoint]]:
     from tqdm.auto import tqdm
 
     steps = len(runners) * (len(steady_points(plan)) * max(1, plan.rounds) + len(rate_points(plan)))
-    say(f"measuring {', '.join(runners)} in {max(1, plan.rounds)} round(s)")
-    with tqdm(total=steps, desc="benchmarking", unit="load", disable=not progress, leave=False) as bar:
+    log.info(f"measuring {', '.join(runners)} in {max(1, plan.rounds)} round(s)")
+    bar_shown = progress and on_terminal()
+    done = [0]
+
+    def measured(label: str) -> None:  # a bar on a terminal; redirected, a line per load
+        bar.update(1)
+        done[0] += 1
+        if progress and not bar_shown:
+            log.info(f"  measured {label} ({done[0]}/{steps})")
+
+    with tqdm(total=steps, desc="benchmarking", unit="load", disable=not bar_shown, leave=False) as bar:
         try:
-            return bench_engines(runners, held, plan, stop, lambda label: bar.update(1))
+            return bench_engines(runners, held, plan, stop, measured)
         except KeyboardInterrupt:
             stop.set()
             return {}
 
 
 def _report(manifest: Manifest, config: BenchConfig, measured: dict[str, list[LoadPoint]],
-            settings: dict[str, Any], client_overhead: float | None, interrupted: bool, bundle: Path,
-            say: Callable[[str], None]) -> dict[str, Any]:
+            settings: dict[str, Any], client_overhead: float | None, interrupted: bool,
+            bundle: Path) -> dict[str, Any]:
     """The report of what was measured: points per engine, ratios to torch, server overhead, cross-check."""
-    from optimize.pipeline import library_versions, machine_info
+    from optimize.environment import library_versions, machine_info
 
     engines: dict[str, dict[str, Any]] = {}
     for name, points in measured.items():
         engines[name] = {"settings": settings[name], "points": [p.summary() for p in points],
                          "capacity_rps": capacity_rps(points)}
-        say(f"{name}: " + ", ".join(f"{p.label} p50 {p.percentile_ms(50):.2f} ms" for p in points[:3]))
+        log.info(f"{name}: " + ", ".join(f"{p.label} p50 {p.percentile_ms(50):.2f} ms" for p in points[:3]))
     if interrupted:
-        say("interrupted: keeping what was measured")
+        log.warning("interrupted: keeping what was measured")
     report = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model_name": manifest.model_name, "task": manifest.task, "config": config.to_json(),
               "baseline": BASELINE if config.torch_baseline else None, "engines": engines,
@@ -251,11 +264,11 @@ def _report(manifest: Manifest, config: BenchConfig, measured: dict[str, list[Lo
     if config.cross_check and not interrupted:
         from optimize.bench.cross_check import vendor_benchmarks
 
-        report["cross_check"] = vendor_benchmarks(bundle, manifest, engines, say)
+        report["cross_check"] = vendor_benchmarks(bundle, manifest, engines)
     return report
 
 
-def plan_with_load(plan: LoadPlan, load: Any) -> LoadPlan:
+def plan_with_load(plan: LoadPlan, load: LoadSpec) -> LoadPlan:
     """Make sure the load the winner is chosen at is measured."""
     if load.kind == "batch" and int(load.value) not in plan.batch_sizes:
         return dataclasses.replace(plan, batch_sizes=tuple(sorted({*plan.batch_sizes, int(load.value)})))
@@ -291,16 +304,16 @@ def winner_change(manifest: Manifest, report: dict[str, Any], decision: dict[str
     return None
 
 
-def bench_bundle(bundle: Path, config: BenchConfig, slo: Any, load: Any, say: Callable[[str], None] = print,
-                 progress: bool = True, select: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+def bench_bundle(bundle: Path, config: BenchConfig, slo: Slo | None, load: LoadSpec, progress: bool = True,
+                 select: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
     """Benchmark, decide the winner at ``load`` under ``slo``, save the report; record the decision as
     the bundle's winner when ``winner_change`` allows (``select``: the caller asks for it)."""
     from optimize.bench.report import write_report
-    from optimize.bundle import write_manifest
+    from optimize.bundle.folder import write_manifest
     from optimize.select import select as decide
 
     config = dataclasses.replace(config, plan=plan_with_load(config.plan, load))
-    report = run_bench(bundle, config, say, progress)
+    report = run_bench(bundle, config, progress)
     decision = None
     if not report["interrupted"]:
         manifest = read_manifest(bundle)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import BundleError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 from optimize.targets.base import Runner, RunnerConfig
 
 

@@ -59,7 +59,9 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
 @click.version_option(__version__, prog_name="optimize")
 @click.option("--debug", is_flag=True, help="On an error, also print its traceback and chained cause "
                                             "(also OPTIMIZE_DEBUG=1).")
-def main(debug: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr (tables and paths stay on stdout).")
+@click.option("--verbose", "-v", is_flag=True, help="Also debug messages, with the logger that wrote each.")
+def main(debug: bool, quiet: bool, verbose: bool) -> None:
     """Take a trained PyTorch model to a measured, deployable inference engine.
 
     A mistake in what was asked (a path, a shape, an option) is one line and exit 2; a bug in
@@ -70,3 +72,8 @@ def main(debug: bool) -> None:
       optimize bench bundle/ --latency-slo p99=20ms
       optimize inspect bundle/
     """
+    from optimize.cli.console import install
+
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other: give one")
+    install(quiet=quiet, verbose=verbose)

@@ -114,10 +114,10 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
 
     slo = parse_slo(latency_slo) if latency_slo else None
     load = parse_load(load_text)
-    report, decision, folder = bench_bundle(bundle, config, slo, load, say=lambda t: click.echo(t, err=True),
+    report, decision, folder = bench_bundle(bundle, config, slo, load,
                                             select=select_winner)
     from optimize.search.tracking import log_bench, tracking_uri
 
     if tracking_uri(mlflow_uri):
-        log_bench(tracking_uri(mlflow_uri), bundle, report, folder, lambda t: click.echo(t, err=True))
+        log_bench(tracking_uri(mlflow_uri), bundle, report, folder)
     print_bench(report, decision, folder, allow_slo_miss)

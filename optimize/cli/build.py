@@ -41,29 +41,28 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) ->
       optimize build digits.pt --arch models.digits:DigitsNet --calib digits_calib.npz \\
           --prune 0.5 --target openvino-int8 --out pruned/
     """
-    from optimize.pipeline import run_build
-    from optimize.plan import BuildPlan, Selection
-    from optimize.report import targets_table
+    from optimize.auto import Selection, build_and_select, names_auto
+    from optimize.build.plan import BuildPlan
+    from optimize.bundle.table import targets_table
     from optimize.select import parse_load, parse_slo
     from optimize.targets.base import RunnerConfig
 
     prune, distill = prune_configs(options)
     slo = parse_slo(options["latency_slo"]) if options["latency_slo"] else None
     load = parse_load(options["load_text"])
-    auto = any(t.strip() == "auto" for item in targets for t in item.split(","))
-    selection = Selection(load=load, slo=slo) if slo is not None or auto else None
+    selection = Selection(load=load, slo=slo) if slo is not None or names_auto(targets) else None
     plan = BuildPlan(
         source=source_config(checkpoint, options), out=out, targets=targets, data=data_config(options),
         quant=quant_config(options), task=options["task"], max_accuracy_drop=accuracy_drop(options["max_drop_text"]),
         name=options["name"], runner=RunnerConfig(threads=options["threads"], idle_spin=options["spin"]),
         use_cache=not options["no_cache"], cache_dir=options["cache_dir"],
         prune=prune, distill=distill, batch_sizes=_numbers(options["batch_sizes"], "--batch-sizes"),
-        selection=selection, strict=options["strict"])
-    result = run_build(plan, say=lambda text: click.echo(text, err=True))
+        strict=options["strict"])
+    result = build_and_select(plan, selection)
     from optimize.search.tracking import log_build, tracking_uri
 
     if tracking_uri(options["mlflow_uri"]):
-        log_build(tracking_uri(options["mlflow_uri"]), result, lambda text: click.echo(text, err=True))
+        log_build(tracking_uri(options["mlflow_uri"]), result)
     click.echo(targets_table(result.manifest))
     click.echo(f"bundle: {result.bundle}")
     explicit = {t.strip() for item in targets for t in item.split(",")} - {"all", "auto"}

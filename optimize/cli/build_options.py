@@ -121,15 +121,15 @@ def accuracy_drop(text: str | None) -> float | None:
 
 
 def source_config(checkpoint: Path, o: dict[str, Any]) -> Any:
-    from optimize.checkpoint import parse_arch_args
-    from optimize.plan import SourceConfig
+    from optimize.inputs.checkpoint import parse_arch_args
+    from optimize.build.plan import SourceConfig
 
     return SourceConfig(checkpoint, o["arch"], parse_arch_args(o["arch_arg"]), o["trust_checkpoint"])
 
 
 def data_config(o: dict[str, Any]) -> Any:
-    from optimize.calibration import ImageOptions
-    from optimize.plan import DataConfig
+    from optimize.inputs.calibration import ImageOptions
+    from optimize.build.plan import DataConfig
 
     if not 0 < o["held_out"] < 1:
         raise InputSpecError(f"--held-out {o['held_out']} must be between 0 and 1")
@@ -142,6 +142,6 @@ def data_config(o: dict[str, Any]) -> Any:
 
 
 def quant_config(o: dict[str, Any]) -> Any:
-    from optimize.plan import QuantConfig
+    from optimize.build.plan import QuantConfig
 
     return QuantConfig(o["int8_scheme"], o["calib_method"], o["per_channel"], recover_accuracy=not o["no_recover"])

@@ -15,11 +15,11 @@ DRIFT_EXIT = 3
 
 def _feeds(bundle: Path, source: str) -> dict:
     """The model's inputs from DATA: .npz/.npy/images as for --calib, or a .txt of one text per line."""
-    from optimize.bundle import read_manifest
-    from optimize.calibration import load_samples
+    from optimize.bundle.folder import read_manifest
+    from optimize.inputs.calibration import load_samples
     manifest = read_manifest(bundle)
     if source.endswith(".txt"):
-        from optimize.tokenizer import TextEncoder
+        from optimize.inputs.tokenizer import TextEncoder
 
         if not Path(source).is_file():
             raise InputSpecError(f"data file {source} does not exist")
@@ -96,7 +96,7 @@ def command(bundle: Path, data: str | None, target: str | None, window: int | No
       optimize drift bundle/ --metrics http://a:8000 --metrics http://b:8000 --interval 60s
       optimize drift bundle/ --prometheus http://prometheus:9090 --range 15m
     """
-    from optimize.bundle import choose_target, read_manifest
+    from optimize.bundle.folder import choose_target, read_manifest
     from optimize.drift import offline
     from optimize.select import parse_duration
 

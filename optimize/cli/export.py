@@ -31,7 +31,7 @@ def triton(bundle: Path, repo: Path, target: str | None, name: str | None, max_b
       optimize export triton bundle/ model_repository/ --target ort-int8
       tritonserver --model-repository model_repository/
     """
-    from optimize.triton import export_repository
+    from optimize.deploy.triton import export_repository
 
     if max_batch < 1 or instances < 1 or max_delay_ms < 0 or queue_capacity < 1:
         raise InputSpecError("--max-batch, --instances and --queue-capacity must be positive, --max-delay-ms not negative")
@@ -85,14 +85,14 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
       kubectl apply -f k8s/inferenceservice.yaml      # with KServe
       kubectl apply -f k8s/deployment.yaml            # without (autoscaling needs prometheus-adapter)
     """
-    from optimize.deploy import DeployConfig, kserve_manifests, plain_manifests, to_yaml
+    from optimize.deploy.kubernetes import DeployConfig, kserve_manifests, plain_manifests, to_yaml
 
     if port == grpc_port:
         raise InputSpecError(f"--port and --grpc-port are both {port}; give them different ports")
     if not 0 < min_replicas <= max_replicas or gpus < 0 or drain_delay < 0 or grace < 0 or queue_target_ms <= 0:
         raise InputSpecError("need 0 < --min-replicas <= --max-replicas, --gpus, --drain-delay and --grace not "
                              "negative, --queue-target-ms positive")
-    from optimize.bundle import choose_target, read_manifest
+    from optimize.bundle.folder import choose_target, read_manifest
 
     from optimize.targets import registry
 

@@ -13,8 +13,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def command(bundle: Path, as_json: bool) -> None:
     """Show what a bundle holds: every target's precision, size, accuracy and status."""
-    from optimize.bundle import read_manifest
-    from optimize.report import targets_table
+    from optimize.bundle.folder import read_manifest
+    from optimize.bundle.table import targets_table
 
     manifest = read_manifest(bundle)
     if as_json:

@@ -92,7 +92,7 @@ def command(checkpoint: Path, out: Path, **o) -> None:
     from optimize.bench.load import LoadPlan
     from optimize.bench.run import BenchConfig
     from optimize.cli.bench import _numbers
-    from optimize.plan import BuildPlan, QuantConfig
+    from optimize.build.plan import BuildPlan, QuantConfig
     from optimize.search.runner import SearchPlan, model_family, ray_environment, require_extras, run_search
     from optimize.search.space import parse_space
     from optimize.search.tracking import tracking_uri
@@ -100,7 +100,6 @@ def command(checkpoint: Path, out: Path, **o) -> None:
 
     ray_environment(o["ray_address"])
     require_extras()
-    say = lambda text: click.echo(text, err=True)  # noqa: E731
     max_drop, disabled = budget(o["max_drop_text"])
     prune, distill = prune_configs({**o, "prune_ratio": None})
     load = parse_load(o["load_text"])
@@ -122,19 +121,19 @@ def command(checkpoint: Path, out: Path, **o) -> None:
         plan = dataclasses.replace(plan, prune=PruneConfig(
             ratio=0.5, granularity=o["prune_granularity"], scope=o["prune_scope"], importance=o["prune_importance"],
             round_to=o["prune_round_to"], ignore=tuple(o["prune_ignore"])))
-    kind = model_family(plan, say)
+    kind = model_family(plan)
     space = parse_space(kind, o["prune_values"], o["target_values"], o["scheme_values"], o["method_values"],
                         o["per_channel_values"], o["thread_values"])
     bench = BenchConfig(plan=LoadPlan.for_duration(duration * o["rounds"], batch_sizes=(), concurrency=(), rates=(),
                                                    rate_fractions=(), rounds=o["rounds"]),
                         cross_check=False)
     if disabled:
-        say("accuracy budget off: trials are judged on speed only; drops are still measured and reported")
+        click.echo("accuracy budget off: trials are judged on speed only; drops are still measured and reported", err=True)
     search = SearchPlan(plan=plan, space=space, load=load, bench=bench,
                         slo=parse_slo(o["latency_slo"]) if o["latency_slo"] else None, trials=o["trials"],
                         time_budget_s=time_budget, parallel=o["parallel"], ray_address=o["ray_address"],
                         mlflow_uri=tracking_uri(o["mlflow_uri"]), seed=o["search_seed"], budget_disabled=disabled)
-    result = run_search(search, say=say, fresh=o["fresh"])
+    result = run_search(search, fresh=o["fresh"])
     click.echo((result.search_dir / "report.md").read_text())
     if result.bundle is None:
         sys.exit(1)

@@ -157,11 +157,6 @@ class Extractor:
         """The classifier output's spec item, if the first output is one."""
         return next((o for o in self.spec["outputs"] if o["method"] == "classes"), None)
 
-    def class_probabilities(self, outputs: dict[str, np.ndarray], temperature: float = 1.0) -> np.ndarray:
-        item = self.classes
-        y = outputs[item["name"]]
-        return probabilities(y.reshape(len(y), -1).astype(np.float32, copy=False), item["probabilities"], temperature)
-
     def _weights(self, item: dict[str, Any]) -> np.ndarray:
         """(H*W, 3 [+ 4]) columns: row position, column position, one (the centroid's sums), and,
         for an image small enough to need no pooling, the layout projections: one matmul for all."""

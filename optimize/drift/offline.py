@@ -30,7 +30,7 @@ def scan(bundle: Path, target: str, feeds: dict[str, np.ndarray], window: int | 
          alpha: float | None = None, batch_size: int = 32) -> dict[str, Any]:
     """Test ``feeds`` (the model's inputs) against ``target``'s profile, at every scale as the
     server does (``StreamMonitor``), and all of it at once."""
-    from optimize.bundle import load_runner
+    from optimize.bundle.folder import load_runner
 
     profile = Profile.load(bundle, target)
     monitor = StreamMonitor(profile, window, scales, requests_per_false_alarm)

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from optimize.calibration import Samples
+from optimize.quiet import on_terminal
+from optimize.inputs.calibration import Samples
 
 # Below this many unlabelled samples, distillation of a pruned model stopped short of the
 # original's accuracy on the digits CNN (benchmarks/results/prune_digits.md: 200 samples left it
@@ -177,7 +178,7 @@ def distill(student: Any, data: Samples, teacher: dict[str, np.ndarray], input_n
             stale += 1
         return result
 
-    bar = tqdm(total=config.steps, desc="recovering (distillation)", unit="step", disable=not progress,
+    bar = tqdm(total=config.steps, desc="recovering (distillation)", unit="step", disable=not (progress and on_terminal()),
                mininterval=0.5, leave=False)
     stopped = None
     student.train()

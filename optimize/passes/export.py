@@ -7,9 +7,8 @@ samples; outputs must agree with PyTorch within ``Tolerance``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
-import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import ExportError, ParityError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
+from optimize.quiet import quieted
+
+
+def _quiet_exporter() -> "contextlib.AbstractContextManager[None]":
+    """torch's exporters log every torchvision op they cannot register and warn about torch's own
+    pytree deprecation: nothing a user can act on. Their errors still raise."""
+    return quieted(loggers=("torch.onnx", "torch.export", "torch._export"),
+                   warning_messages=((FutureWarning, r".*treespec.*"),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +135,8 @@ def export_program(module: Any, example: dict[str, np.ndarray], specs: list[Tens
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
     try:
-        return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(specs), strict=False)
+        with _quiet_exporter():
+            return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(specs), strict=False)
     except Exception as exc:
         text = str(exc)
         if "specialized it to be a constant" in text:
@@ -154,13 +162,9 @@ def export_onnx(model: Any, example: dict[str, np.ndarray], specs: list[TensorSp
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
     input_names = [s.name for s in specs]
-    # The exporter warns about every torchvision op it cannot register; none are used here.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         if isinstance(model, torch.export.ExportedProgram):
-            with warnings.catch_warnings():
-                # The exporter trips over torch's own pytree deprecation; nothing for users to act on.
-                warnings.filterwarnings("ignore", message=".*treespec.*", category=FutureWarning)
+            with _quiet_exporter():
                 program = torch.onnx.export(model, args, None, input_names=input_names,
                                             output_names=output_names, opset_version=opset,
                                             dynamo=True, optimize=True, verbose=False)
@@ -169,9 +173,10 @@ def export_onnx(model: Any, example: dict[str, np.ndarray], specs: list[TensorSp
         else:  # TorchScript: only the TorchScript-based exporter reads it.
             axes = {s.name: {a: n for a, n in enumerate(s.axis_names) if n} for s in specs}
             axes.update({n: {0: "batch"} for n in output_names})
-            torch.onnx.export(model, args, str(path), input_names=input_names,
-                              output_names=output_names, opset_version=opset, dynamo=False,
-                              dynamic_axes=axes)
+            with _quiet_exporter():
+                torch.onnx.export(model, args, str(path), input_names=input_names,
+                                  output_names=output_names, opset_version=opset, dynamo=False,
+                                  dynamic_axes=axes)
     except Exception as exc:
         raise ExportError(_unsupported_message(exc, model)) from exc
     import onnx

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from optimize.calibration import Samples
+from optimize.quiet import on_terminal
+from optimize.inputs.calibration import Samples
 
 
 def calibration_method(name: str) -> Any:
@@ -39,7 +40,7 @@ def calibration_reader(samples: Samples, batch_size: int, progress: str | None =
                 from tqdm import tqdm
 
                 total = (len(samples) + batch_size - 1) // batch_size
-                batches = tqdm(batches, total=total, desc=progress, unit="batch", leave=False)
+                batches = tqdm(batches, total=total, desc=progress, unit="batch", leave=False, disable=not on_terminal())
             self._it = iter(batches)
 
         def get_next(self):

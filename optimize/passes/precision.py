@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError
 from optimize.passes.weight_only import symmetric_int8
 

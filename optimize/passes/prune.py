@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 from optimize.errors import PruneError
-from optimize.passes.pruned_checkpoint import fresh_copy
+from optimize.inputs.pruned_checkpoint import fresh_copy
 
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
 GRANULARITIES = ("auto", "channels", "heads")

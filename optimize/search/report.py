@@ -70,7 +70,7 @@ def write_report(plan: Any, records: list[dict[str, Any]], kept: list[dict[str, 
 def write_winner(plan: Any, record: dict[str, Any], winner: dict[str, Any], report: Path) -> Path:
     """The winning trial's bundle at ``--out``, replaced atomically: its manifest names the search,
     the trial and the decision, and it carries a copy of the search report."""
-    from optimize.bundle import BundleWriter, read_manifest, write_manifest
+    from optimize.bundle.folder import BundleWriter, read_manifest, write_manifest
 
     source = plan.search_dir / record["bundle"]
     with BundleWriter(Path(plan.plan.out)) as writer:

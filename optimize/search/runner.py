@@ -15,17 +15,23 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from optimize import atomic
 from optimize.errors import InputSpecError, OptimizeError
+from optimize.bench.run import BenchConfig
+from optimize.build.plan import BuildPlan
 from optimize.search.space import SearchSpace, TrialConfig
+from optimize.select import LoadSpec, Slo
 from optimize.search.trial import TrialContext, read_record, run_trial
+
+log = logging.getLogger(__name__)
 
 GRID_LIMIT = 32  # a space this small (or asked for in full) is run as a grid
 OBJECT_STORE_BYTES = 256 << 20  # trials pass records, not arrays: a small object store is plenty
@@ -43,11 +49,11 @@ class SearchPlan:
     """A search: the build plan every trial starts from (its ``out`` is where the winner goes), the
     space, how many trials for how long, and how trials are measured and judged."""
 
-    plan: Any  # optimize.plan.BuildPlan
+    plan: BuildPlan
     space: SearchSpace
-    load: Any  # optimize.select.LoadSpec
-    bench: Any  # optimize.bench.run.BenchConfig
-    slo: Any = None  # optimize.select.Slo
+    load: LoadSpec
+    bench: BenchConfig
+    slo: Slo | None = None
     trials: int | None = None  # None: the whole space when it is small, else GRID_LIMIT Optuna trials
     time_budget_s: float | None = None
     parallel: int | None = None  # trials at once (None: one per CPU of the Ray cluster)
@@ -64,7 +70,7 @@ class SearchPlan:
     def identity(self) -> str:
         """What must match for a rerun to reuse this search's trials: everything but the trial
         count, the time budget, the parallelism and where trials run."""
-        plan = dataclasses.replace(self.plan, out=Path("OUT"), selection=None)
+        plan = dataclasses.replace(self.plan, out=Path("OUT"))
         data = {"plan": plan.to_json(), "space": self.space.to_json(), "load": self.load.label,
                 "bench": self.bench.to_json(), "seed": self.seed}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -105,13 +111,13 @@ def _importable(module: str) -> bool:
         return False
 
 
-def model_family(plan: Any, say: Callable[[str], None]) -> str:
+def model_family(plan: BuildPlan) -> str:
     """Load the model and its data once before any trial (a mistake in them is one line here, not
     one failed trial each); ``cnn`` or ``transformer``, which picks the space's defaults."""
-    from optimize.prepare import prepare
+    from optimize.build.prepare import prepare
 
-    prepared = prepare(plan, lambda text: None)
-    say(f"model: {prepared.model_kind}, task {prepared.task}, {len(prepared.held_out)} held-out samples")
+    prepared = prepare(plan.source, plan.data, plan.task, plan.strict)
+    log.info(f"model: {prepared.model_kind}, task {prepared.task}, {len(prepared.held_out)} held-out samples")
     return prepared.model_kind
 
 
@@ -162,7 +168,7 @@ def sync_study(storage: Any, space: SearchSpace, records: list[dict[str, Any]]) 
     return added
 
 
-def _state(plan: SearchPlan, say: Callable[[str], None]) -> dict[str, Any]:
+def _state(plan: SearchPlan) -> dict[str, Any]:
     """The search folder's ``search.json``: created, or checked to be this same search."""
     folder = plan.search_dir
     path = folder / STATE
@@ -173,7 +179,7 @@ def _state(plan: SearchPlan, say: Callable[[str], None]) -> dict[str, Any]:
             raise InputSpecError(f"{folder} holds a search with other arguments (model, data, space, load or "
                                  f"bench settings); pass --fresh to start it over, or another --out")
         finished = len([p for p in (folder / "trials").glob("*/record.json")])
-        say(f"resuming the search in {folder}: {finished} finished trial(s) are reused")
+        log.info(f"resuming the search in {folder}: {finished} finished trial(s) are reused")
         return state
     folder.mkdir(parents=True, exist_ok=True)
     state = {"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mlflow": {}}
@@ -181,7 +187,7 @@ def _state(plan: SearchPlan, say: Callable[[str], None]) -> dict[str, Any]:
     return state
 
 
-def _absolute(plan: Any) -> Any:
+def _absolute(plan: BuildPlan) -> BuildPlan:
     """Every path of the plan absolute: trials run in other processes (and folders)."""
     def absolute(value: Any) -> Any:
         if value is None or (isinstance(value, str) and ":" in value and not Path(value).exists()):
@@ -194,7 +200,7 @@ def _absolute(plan: Any) -> Any:
     return dataclasses.replace(plan, source=source, data=data, out=Path(plan.out).resolve())
 
 
-def _init_ray(plan: SearchPlan, say: Callable[[str], None]) -> None:
+def _init_ray(plan: SearchPlan) -> None:
     import ray
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials resolve paths from the driver's folder
@@ -211,15 +217,15 @@ def _init_ray(plan: SearchPlan, say: Callable[[str], None]) -> None:
             raise InputSpecError(f"cannot reach the Ray cluster at --ray-address {plan.ray_address} "
                                  f"({str(exc).splitlines()[0][:200]}); is `ray start --head` running there, and with token "
                                  f"authentication, is its token in RAY_AUTH_TOKEN or ~/.ray/auth_token?") from None
-        say(f"Ray: the cluster at {plan.ray_address}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
+        log.info(f"Ray: the cluster at {plan.ray_address}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
     else:
         # address="local": a new instance even when this machine records another (`ray start`'s file)
         ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
-        say(f"Ray: a local instance, {os.cpu_count()} CPUs, object store {OBJECT_STORE_BYTES >> 20} MB")
+        log.info(f"Ray: a local instance, {os.cpu_count()} CPUs, object store {OBJECT_STORE_BYTES >> 20} MB")
 
 
-def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool = False) -> SearchResult:
+def run_search(plan: SearchPlan, fresh: bool = False) -> SearchResult:
     """Run (or resume) the search, then write the report and the winner's bundle."""
     ray_environment(plan.ray_address)
     require_extras()
@@ -227,7 +233,7 @@ def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool
     folder = plan.search_dir
     if fresh and folder.exists():
         shutil.rmtree(folder)
-    state = _state(plan, say)
+    state = _state(plan)
     configs = plan.space.configs()
     if not configs:
         raise InputSpecError("the search space is empty: no target takes the schemes and calibration methods given")
@@ -235,7 +241,7 @@ def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool
     done = {c.key for c in configs if read_record(context.folder(c)) is not None}
     grid = plan.trials is None and len(configs) <= GRID_LIMIT or (plan.trials or 0) >= len(configs)
     wanted = len(configs) if grid else (plan.trials or GRID_LIMIT)
-    say(f"search space: {len(configs)} configuration(s); "
+    log.info(f"search space: {len(configs)} configuration(s); "
         + ("all of them, as a grid" if grid else f"{wanted} trial(s) proposed by Optuna (TPE, seed {plan.seed})")
         + (f", within {plan.time_budget_s:g} s" if plan.time_budget_s else ""))
     started = time.time()
@@ -244,16 +250,16 @@ def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool
         todo = [c for c in configs if c.key not in done] if grid else None
         remaining = max(0, wanted - len(done)) if not grid else len(todo)
         if remaining:
-            _init_ray(plan, say)
-            interrupted = _tune(plan, context, todo, remaining, say)
+            _init_ray(plan)
+            interrupted = _tune(plan, context, todo, remaining)
         else:
-            say("every trial of this search is finished already")
+            log.info("every trial of this search is finished already")
     finally:
         records = _records(folder, configs)
         if plan.mlflow_uri:
             from optimize.search.tracking import log_search
 
-            log_search(plan, state, records, say)
+            log_search(plan, state, records)
             atomic.write_json(folder / STATE, state)
         with contextlib.suppress(Exception):
             import ray
@@ -262,7 +268,7 @@ def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool
                 ray.shutdown()
     if interrupted:
         raise KeyboardInterrupt
-    result = _finish(plan, records, time.time() - started, say)
+    result = _finish(plan, records, time.time() - started)
     if plan.mlflow_uri:
         from optimize.search.tracking import log_report
 
@@ -270,8 +276,7 @@ def run_search(plan: SearchPlan, say: Callable[[str], None] = print, fresh: bool
     return result
 
 
-def _tune(plan: SearchPlan, context: TrialContext, todo: list[TrialConfig] | None, samples: int,
-          say: Callable[[str], None]) -> bool:
+def _tune(plan: SearchPlan, context: TrialContext, todo: list[TrialConfig] | None, samples: int) -> bool:
     """Run the trials under Ray Tune; True when stopped by Ctrl-C."""
     import ray
     from ray import tune
@@ -290,14 +295,14 @@ def _tune(plan: SearchPlan, context: TrialContext, todo: list[TrialConfig] | Non
         storage = optuna.storages.RDBStorage(f"sqlite:///{context.search_dir / 'study.db'}")
         added = sync_study(storage, plan.space, _records(context.search_dir, plan.space.configs()))
         if added:
-            say(f"{added} finished trial(s) the study had not been told of are added to it")
+            log.info(f"{added} finished trial(s) the study had not been told of are added to it")
         searcher = OptunaSearch(space=plan.space.optuna_space(), metric=["accuracy_drop", "latency_ms"],
                                 mode=["min", "min"], sampler=optuna.samplers.TPESampler(seed=plan.seed),
                                 study_name="search", storage=storage)
         param_space = None
         tune_config = tune.TuneConfig(search_alg=searcher, num_samples=samples, max_concurrent_trials=parallel,
                                       time_budget_s=plan.time_budget_s, reuse_actors=True)
-    say(f"running {samples} trial(s), up to {parallel} at once (benchmarks one at a time per node)")
+    log.info(f"running {samples} trial(s), up to {parallel} at once (benchmarks one at a time per node)")
     run_config = tune.RunConfig(storage_path=str(context.search_dir / "ray"), name="tune", verbose=0,
                                 log_to_file=True, failure_config=tune.FailureConfig(max_failures=0))
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -306,7 +311,7 @@ def _tune(plan: SearchPlan, context: TrialContext, todo: list[TrialConfig] | Non
         signal.signal(signal.SIGINT, signal.default_int_handler)
         tuner.fit()
     except KeyboardInterrupt:
-        say("interrupted: finished trials are kept; run the same command again to continue the search")
+        log.info("interrupted: finished trials are kept; run the same command again to continue the search")
         return True
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -334,8 +339,7 @@ def parallel_builds(records: list[dict[str, Any]]) -> int:
     return most
 
 
-def _finish(plan: SearchPlan, records: list[dict[str, Any]], wall_s: float,
-            say: Callable[[str], None]) -> SearchResult:
+def _finish(plan: SearchPlan, records: list[dict[str, Any]], wall_s: float) -> SearchResult:
     from optimize.search import frontier
     from optimize.search.report import write_report, write_winner
 
@@ -355,15 +359,15 @@ def _finish(plan: SearchPlan, records: list[dict[str, Any]], wall_s: float,
     atomic.write_json(folder / "trials.json", {"summary": summary, "winner": winner,
                                                 "front": [r["key"] for r in kept], "trials": records})
     report = write_report(plan, records, kept, winner, summary)
-    say(f"{summary['trials']} trial(s): {summary['measured']} measured, {summary['failed']} failed; "
+    log.info(f"{summary['trials']} trial(s): {summary['measured']} measured, {summary['failed']} failed; "
         f"frontier: {len(kept)}; report: {report}")
     bundle = None
     if winner["key"] is not None:
         bundle = write_winner(plan, next(r for r in records if r["key"] == winner["key"]), winner, report)
-        say(f"winner: {winner['reason']}")
-        say(f"bundle: {bundle}")
+        log.info(f"winner: {winner['reason']}")
+        log.info(f"bundle: {bundle}")
     else:
-        say(f"no winner: {winner['reason']}")
+        log.info(f"no winner: {winner['reason']}")
     return SearchResult(folder, records, kept, winner, bundle, summary)
 
 

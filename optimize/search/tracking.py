@@ -11,14 +11,17 @@ is given.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from optimize.errors import OptimizeError
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "optimize"
 
@@ -102,7 +105,7 @@ def trial_metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def log_search(plan: Any, state: dict[str, Any], records: list[dict[str, Any]], say: Callable[[str], None]) -> None:
+def log_search(plan: Any, state: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """The parent run (created once, reused on resume) and a child run for every trial not yet
     logged; run ids are kept in ``state['mlflow']``."""
     uri = plan.mlflow_uri
@@ -133,7 +136,7 @@ def log_search(plan: Any, state: dict[str, Any], records: list[dict[str, Any]], 
         raise
     except Exception as exc:
         raise TrackingError(f"MLflow at {uri}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    say(f"MLflow: {len(records)} trial run(s) under parent run {parent} at {uri}")
+    log.info(f"MLflow: {len(records)} trial run(s) under parent run {parent} at {uri}")
 
 
 def log_report(plan: Any, state: dict[str, Any], files: list[Path]) -> None:
@@ -175,8 +178,7 @@ def _log_trial(mlflow: Any, experiment: str, parent: str, plan: Any, record: dic
     return run_id
 
 
-def log_bundle_run(uri: str, kind: str, bundle: Path, metrics: dict[str, float], artifacts: list[Path],
-                   say: Callable[[str], None]) -> str:
+def log_bundle_run(uri: str, kind: str, bundle: Path, metrics: dict[str, float], artifacts: list[Path]) -> str:
     """One run for an ``optimize build`` or ``optimize bench`` of ``bundle``."""
     mlflow = client(uri)
     experiment = experiment_id(mlflow)
@@ -193,11 +195,11 @@ def log_bundle_run(uri: str, kind: str, bundle: Path, metrics: dict[str, float],
         mlflow.set_terminated(run_id, "FINISHED")
     except Exception as exc:
         raise TrackingError(f"MLflow at {uri}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    say(f"MLflow: run {run_id} at {uri}")
+    log.info(f"MLflow: run {run_id} at {uri}")
     return run_id
 
 
-def log_build(uri: str, result: Any, say: Callable[[str], None]) -> str:
+def log_build(uri: str, result: Any) -> str:
     """An ``optimize build``: every target's size, build time and accuracy drop, and the winner's
     latency when one was chosen."""
     metrics: dict[str, float] = {}
@@ -207,14 +209,14 @@ def log_build(uri: str, result: Any, say: Callable[[str], None]) -> str:
             if value is not None:
                 metrics[f"{name}.{key}"] = value
     artifacts = [result.report_folder / "report.md"] if result.report_folder else []
-    return log_bundle_run(uri, "build", result.bundle, metrics, artifacts, say)
+    return log_bundle_run(uri, "build", result.bundle, metrics, artifacts)
 
 
-def log_bench(uri: str, bundle: Path, report: dict[str, Any], folder: Path, say: Callable[[str], None]) -> str:
+def log_bench(uri: str, bundle: Path, report: dict[str, Any], folder: Path) -> str:
     """An ``optimize bench``: each engine's percentiles and throughput at each load measured."""
     metrics: dict[str, float] = {}
     for name, engine in report["engines"].items():
         for point in engine["points"]:
             for key in ("p50_ms", "p99_ms", "throughput_items_per_s", "spread_pct"):
                 metrics[f"{name}.{point['load']}.{key}"] = point[key]
-    return log_bundle_run(uri, "bench", bundle, metrics, [folder / "report.md", folder / "report.json"], say)
+    return log_bundle_run(uri, "bench", bundle, metrics, [folder / "report.md", folder / "report.json"])

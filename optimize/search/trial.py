@@ -20,11 +20,18 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+import logging
+from typing import TYPE_CHECKING, Any, Iterator
 
 from optimize import atomic
 from optimize.errors import OptimizeError
 from optimize.search.space import TrialConfig
+
+if TYPE_CHECKING:
+    from optimize.bench.run import BenchConfig
+    from optimize.build.plan import BuildPlan
+    from optimize.bundle.manifest import TargetRecord
+    from optimize.select import LoadSpec
 
 RECORD = "record.json"
 LOCK_NAME = "optimize-node-bench.lock"
@@ -35,14 +42,33 @@ class TrialContext:
     """What every trial of one search shares: the build plan without the trial's choices, where the
     search keeps its state, and how a trial is benchmarked."""
 
-    plan: Any  # optimize.plan.BuildPlan
+    plan: BuildPlan
     search_dir: Path
-    bench: Any  # optimize.bench.run.BenchConfig
-    load: Any  # optimize.select.LoadSpec
+    bench: BenchConfig
+    load: LoadSpec
     workdir: str  # the driver's working directory: relative --arch modules resolve from it
 
     def folder(self, config: TrialConfig) -> Path:
         return self.search_dir / "trials" / config.key
+
+
+
+@contextlib.contextmanager
+def logged_to(path: Path) -> Iterator[None]:
+    """The ``optimize`` loggers' records also go to ``path`` (a trial's ``build.log``) for the block."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("optimize")
+    previous = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        handler.close()
 
 
 @contextlib.contextmanager
@@ -79,7 +105,7 @@ def node_info() -> dict[str, Any]:
     return {"id": node_id, "host": platform.node(), "cpu": cpu.model, "cores": cpu.cores}
 
 
-def trial_plan(context: TrialContext, config: TrialConfig) -> Any:
+def trial_plan(context: TrialContext, config: TrialConfig) -> BuildPlan:
     """The build plan of one trial: one target, every INT8 choice fixed, the build's own scheme
     search and recovery off, the search's shared stage cache."""
     from optimize.passes.prune import PruneConfig
@@ -94,7 +120,7 @@ def trial_plan(context: TrialContext, config: TrialConfig) -> Any:
         prune = dataclasses.replace(base.prune, ratio=config.prune) if base.prune else PruneConfig(ratio=config.prune)
     return dataclasses.replace(base, out=context.folder(config) / "bundle", targets=(config.target,), quant=quant,
                                prune=prune, runner=dataclasses.replace(base.runner, threads=config.threads),
-                               selection=None, cache_dir=base.cache_dir or context.search_dir / "cache")
+                               cache_dir=base.cache_dir or context.search_dir / "cache")
 
 
 def run_trial(context: TrialContext, config: TrialConfig) -> dict[str, Any]:
@@ -109,17 +135,11 @@ def run_trial(context: TrialContext, config: TrialConfig) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         if context.workdir:
             os.chdir(context.workdir)
-    log = open(folder / "build.log", "w")
-
-    def say(text: str) -> None:
-        log.write(text + "\n")
-        log.flush()
-
     record: dict[str, Any] = {"key": config.key, "config": config.to_json(), "label": config.label,
                               "node": node_info(), "reused": False}
     try:
-        with log:
-            record.update(_build_and_bench(context, config, folder, say))
+        with logged_to(folder / "build.log"):
+            record.update(_build_and_bench(context, config, folder))
     except OptimizeError as exc:
         record.update(status="failed", reason=str(exc))
     except Exception as exc:  # a backend's bug fails this trial, not the search; its traceback is kept
@@ -130,15 +150,15 @@ def run_trial(context: TrialContext, config: TrialConfig) -> dict[str, Any]:
     return record
 
 
-def _build_and_bench(context: TrialContext, config: TrialConfig, folder: Path, say: Any) -> dict[str, Any]:
+def _build_and_bench(context: TrialContext, config: TrialConfig, folder: Path) -> dict[str, Any]:
     from optimize.bench.run import plan_with_load, run_bench
-    from optimize.pipeline import run_build
+    from optimize.build.pipeline import run_build
 
     plan = trial_plan(context, config)
     out: dict[str, Any] = {"bundle": str(Path("trials") / config.key / "bundle")}
     with node_lock(exclusive=False) as waited:
         start = time.time()
-        result = run_build(plan, say=say)
+        result = run_build(plan)
         out["build"] = {"start": start, "end": time.time(), "waited_s": round(waited, 3)}
     entry = result.manifest.targets[config.target]
     out["build_time_s"] = entry.build_time_s
@@ -150,7 +170,7 @@ def _build_and_bench(context: TrialContext, config: TrialConfig, folder: Path, s
                                 targets=(config.target,))
     with node_lock(exclusive=True) as waited:
         start = time.time()
-        report = run_bench(result.bundle, bench, say=say, progress=False)
+        report = run_bench(result.bundle, bench, progress=False)
         out["bench"] = {"start": start, "end": time.time(), "waited_s": round(waited, 3)}
     if report["interrupted"]:
         raise KeyboardInterrupt
@@ -169,7 +189,7 @@ def _build_and_bench(context: TrialContext, config: TrialConfig, folder: Path, s
     return out
 
 
-def _accuracy(entry: Any) -> dict[str, Any] | None:
+def _accuracy(entry: TargetRecord) -> dict[str, Any] | None:
     gate = entry.gate or {}
     if "drop" not in gate:
         return None

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 
 if TYPE_CHECKING:
-    from optimize.calibration import Samples
+    from optimize.inputs.calibration import Samples
+    from optimize.validate import GateData
 
 INT8_SCHEMES = ("static", "dynamic", "weights")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -148,24 +149,24 @@ class RecoveryContext:
     config: BuildConfig
     calibration: "Samples | None"
     built: Path | None  # the folder of the engine that breached the budget (None: not built yet)
-    held_out: "Samples"
-    reference: dict[str, np.ndarray]
-    task: str
+    data: "GateData"  # the splits and the FP32 model's outputs on them
     max_drop: float
     build: Callable[..., tuple[Path, dict[str, Any]]]
     evaluate: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]]
-    say: Callable[[str], None]
-    selection: "Samples | None" = None  # what candidates are chosen on (None: the held-out data)
-    selection_reference: dict[str, np.ndarray] | None = None
-    selection_name: str = "held-out data"
-    select: Callable[[Path], dict[str, Any]] | None = None
+    select: Callable[[Path], dict[str, Any]]
     budget_s: float | None = None  # seconds the search may take (None: the backend's own budget)
+
+    @property
+    def task(self) -> str:
+        return self.data.task
+
+    @property
+    def selection_name(self) -> str:
+        return self.data.selection.name
 
     def choice_data(self) -> tuple["Samples", dict[str, np.ndarray]]:
         """The samples and FP32 outputs to choose on: the selection split where there is one."""
-        if self.selection is not None and self.selection_reference is not None:
-            return self.selection, self.selection_reference
-        return self.held_out, self.reference
+        return self.data.selection.samples, self.data.selection.reference
 
 
 class Backend(abc.ABC):

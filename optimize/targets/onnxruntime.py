@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
+from optimize.quiet import quieted
 from optimize.targets.base import (ALL_NODES, CALIBRATION_METHODS, INT8_SCHEMES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner,
                                    RunnerConfig, TritonEntry)
 
@@ -39,13 +40,17 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
                "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
+# ONNX Runtime's quantizer logs this on the root logger for every model without its own
+# pre-processing metadata; the graph it quantizes is already shape-inferred and optimized here.
+ORT_QUANTIZER_NOISE = (r"Please consider to run pre-processing before quantization",)
+
 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: an ``.onnx`` graph (FP32, Q/DQ INT8 or weight-only INT8) run by an InferenceSession."""
 
     name = "onnxruntime"
-    modules = ("optimize.targets.onnxruntime", "optimize.targets.base", "optimize.candidates", "optimize.passes.weight_only",
-               "optimize.passes.ort_calibration", "optimize.calibration", "optimize.factory", "optimize.specs", "optimize.errors",
+    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.candidates", "optimize.passes.weight_only",
+               "optimize.passes.ort_calibration", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.errors",
                "optimize.validate")
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
                          files=(ENGINE_FILE,))
@@ -93,7 +98,7 @@ class OnnxRuntimeBackend(Backend):
         FP32 graph), until the selection split and then the gate are within budget. Dynamic: the
         same growing steps over its MatMul/Gemm nodes. Nodes are ranked by the error each adds over
         its inputs on the selection split. One ``CandidateSearch``."""
-        from optimize.candidates import Candidate, CandidateSearch, calibration_candidates, growing
+        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates, growing
 
         scheme = context.config.int8_scheme
         if not self.recoverable(scheme):
@@ -171,11 +176,12 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
             calibration = whole_batches(calibration, config.calib_batch_size)
         reader = calibration_reader(calibration, config.calib_batch_size, "calibrating ort-int8")
         try:
-            quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=config.per_channel, reduce_range=False,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=excluded or None,
-                            calibrate_method=calibration_method(config.calib_method), extra_options=extra)
+            with quieted(messages=ORT_QUANTIZER_NOISE):
+                quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
+                                per_channel=config.per_channel, reduce_range=False,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=excluded or None,
+                                calibrate_method=calibration_method(config.calib_method), extra_options=extra)
         except Exception as exc:  # ONNX Runtime's quantizer refused the graph (--debug shows why)
             raise BuildError(f"ONNX Runtime static quantization failed: {exc}") from exc
     return {"format": "QDQ", "activations": "uint8 asymmetric", "weights": "int8 symmetric",
@@ -193,10 +199,11 @@ def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dic
         excluded = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.name]
     excluded += [f"{name}_MatMul" for name in excluded]  # it rewrites a Gemm as a MatMul of that name first
     try:
-        quantize_dynamic(str(onnx_path), str(target), per_channel=config.per_channel,
-                         reduce_range=True, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm", "Attention"],
-                         nodes_to_exclude=excluded or None)
+        with quieted(messages=ORT_QUANTIZER_NOISE):
+            quantize_dynamic(str(onnx_path), str(target), per_channel=config.per_channel,
+                             reduce_range=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+                             nodes_to_exclude=excluded or None)
     except Exception as exc:  # ONNX Runtime's quantizer refused the graph (--debug shows why)
         raise BuildError(f"ONNX Runtime dynamic quantization failed: {exc}") from exc
     return {"weights": "int8 reduced range", "activations": "uint8, ranges per batch at run time",

@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 from optimize.targets.base import (ALL_NODES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner, RunnerConfig,
                                    TritonEntry)
 
@@ -54,7 +54,7 @@ class OpenVinoBackend(Backend):
     """OpenVINO on the CPU: ``model.xml``/``model.bin`` (FP32, or INT8 by NNCF) compiled by OpenVINO."""
 
     name = "openvino"
-    modules = ("optimize.targets.openvino", "optimize.targets.base", "optimize.candidates", "optimize.calibration", "optimize.factory", "optimize.specs",
+    modules = ("optimize.targets.openvino", "optimize.targets.base", "optimize.targets.candidates", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate")
     triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
 
@@ -85,7 +85,7 @@ class OpenVinoBackend(Backend):
         kept; then NNCF's accuracy-controlled quantization (it ranks and reverts quantizers itself)
         against agreement with the FP32 model on the selection split; last, every op in the ignored
         scope, which is the FP32 graph. One ``CandidateSearch``."""
-        from optimize.candidates import Candidate, CandidateSearch, calibration_candidates
+        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates
 
         if context.config.int8_scheme != "static":
             return None
@@ -322,18 +322,8 @@ def _capabilities(core: Any) -> str:
     """OpenVINO's own list of what the CPU plugin runs natively (FP32, INT8, BF16, FP16, ...)."""
     try:
         return "OpenVINO's CPU capabilities: " + ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    except Exception:  # an older plugin without the property
-        return "capabilities unknown"
-
-
-def native_precisions() -> set[str]:
-    """The precisions OpenVINO's CPU plugin says it runs natively here (``bf16`` when it lists BF16)."""
-    import openvino as ov
-
-    try:
-        return {c.lower() for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
-    except Exception:
-        return set()
+    except RuntimeError as exc:  # an older plugin without the property
+        return f"capabilities unknown ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
 
 
 def triton_parameters(folder: Path) -> dict[str, str]:

@@ -28,17 +28,16 @@ from typing import Any
 import numpy as np
 
 from optimize import atomic
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError, BundleError
 from optimize.passes.precision import fp16_graph, graph_report, qdq_graph, to_opset
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig, TritonEntry
 
 GRAPH_FILE = "model.onnx"  # what TensorRT builds: FP16, or Q/DQ + FP16
 QDQ_FILE = "model.qdq.onnx"  # trt-int8 only: FP32 with Q/DQ, for checks on any machine
 ENGINE_FILE = "model.plan"
 RECORD_FILE = "engine.json"
-TIMING_CACHE = "tensorrt-timing.cache"
 WORKSPACE_BYTES = int(os.environ.get("OPTIMIZE_TRT_WORKSPACE_MB", "4096")) << 20
 
 
@@ -98,8 +97,8 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
     modules = ("optimize.targets.tensorrt", "optimize.targets.base", "optimize.passes.precision",
-               "optimize.passes.ort_calibration", "optimize.passes.weight_only", "optimize.calibration", "optimize.factory",
-               "optimize.specs", "optimize.errors", "optimize.atomic", "optimize.validate")
+               "optimize.passes.ort_calibration", "optimize.passes.weight_only", "optimize.inputs.calibration", "optimize.inputs.factory",
+               "optimize.inputs.specs", "optimize.errors", "optimize.atomic", "optimize.validate", "optimize.quiet")
     triton = TritonEntry(platform="tensorrt_plan", backend="tensorrt", default_model_filename=ENGINE_FILE,
                          files=(ENGINE_FILE,), kind="KIND_GPU")
     fixed_batch_profile = True

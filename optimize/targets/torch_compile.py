@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from optimize.calibration import Samples
+from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError, BundleError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig
 
 PACKAGE_FILE = "model.pt2"
@@ -45,7 +45,7 @@ class TorchCompileBackend(Backend):
     """PyTorch's AOTInductor: the ``torch.export`` program compiled to a ``.pt2`` package."""
 
     name = "torch"
-    modules = ("optimize.targets.torch_compile", "optimize.targets.base", "optimize.calibration", "optimize.factory", "optimize.specs",
+    modules = ("optimize.targets.torch_compile", "optimize.targets.base", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate", "optimize.cpu")
     triton = None  # Triton's PyTorch backend takes TorchScript, not an AOTInductor package
     fixed_batch_profile = True  # the package's batch axis is dynamic up to the largest of --batch-sizes

@@ -23,7 +23,7 @@ from typing import Any
 
 from optimize import atomic
 from optimize.errors import BundleError
-from optimize.manifest import SCHEMA_VERSION, Manifest
+from optimize.bundle.manifest import SCHEMA_VERSION, Manifest
 
 MANIFEST = "manifest.json"
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "BundleWriter", "cache_dir_for", "choose_target", "load_runner",

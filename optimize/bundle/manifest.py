@@ -7,10 +7,11 @@ reads it (keys this version does not know are kept and written back), ``to_json`
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from optimize.errors import BundleError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 from optimize.targets.base import RunnerConfig
 
 SCHEMA_VERSION = 1
@@ -19,7 +20,7 @@ READABLE_VERSIONS = (1,)
 
 def _split(data: dict[str, Any], cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
     """(known fields, everything else) of a JSON object for dataclass ``cls``."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("transient")} - {"extra"}
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
@@ -27,7 +28,7 @@ def _json(record: Any) -> dict[str, Any]:
     """A record's fields without the unset optional ones, then its unknown keys."""
     out = {}
     for field in dataclasses.fields(record):
-        if field.name == "extra":
+        if field.name == "extra" or field.metadata.get("transient"):
             continue
         value = getattr(record, field.name)
         if value is None and field.metadata.get("omit_none"):
@@ -62,6 +63,8 @@ class TargetRecord:
     recovery: dict[str, Any] | None = _optional()
     drift: dict[str, Any] | None = _optional()
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Where a build left the engine's files (its stage-cache folder); never written to the manifest.
+    engine_dir: Path | None = dataclasses.field(default=None, compare=False, metadata={"transient": True})
 
     @property
     def built(self) -> bool:

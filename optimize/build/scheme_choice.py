@@ -18,25 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from optimize.bench.measure import MeasureConfig, round_medians
-from optimize.cache import Stage, StageCache
-from optimize.candidates import Candidate, Judged
+from optimize.bench.measure import BRIEF, COMPARISON_ROUNDS, faster, round_medians
+from optimize.bundle.cache import Stage, StageCache
+from optimize.targets.candidates import Candidate, Judged
 from optimize.errors import BuildError, OptimizeError
 from optimize.targets.base import Backend, BuildConfig, RecoveryContext, RunnerConfig
 
-ROUNDS = 5
-TIMING = MeasureConfig(warmup_iterations=3, warmup_s=0.05, window_s=0.1, min_window_iterations=3,
-                       stable_windows=2, tolerance=0.10, max_windows=3, time_limit_s=1.5)
+log = logging.getLogger(__name__)
+
 MIN_RECOVERY_S = 20.0  # the least time a faster scheme's recovery gets
-MIN_TIE = 0.02  # paired ratios closer to 1 than this are a tie whatever the spread
-TIMING_STAGE = Stage("scheme-timing", ("optimize.scheme_choice", "optimize.bench.measure", "optimize.candidates",
-                                      "optimize.targets.base", "optimize.specs", "optimize.errors", "optimize.cpu"),
+TIMING_STAGE = Stage("scheme-timing", ("optimize.build.scheme_choice", "optimize.bench.measure", "optimize.targets.candidates",
+                                      "optimize.targets.base", "optimize.inputs.specs", "optimize.errors", "optimize.cpu"),
                      packages=("onnxruntime", "openvino"))
 
 
@@ -50,13 +49,13 @@ class TimingConfig:
     isa: tuple[str, ...]
     cores: int
     runner: RunnerConfig
-    rounds: int = ROUNDS
+    rounds: int = COMPARISON_ROUNDS
     batch: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {"engines": [list(e) for e in self.engines], "cpu": self.cpu, "isa": list(self.isa),
                 "cores": self.cores, "runner": self.runner.to_json(), "rounds": self.rounds, "batch": self.batch,
-                "timing": dataclasses.asdict(TIMING)}
+                "timing": dataclasses.asdict(BRIEF)}
 
 
 def offered_schemes(backend: Backend, has_calibration: bool) -> list[str]:
@@ -81,26 +80,12 @@ def time_engines(backend: Backend, folders: dict[str, Path], runner_config: Runn
         with contextlib.ExitStack() as stack:
             runners = {label: stack.enter_context(backend.runner(path, runner_config)) for label, path in folders.items()}
             calls = {label: (lambda r=runner: r.infer(feeds)) for label, runner in runners.items()}
-            return {"timings": round_medians(calls, ROUNDS, TIMING)}
+            return {"timings": round_medians(calls, COMPARISON_ROUNDS, BRIEF)}
 
     hits = len(cache.hits)
     _, result = cache.run(TIMING_STAGE, {label: folder.name for label, folder in folders.items()}, config, produce,
                           label=f"scheme-timing-{backend.name}")
     return result["timings"], len(cache.hits) > hits
-
-
-def paired_ratio(slow: dict[str, Any], fast: dict[str, Any]) -> tuple[float, float]:
-    """(median, interquartile range) of the per-round ratios slow/fast: measured in the same round,
-    so the machine's drift cancels."""
-    ratios = np.asarray(slow["p50_ms_per_round"]) / np.asarray(fast["p50_ms_per_round"])
-    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
-    return float(q50), float(q75 - q25)
-
-
-def faster(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """``a`` is faster than ``b`` by more than the measured spread."""
-    ratio, iqr = paired_ratio(b, a)
-    return ratio - 1.0 > max(MIN_TIE, iqr)
 
 
 def choose(passing: list[tuple[str, tuple[float, float], dict[str, Any]]]) -> tuple[str, str]:
@@ -138,7 +123,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
            feeds: dict[str, np.ndarray], cache: StageCache, recover_accuracy: bool,
            recoverable: Callable[[str], bool]) -> SchemeChoice:
     """Build, judge and time every scheme; recover the fastest failing one when it could win."""
-    say, start = context.say, time.monotonic()
+    start = time.monotonic()
     judged: dict[str, Judged] = {}
     not_built: dict[str, str] = {}
     for scheme in schemes:
@@ -147,14 +132,14 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
             folder, result = context.build(config, None)
         except OptimizeError as exc:  # e.g. a quantizer that refuses the graph: the other schemes still count
             not_built[scheme] = str(exc)
-            say(f"  scheme {scheme}: not built: {exc}")
+            log.info(f"  scheme {scheme}: not built: {exc}")
             continue
         judged[scheme] = Judged(Candidate(scheme, config, f"{scheme} INT8"), folder, result, context.select(folder))
     if not judged:
         raise BuildError("; ".join(f"{s} INT8: {reason}" for s, reason in not_built.items()))
     timings, reused = time_engines(backend, {s: j.folder for s, j in judged.items()}, runner_config, feeds, cache)
     for scheme, j in judged.items():
-        say(f"  scheme {scheme}: {j.selection['gate']['message'].split(' (95%')[0]} on the {context.selection_name}; "
+        log.info(f"  scheme {scheme}: {j.selection['gate']['message'].split(' (95%')[0]} on the {context.selection_name}; "
             f"p50 {timings[scheme]['p50_ms']:.3g} ms (spread {timings[scheme]['spread_pct']:.0f}%)")
     passing = [(s, accuracy_key(j), timings[s]) for s, j in judged.items() if j.passed]
     chosen, reason = choose(passing) if passing else (None, f"no scheme within budget on the {context.selection_name}")
@@ -164,7 +149,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
                   and (chosen is None or faster(timings[s], timings[chosen]))]
     if contenders:  # the fastest, or within its spread the closest to the budget (the cheapest to recover)
         scheme, _ = choose(contenders)
-        say(f"  {scheme} is faster{' than ' + chosen if chosen else ''} but over budget: recovering its accuracy")
+        log.info(f"  {scheme} is faster{' than ' + chosen if chosen else ''} but over budget: recovering its accuracy")
         # Half as long again as building, judging and timing every scheme took, whatever the
         # recovery would want: the choice stays a bounded share of the build.
         budget = max(MIN_RECOVERY_S, (time.monotonic() - start) / 2)
@@ -186,7 +171,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
     elapsed = time.monotonic() - start
     record = {
         "method": f"every scheme built, judged on the {context.selection_name} and timed at batch 1 in interleaved rounds",
-        "data": context.selection_name, "rounds": ROUNDS, "timing_reused": reused,
+        "data": context.selection_name, "rounds": COMPARISON_ROUNDS, "timing_reused": reused,
         "candidates": [{"scheme": s, "build_time_s": j.result.get("build_time_s"),
                         "selection_drop": j.selection["gate"]["drop"],
                         "selection_interval": j.selection["gate"]["interval"], "within_budget": j.passed,
@@ -194,7 +179,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
         "not_built": not_built, "chosen": chosen, "reason": reason, "search_time_s": round(elapsed, 2)}
     if recovered_from is not None:
         record["recovered"] = {"scheme": recovered_from, **timings[chosen]}
-    say(f"  scheme chosen: {chosen or 'none'}: {reason} ({elapsed:.0f} s for {len(judged)} schemes)")
+    log.info(f"  scheme chosen: {chosen or 'none'}: {reason} ({elapsed:.0f} s for {len(judged)} schemes)")
     if recovered_fields is not None:
         return SchemeChoice(recovered_fields, record, judged[recovered_from].candidate.config)
     if chosen is None:  # the first scheme the backend can recover, else its first, recovered or failed by the caller

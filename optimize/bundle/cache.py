@@ -79,17 +79,6 @@ def module_source_hash(module: str) -> str:
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(package: str = "optimize") -> str:
-    """One hash of every source file of ``package``: two builds with the same fingerprint ran the
-    same code (the manifest records it; a search's trials are tagged with it)."""
-    root = module_path(package).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 def _runtime_nodes(tree: ast.AST):
     """Every node of ``tree`` except what sits under ``if TYPE_CHECKING:`` (imports for annotations)."""
     stack = [tree]

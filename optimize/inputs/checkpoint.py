@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize.errors import CheckpointError
-from optimize.factory import resolve_factory
+from optimize.inputs.factory import resolve_factory
 
 
 @dataclasses.dataclass
@@ -180,7 +180,7 @@ def _load_state_dict(obj: dict, path: Path, sha: str, arch: str | None,
         raise CheckpointError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module")
     if pruned is not None:
         from optimize.errors import PruneError
-        from optimize.passes.pruned_checkpoint import rebuild_pruned
+        from optimize.inputs.pruned_checkpoint import rebuild_pruned
 
         try:
             rebuild_pruned(module, state, pruned)

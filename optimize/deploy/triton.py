@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from optimize import atomic
-from optimize.bundle import choose_target, read_manifest
+from optimize.bundle.folder import choose_target, read_manifest
 from optimize.errors import BundleError, InputSpecError
-from optimize.manifest import Manifest
-from optimize.specs import oip_datatype
+from optimize.bundle.manifest import Manifest
+from optimize.inputs.specs import oip_datatype
 from optimize.targets import registry
 from optimize.targets.base import TritonEntry
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import BundleError, InputSpecError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
 TEXT_INPUT = "text"

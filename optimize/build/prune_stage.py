@@ -10,28 +10,33 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from optimize.cache import Stage, StageCache
-from optimize.calibration import Samples
+from optimize.bundle.cache import Stage, StageCache
+from optimize.inputs.calibration import Samples
 from optimize.errors import PruneError
 from optimize.passes import distill as distill_pass
 from optimize.passes import prune as prune_pass
-from optimize.passes import pruned_checkpoint
-from optimize.prepare import Prepared, evaluate_module, load_labelled, run_reference
-from optimize.specs import TensorSpec
+from optimize.inputs import pruned_checkpoint
+from optimize.build.prepare import Prepared, run_reference
+from optimize.inputs.checkpoint import LoadedModel
+from optimize.inputs.specs import TensorSpec
+from optimize.validate import GateData, evaluate, judge
 
 if TYPE_CHECKING:
-    from optimize.plan import BuildPlan
+    import torch
+
+log = logging.getLogger(__name__)
 
 PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
-PRUNE_STAGE = Stage("prune", ("optimize.prune_stage", "optimize.passes.prune", "optimize.passes.distill",
-                              "optimize.passes.export", "optimize.passes.pruned_checkpoint", "optimize.prepare", "optimize.calibration",
-                              "optimize.fit", "optimize.tokenizer",
-                              "optimize.checkpoint", "optimize.factory", "optimize.specs", "optimize.validate",
+PRUNE_STAGE = Stage("prune", ("optimize.build.prune_stage", "optimize.quiet", "optimize.passes.prune", "optimize.passes.distill",
+                              "optimize.passes.export", "optimize.inputs.pruned_checkpoint", "optimize.build.prepare", "optimize.inputs.calibration",
+                              "optimize.build.fit", "optimize.inputs.tokenizer",
+                              "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.validate",
                               "optimize.errors"),
                     packages=("torch", "torch-pruning"))
 
@@ -59,13 +64,11 @@ def _tensors(samples: Samples, names: list[str], index: np.ndarray | slice) -> t
     return tuple(torch.from_numpy(np.ascontiguousarray(samples.arrays[n][index])) for n in names)
 
 
-def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
+def recovery_data(prepared: Prepared, train_data: Samples | None = None) -> Samples | None:
     """All the ``--calib`` data not held out for the gate or kept for selection (unlabelled is fine;
     the calibration cap does not apply), plus ``--train-data`` (labelled) when given."""
     own = prepared.train if prepared.train is not None else prepared.calibration
-    parts = [own] if own is not None else []
-    if plan.data.train_data:
-        parts.append(load_labelled(plan, prepared, plan.data.train_data, "--train-data"))
+    parts = [p for p in (own, train_data) if p is not None]
     if not parts:
         return None
     names = [s.name for s in prepared.inputs]
@@ -76,12 +79,19 @@ def recovery_data(plan: BuildPlan, prepared: Prepared) -> Samples | None:
     return Samples(arrays, labels, " + ".join(p.source for p in parts))
 
 
-def _taylor_batches(data: Samples | None, prepared: Prepared, loss: Callable) -> tuple[list, Callable]:
+def evaluate_module(module: "torch.nn.Module", data: GateData, max_drop: float | None) -> dict[str, Any]:
+    """``validate.evaluate`` for a PyTorch module (the pruned model before and after recovery)."""
+    names = list(data.held_out.reference)
+    return evaluate(lambda samples: run_reference(module, samples, names), data, max_drop)
+
+
+def _taylor_batches(samples: Samples | None, config: PruneStageConfig, data: GateData,
+                    loss: Callable) -> tuple[list, Callable]:
     """Batches for Taylor importance and a loss that sees their labels (or pseudo-labels)."""
     import torch
 
-    names = [s.name for s in prepared.inputs]
-    source = data if data is not None else prepared.held_out
+    names = [s.name for s in config.inputs]
+    source = samples if samples is not None else data.held_out.samples
     batches, labels = [], []
     for start in range(0, min(len(source), 32 * TAYLOR_BATCHES), 32):
         batches.append(_tensors(source, names, slice(start, start + 32)))
@@ -91,21 +101,21 @@ def _taylor_batches(data: Samples | None, prepared: Prepared, loss: Callable) ->
     return batches, lambda outputs: loss(outputs, next(remaining))
 
 
-def _recover(original: Any, pruned: Any, data: Samples | None, prepared: Prepared, config: PruneStageConfig,
-             accuracy: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+def _recover(original: "torch.nn.Module", pruned: "torch.nn.Module", samples: Samples | None, data: GateData,
+             config: PruneStageConfig, accuracy: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     """Distil the pruned model towards the original; (the recovery report or None, warnings)."""
     distill_config = config.distill
-    if not distill_config.enabled or data is None:
+    if not distill_config.enabled or samples is None:
         why = "--recover-steps 0" if not distill_config.enabled else "no --calib or --train-data to learn from"
         return None, [f"the pruned model was NOT recovered ({why}): expect a large accuracy drop"]
-    names = [s.name for s in prepared.inputs]
-    teacher = run_reference(original, data, prepared.output_names)
-    recovery = distill_pass.distill(pruned, data, teacher, names, prepared.task, distill_config, config.model_kind,
-                                    selection_judge(prepared, config.max_accuracy_drop), config.max_accuracy_drop)
-    recovery["selection"] = {"data": prepared.selection_split()[2], "samples": len(prepared.selection_split()[0])}
-    recovered = evaluate_module(pruned, prepared, config.max_accuracy_drop)
+    names = [s.name for s in config.inputs]
+    teacher = run_reference(original, samples, list(data.held_out.reference))
+    recovery = distill_pass.distill(pruned, samples, teacher, names, config.task, distill_config, config.model_kind,
+                                    selection_judge(data, config.max_accuracy_drop), config.max_accuracy_drop)
+    recovery["selection"] = {"data": data.selection.name, "samples": len(data.selection)}
+    recovered = evaluate_module(pruned, data, config.max_accuracy_drop)
     accuracy["recovered"] = recovered["accuracy"]
-    warnings = [w for w in [distill_pass.too_little_data(len(data))] if w]
+    warnings = [w for w in [distill_pass.too_little_data(len(samples))] if w]
     if not recovered["gate"]["passed"]:
         lever = recovery["advice"] or ("it met the budget on the selection split, so the gap may be the held-out "
                                        "data's noise; more held-out data would tell")
@@ -114,81 +124,84 @@ def _recover(original: Any, pruned: Any, data: Samples | None, prepared: Prepare
     return recovery, warnings
 
 
-def selection_judge(prepared: Prepared, budget: float | None) -> Callable[[Any], distill_pass.Check]:
+def selection_judge(data: GateData, budget: float | None) -> Callable[["torch.nn.Module"], distill_pass.Check]:
     """The student judged against the original on the selection split (a recovery step's check)."""
-    from optimize import validate
-
-    samples, reference, _ = prepared.selection_split()
-    first = prepared.output_names[0]
-    ref = reference[first].astype(np.float64)
+    split, first, names = data.selection, data.output, list(data.held_out.reference)
+    ref = split.reference[first].astype(np.float64)
     spread = max(float(ref.var()), 1e-12)
 
-    def judge(student: Any) -> distill_pass.Check:
-        got = run_reference(student, samples, prepared.output_names)[first]
-        result, verdict = validate.judge(prepared.task, reference[first], got, samples.labels, budget)
+    def check(student: "torch.nn.Module") -> distill_pass.Check:
+        got = run_reference(student, split.samples, names)[first]
+        result, verdict = judge(data.task, split.reference[first], got, split.samples.labels, budget)
         distance = float(((got.astype(np.float64) - ref) ** 2).mean() / spread)
         shown = {k: v for k, v in result.items() if k in ("top1_agreement_pct", "accuracy_pct", "mean_cosine",
                                                           "mean_abs_error")}
         return distill_pass.Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, shown, 0.0)
-    return judge
+    return check
 
 
-def _prune_and_recover(folder: Path, original: Any, data: Samples | None, prepared: Prepared,
-                       config: PruneStageConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def _prune_and_recover(folder: Path, original: "torch.nn.Module", samples: Samples | None, data: GateData,
+                       config: PruneStageConfig) -> dict[str, Any]:
     """The stage's work: prune a copy, measure it, recover it, save ``pruned.pt``; the report."""
     prune = config.prune
-    names = [s.name for s in prepared.inputs]
-    example = _tensors(prepared.held_out, names, slice(0, 2))
+    names = [s.name for s in config.inputs]
+    example = _tensors(data.held_out.samples, names, slice(0, 2))
     grad_batches, loss = None, None
-    task_loss = distill_pass.task_loss(prepared.task)
+    task_loss = distill_pass.task_loss(config.task)
     if prune.importance == "taylor" and task_loss is not None:
-        grad_batches, loss = _taylor_batches(data, prepared, task_loss)
-    say(f"pruning {prune.ratio:.0%} of the {'heads' if config.model_kind == 'transformer' else 'channels'} "
-        f"({prune.scope}, {prune.importance} importance)")
+        grad_batches, loss = _taylor_batches(samples, config, data, task_loss)
+    log.info(f"pruning {prune.ratio:.0%} of the {'heads' if config.model_kind == 'transformer' else 'channels'} "
+             f"({prune.scope}, {prune.importance} importance)")
     outcome = prune_pass.prune_module(original, example, prune, grad_batches, loss)
-    say(f"pruned: {prune_pass.ratio_text(outcome.report)}")
+    log.info(f"pruned: {prune_pass.ratio_text(outcome.report)}")
     for note in outcome.report.get("notes", []):
-        say(f"note: {note}")
-    accuracy = {"original": evaluate_module(original, prepared, None)["accuracy"],
-                "pruned": evaluate_module(outcome.module, prepared, None)["accuracy"]}
-    recovery, warnings = _recover(original, outcome.module, data, prepared, config, accuracy)
+        log.info(f"note: {note}")
+    accuracy = {"original": evaluate_module(original, data, None)["accuracy"],
+                "pruned": evaluate_module(outcome.module, data, None)["accuracy"]}
+    recovery, warnings = _recover(original, outcome.module, samples, data, config, accuracy)
     pruned_checkpoint.save_pruned(original, outcome.module, folder / PRUNED_FILE)
     return {**outcome.report, "model_kind": config.model_kind, "recovered": recovery is not None,
-            "recovery": recovery, "recovery_data": None if data is None else {"samples": len(data),
-                                                                             "source": data.source},
+            "recovery": recovery, "recovery_data": None if samples is None else {"samples": len(samples),
+                                                                                "source": samples.source},
             "accuracy": accuracy, "warnings": warnings}
 
 
-def run_prune_stage(plan: BuildPlan, prepared: Prepared, model_hash: str, cache: StageCache,
-                    say: Callable[[str], None]) -> tuple[Any, Path, dict[str, Any]]:
-    """Returns the pruned (and recovered) module, its cache folder and the stage report.
+@dataclasses.dataclass
+class PruneResult:
+    """What the prune stage returns: the pruned (and recovered) module, rebuilt from the cached
+    ``pruned.pt``; the stage's cache folder; its report for the manifest."""
+
+    module: "torch.nn.Module"
+    folder: Path
+    report: dict[str, Any]
+
+
+def run_prune_stage(config: PruneStageConfig, loaded: LoadedModel, data: GateData, recovery: Samples | None,
+                    model_hash: str, cache: StageCache) -> PruneResult:
+    """Prune ``loaded``'s module, recover it on ``recovery`` samples, measure each step on ``data``.
     ``model_hash`` is the source model's identity (checkpoint and architecture)."""
     import torch
 
-    plan.prune.check()
-    loaded = prepared.loaded
+    config.prune.check()
     if loaded.format in ("torchscript", "exported-program"):
         raise PruneError(f"--prune needs an eager PyTorch model (a state_dict with --arch, or a pickled "
                          f"module); {loaded.path} is a {loaded.format} graph, which torch-pruning cannot edit")
     original = loaded.module
-    data = recovery_data(plan, prepared)
-    config = PruneStageConfig(plan.prune, plan.distill, prepared.task, tuple(prepared.inputs), prepared.model_kind,
-                              plan.max_accuracy_drop)
-    hashes = {"model": model_hash, "data": data.sha256 if data is not None else None,
-              "held_out": prepared.held_out.sha256}
+    hashes = {"model": model_hash, "data": recovery.sha256 if recovery is not None else None,
+              "held_out": data.held_out.samples.sha256}
     folder, result = cache.run(PRUNE_STAGE, hashes, config,
-                               lambda folder: _prune_and_recover(folder, original, data, prepared, config, say))
+                               lambda folder: _prune_and_recover(folder, original, recovery, data, config))
     saved = torch.load(folder / PRUNED_FILE, map_location="cpu", weights_only=True)
     module = pruned_checkpoint.rebuild_pruned(pruned_checkpoint.fresh_copy(original), saved["state_dict"],
                                               saved["pruned_architecture"])
-    for line in _accuracy_lines(prepared.task, result["accuracy"]):
-        say(line)
+    for line in _accuracy_lines(config.task, result["accuracy"]):
+        log.info(line)
     if result.get("recovery"):
         for line in curve_lines(result["recovery"]):
-            say(line)
+            log.info(line)
     for warning in result["warnings"]:
-        say(f"warning: {warning}")
-    return module, folder, result
+        log.warning(warning)
+    return PruneResult(module, folder, result)
 
 
 def curve_lines(recovery: dict[str, Any]) -> list[str]:

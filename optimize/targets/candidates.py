@@ -12,12 +12,15 @@ result, the choice and the reason for it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from optimize.errors import OptimizeError
 from optimize.targets.base import BuildConfig, RecoveryContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +85,11 @@ class CandidateSearch:
             folder, result = self.context.build(candidate.config, label, candidate.builder, candidate.extra)
         except OptimizeError as exc:  # one variant the backend refuses must not end the search
             self.failed.append({"label": candidate.label, "change": candidate.change, "reason": str(exc)})
-            self.context.say(f"  candidate {candidate.change}: not built: {exc}")
+            log.info(f"  candidate {candidate.change}: not built: {exc}")
             return None
         judged = Judged(candidate, folder, result, self.context.select(folder))
         self.judged.append(judged)
-        self.context.say(f"  candidate {candidate.change}: {judged.selection['gate']['message'].split(' (95%')[0]} "
+        log.info(f"  candidate {candidate.change}: {judged.selection['gate']['message'].split(' (95%')[0]} "
                          f"on the {self.context.selection_name}")
         return judged
 
@@ -122,7 +125,7 @@ class CandidateSearch:
     def finish(self, chosen: Judged, reason: str, method: str, **extra: Any) -> dict[str, Any]:
         """Manifest fields of the chosen engine: its build, the gate on held-out data, the search."""
         evaluation, settings = self.context.evaluate(chosen.folder)
-        self.context.say(f"chose {chosen.candidate.change}: {evaluation['gate']['message']}")
+        log.info(f"chose {chosen.candidate.change}: {evaluation['gate']['message']}")
         return {**chosen.result, **evaluation, "cache_folder": str(chosen.folder), "runner_settings": settings,
                 "build_config": chosen.candidate.config.to_json(),
                 "recovery": {**self.summary(chosen, reason, method), **extra}}

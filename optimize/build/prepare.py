@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optimize.calibration import DataOrigin, ImageOptions, Samples, load_samples, match_arrays
-from optimize.checkpoint import LoadedModel, load_checkpoint
+from optimize.inputs.calibration import DataOrigin, ImageOptions, Samples, load_samples, match_arrays
+from optimize.inputs.checkpoint import LoadedModel, load_checkpoint
 from optimize.errors import CalibrationError, InputSpecError
 from optimize.passes.export import output_names_for, torch_outputs
 from optimize.passes.prune import HEAD_COUNT_ATTRS
-from optimize.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
-from optimize import fit, validate
+from optimize.inputs.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
+from optimize import validate
+from optimize.build import fit
 
 if TYPE_CHECKING:
-    from optimize.plan import BuildPlan
+    from optimize.build.plan import DataConfig, SourceConfig
+
+log = logging.getLogger(__name__)
 
 RANDOM_HELD_OUT = 64
 # The selection split: what recovery and INT8 candidates are chosen on, never the gate's held-out
@@ -52,12 +56,21 @@ class Prepared:
     selection: Samples | None = None  # chooses recovery's stopping point and INT8 candidates
     selection_reference: dict[str, np.ndarray] | None = None
 
-    def selection_split(self) -> tuple[Samples, dict[str, np.ndarray], str]:
-        """(samples, FP32 reference outputs, name) to choose on: the selection split, or where the data
-        were too few for one, the held-out data (said in the name, and in the build's notes)."""
+    def gate_data(self) -> validate.GateData:
+        """The splits every accuracy number is measured on. Where the data were too few for a
+        selection split, candidates are chosen on the held-out data, and the split's name says so."""
+        held = validate.Split(self.held_out, self.reference, "held-out data")
         if self.selection is not None and self.selection_reference is not None:
-            return self.selection, self.selection_reference, "selection split"
-        return self.held_out, self.reference, "held-out data (too few samples for a selection split)"
+            selection = validate.Split(self.selection, self.selection_reference, "selection split")
+        else:
+            selection = validate.Split(self.held_out, self.reference,
+                                       "held-out data (too few samples for a selection split)")
+        labelled = (validate.Split(self.evaluation, self.eval_reference, "evaluation data")
+                    if self.evaluation is not None and self.eval_reference is not None else None)
+        long = (validate.Split(self.long_held, self.long_reference, f"held-out data at {self.max_length[0]} tokens")
+                if self.long_held is not None and self.long_reference is not None and self.max_length else None)
+        return validate.GateData(self.task, self.output_names[0], held, selection, labelled, long,
+                                 self.max_length[0] if long is not None else None)
 
 
 ATTENTION_OPS = ("matmul", "bmm", "scaled_dot_product_attention", "baddbmm")
@@ -93,26 +106,26 @@ def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
     return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
 
-def _origin(plan: BuildPlan, source: str | None) -> DataOrigin:
+def _origin(data: DataConfig, source: str | None) -> DataOrigin:
     if source is None:
         return DataOrigin("--input-shape", "input-shape")
     kind = "images" if Path(source).is_dir() else "file"
-    return DataOrigin(source, kind, plan.data.image.grayscale)
+    return DataOrigin(source, kind, data.image.grayscale)
 
 
-def _specs(plan: BuildPlan, loaded: LoadedModel, samples: Samples | None, notes: list[str]) -> list[TensorSpec]:
+def _specs(data: DataConfig, loaded: LoadedModel, samples: Samples | None, notes: list[str]) -> list[TensorSpec]:
     """The model's input specs from ``--input-shape`` or from the data, checked against ``forward``."""
     names = loaded.input_names
     required = fit.required_inputs(loaded.module, names)
-    if plan.data.input_shapes:
-        parsed = parse_input_shapes(plan.data.input_shapes, names)
-        match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(plan, None))
+    if data.input_shapes:
+        parsed = parse_input_shapes(data.input_shapes, names)
+        match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(data, None))
         return [dynamic_spec(n, s, d, sequence=np.dtype(d).kind in "iu" and len(s) == 2)
                 for n, s, d in parsed]
     if samples is None:
         raise InputSpecError("give --input-shape (e.g. 1x3x224x224) or --calib data so the model's "
                              "input shapes are known")
-    origin = _origin(plan, plan.data.calib)
+    origin = _origin(data, data.calib)
     if names:
         samples.arrays = match_arrays(samples.arrays, names, required, origin)
     model_dtype = fit.model_float_dtype(loaded.module)
@@ -143,13 +156,13 @@ def infer_task(specs: list[TensorSpec], reference: dict[str, np.ndarray]) -> str
     return "regress"
 
 
-def _fitted(plan: BuildPlan, loaded: LoadedModel, samples: Samples, specs: list[TensorSpec], source: str | None,
+def _fitted(data: DataConfig, loaded: LoadedModel, samples: Samples, specs: list[TensorSpec], source: str | None,
             task: str | None, notes: list[str]) -> str:
     """Conform ``samples`` to ``specs``, run the model on its first rows, check its labels; return the
     task (``task``, or inferred from the trial outputs)."""
-    origin = _origin(plan, source)
+    origin = _origin(data, source)
     samples.conform(specs)
-    image = plan.data.image
+    image = data.image
     if origin.kind == "images" and image.grayscale and image.mean[:1] == ImageOptions.mean[:1] \
             and image.std[:1] == ImageOptions.std[:1] and not any(origin.where in n for n in notes):
         notes.append(f"grayscale images from {origin.where} are normalised with ImageNet's first-channel mean "
@@ -164,20 +177,20 @@ def _fitted(plan: BuildPlan, loaded: LoadedModel, samples: Samples, specs: list[
     return task
 
 
-def load_labelled(plan: BuildPlan, prepared: Prepared, source: str, flag: str) -> Samples:
+def load_labelled(data: DataConfig, prepared: Prepared, source: str, flag: str) -> Samples:
     """A data file fitted to the model's inputs; classifiers need its labels."""
     specs = prepared.inputs
-    samples = load_samples(source, plan.data.image, tuple(specs[0].shape) if len(specs) == 1 else None)
-    _fitted(plan, prepared.loaded, samples, specs, source, prepared.task, prepared.notes)
+    samples = load_samples(source, data.image, tuple(specs[0].shape) if len(specs) == 1 else None)
+    _fitted(data, prepared.loaded, samples, specs, source, prepared.task, prepared.notes)
     if prepared.task == "classify" and samples.labels is None:
         raise CalibrationError(f"{flag} {source} has no 'labels' array")
     return samples
 
 
-def _preprocessing(plan: BuildPlan, source: str | None, samples: Samples) -> str:
+def _preprocessing(data: DataConfig, source: str | None, samples: Samples) -> str:
     """What was done to the data before the model saw it, in words, for a warning."""
     if source and Path(source).is_dir():
-        image = plan.data.image
+        image = data.image
         size = "x".join(map(str, image.size)) if image.size else "the input shape"
         return (f"image folder read as {'grayscale' if image.grayscale else 'RGB'}, resized to {size}, scaled to "
                 f"[0, 1], then mean {','.join(f'{m:g}' for m in image.mean)} and std "
@@ -188,14 +201,14 @@ def _preprocessing(plan: BuildPlan, source: str | None, samples: Samples) -> str
     return f"arrays fed as given ({ranges or 'integer inputs'})"
 
 
-def _chance_check(plan: BuildPlan, prepared: Prepared, say: Callable[[str], None]) -> None:
+def _chance_check(data: DataConfig, prepared: Prepared, strict: bool) -> None:
     """Warn (or with --strict, stop) when the FP32 model itself scores at chance on labelled data."""
     if prepared.task != "classify":
         return
     if prepared.evaluation is not None and prepared.evaluation.labels is not None:
-        samples, reference, source = prepared.evaluation, prepared.eval_reference, plan.data.eval_data
+        samples, reference, source = prepared.evaluation, prepared.eval_reference, data.eval_data
     elif prepared.held_out.labels is not None:
-        samples, reference, source = prepared.held_out, prepared.reference, plan.data.calib
+        samples, reference, source = prepared.held_out, prepared.reference, data.calib
     else:
         return
     first = reference[prepared.output_names[0]]
@@ -208,55 +221,55 @@ def _chance_check(plan: BuildPlan, prepared: Prepared, say: Callable[[str], None
     message = (f"the FP32 model itself scores {level.accuracy_pct:.2f}% on the labelled data {source} "
                f"({level.samples} samples), within chance ({level.chance_pct:.1f}%, 95% bound "
                f"{level.bound_pct:.1f}%): is the data prepared as in training? In effect: "
-               f"{_preprocessing(plan, source, samples)}")
-    if plan.strict:
+               f"{_preprocessing(data, source, samples)}")
+    if strict:
         raise CalibrationError(message + " (--strict)")
     prepared.warnings.append(message)
-    say(f"warning: {message}")
+    log.warning(message)
 
 
-def prepare(plan: BuildPlan, say: Callable[[str], None]) -> Prepared:
+def prepare(source: SourceConfig, data: DataConfig, task: str | None = None, strict: bool = False) -> Prepared:
     """Load the checkpoint, fit the data to the model's inputs, split calibration from held-out data
-    and run the original FP32 model on the held-out data: the reference of every accuracy number."""
-    source = plan.source
+    and run the original FP32 model on the held-out data: the reference of every accuracy number.
+    ``task`` (None: inferred); ``strict``: an FP32 model at chance on labelled data is an error."""
     loaded = load_checkpoint(source.checkpoint, source.arch, source.arch_kwargs, source.trust_checkpoint)
-    say(f"loaded {loaded.format} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
-    if plan.task is not None and plan.task not in TASKS:
-        raise InputSpecError(f"--task {plan.task!r} is not one of {', '.join(TASKS)}")
+    log.info(f"loaded {loaded.format} checkpoint {source.checkpoint} (sha256 {loaded.sha256[:12]})")
+    if task is not None and task not in TASKS:
+        raise InputSpecError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     notes: list[str] = []
     samples = None
-    if plan.data.calib:
+    if data.calib:
         shape_hint = None
-        if plan.data.input_shapes:
-            shape_hint = parse_input_shapes(plan.data.input_shapes[:1], loaded.input_names)[0][1]
-        samples = load_samples(plan.data.calib, plan.data.image, shape_hint)
-    specs = _specs(plan, loaded, samples, notes)
+        if data.input_shapes:
+            shape_hint = parse_input_shapes(data.input_shapes[:1], loaded.input_names)[0][1]
+        samples = load_samples(data.calib, data.image, shape_hint)
+    specs = _specs(data, loaded, samples, notes)
     if samples is not None:
-        task = _fitted(plan, loaded, samples, specs, plan.data.calib, plan.task, notes)
-        max_held = min(plan.data.max_held_out, max(1, len(samples) - 1))
-        train, held_out = samples.split(plan.data.held_out_fraction, plan.data.seed, max_held)
-        train, selection = _selection(train, len(samples), plan.data.seed)
+        fitted_task = _fitted(data, loaded, samples, specs, data.calib, task, notes)
+        max_held = min(data.max_held_out, max(1, len(samples) - 1))
+        train, held_out = samples.split(data.held_out_fraction, data.seed, max_held)
+        train, selection = _selection(train, len(samples), data.seed)
         calibration = train
-        if len(calibration) > plan.data.max_calib_samples:
-            calibration = calibration.take(np.arange(plan.data.max_calib_samples))
+        if len(calibration) > data.max_calib_samples:
+            calibration = calibration.take(np.arange(data.max_calib_samples))
     else:
-        calibration, held_out, train, selection = None, _random_samples(specs, plan.data.seed), None, None
-        task = _fitted(plan, loaded, held_out, specs, None, plan.task, notes)
+        calibration, held_out, train, selection = None, _random_samples(specs, data.seed), None, None
+        fitted_task = _fitted(data, loaded, held_out, specs, None, task, notes)
         notes.append("no --calib data: accuracy is measured on random inputs and INT8 cannot be calibrated")
     reference = run_reference(loaded.module, held_out, None)
-    prepared = Prepared(loaded, specs, list(reference), task, plan.task is None, calibration,
+    prepared = Prepared(loaded, specs, list(reference), fitted_task, task is None, calibration,
                         held_out, reference, notes=notes, model_kind=model_kind(specs, loaded.module),
                         train=train, selection=selection)
     if selection is not None:
         prepared.selection_reference = run_reference(loaded.module, selection, prepared.output_names)
-    if plan.data.eval_data:
-        prepared.evaluation = load_labelled(plan, prepared, plan.data.eval_data, "--eval-data")
+    if data.eval_data:
+        prepared.evaluation = load_labelled(data, prepared, data.eval_data, "--eval-data")
         prepared.eval_reference = run_reference(loaded.module, prepared.evaluation, prepared.output_names)
-    if plan.data.tokenizer:
-        _serving_length(plan, prepared)
+    if data.tokenizer:
+        _serving_length(data, prepared)
     for note in notes:
-        say(f"note: {note}")
-    _chance_check(plan, prepared, say)
+        log.info(f"note: {note}")
+    _chance_check(data, prepared, strict)
     return prepared
 
 
@@ -270,73 +283,17 @@ def _selection(rest: Samples, total: int, seed: int) -> tuple[Samples, Samples |
     return train, Samples(selection.arrays, selection.labels, f"{rest.source} (selection split)")
 
 
-def _serving_length(plan: BuildPlan, prepared: Prepared) -> None:
+def _serving_length(data: DataConfig, prepared: Prepared) -> None:
     """The longest text served; beyond the data's length the gate also checks engines there."""
-    from optimize.tokenizer import long_samples, serving_length
+    from optimize.inputs.tokenizer import long_samples, serving_length
 
     ids = prepared.held_out.arrays.get("input_ids")
     if ids is None:
         return
-    length, source = serving_length(Path(plan.data.tokenizer), prepared.loaded.module,
-                                    plan.data.max_sequence_length, int(ids.shape[1]))
+    length, source = serving_length(Path(data.tokenizer), prepared.loaded.module,
+                                    data.max_sequence_length, int(ids.shape[1]))
     prepared.max_length = (length, source)
     if length > ids.shape[1]:
         prepared.long_held = Samples(long_samples(prepared.held_out.arrays, length), None, f"held-out at {length} tokens")
         prepared.long_reference = run_reference(prepared.loaded.module, prepared.long_held, prepared.output_names, 8)
     prepared.notes.append(f"texts are served up to {length} tokens ({source}); longer ones are cut and counted")
-
-
-def evaluate(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared,
-             max_drop: float | None) -> dict[str, Any]:
-    """Accuracy of a model (``run(samples) -> outputs``) on the held-out and evaluation data, and the gate.
-
-    Always against the original, unpruned FP32 model's outputs.
-    """
-    first = prepared.output_names[0]
-    outputs = run(prepared.held_out)
-    accuracy = {"held_out": validate.metrics(prepared.task, prepared.reference[first], outputs[first],
-                                             prepared.held_out.labels)}
-    baseline = None
-    gated = (prepared.reference[first], outputs[first], prepared.held_out.labels)
-    if prepared.evaluation is not None:
-        outputs = run(prepared.evaluation)
-        accuracy["eval"] = validate.metrics(prepared.task, prepared.eval_reference[first],
-                                            outputs[first], prepared.evaluation.labels)
-        baseline = validate.metrics(prepared.task, prepared.eval_reference[first],
-                                    prepared.eval_reference[first], prepared.evaluation.labels)
-        accuracy["eval_fp32_torch"] = baseline
-        gated = (prepared.eval_reference[first], outputs[first], prepared.evaluation.labels)
-    measured = accuracy.get("eval", accuracy["held_out"])
-    verdict = validate.gate(prepared.task, measured, baseline, max_drop)
-    labelled = verdict.metric == "labelled accuracy"
-    verdict = validate.with_interval(verdict, validate.drop_interval(prepared.task, *gated, labelled), len(gated[0]))
-    if prepared.long_held is not None:
-        outputs = run(prepared.long_held)
-        length = prepared.max_length[0]
-        accuracy["held_out_max_length"] = {**validate.metrics(prepared.task, prepared.long_reference[first],
-                                                              outputs[first]), "tokens": length}
-        at_length = validate.gate(prepared.task, accuracy["held_out_max_length"], None, max_drop)
-        if verdict.passed and not at_length.passed:
-            verdict = dataclasses.replace(at_length, message=f"at {length} tokens: {at_length.message}")
-    return {"accuracy": accuracy, "gate": verdict.to_json()}
-
-
-def judge_selection(run: Callable[[Samples], dict[str, np.ndarray]], prepared: Prepared,
-                    max_drop: float | None) -> dict[str, Any]:
-    """A model (``run(samples) -> outputs``) judged on the selection split against the original FP32
-    model: its metrics and verdict, for choosing among candidates without touching the gate's data."""
-    samples, reference, name = prepared.selection_split()
-    first = prepared.output_names[0]
-    outputs = run(samples)
-    result, verdict = validate.judge(prepared.task, reference[first], outputs[first], samples.labels, max_drop)
-    return {"data": name, "samples": len(samples), "metrics": result, "gate": verdict.to_json()}
-
-
-def evaluate_runner(runner: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:
-    """``evaluate`` for an engine's ``Runner``."""
-    return evaluate(lambda samples: runner.infer_all(samples.batches(32)), prepared, max_drop)
-
-
-def evaluate_module(module: Any, prepared: Prepared, max_drop: float | None) -> dict[str, Any]:
-    """``evaluate`` for a PyTorch module (the pruned model before and after recovery)."""
-    return evaluate(lambda samples: run_reference(module, samples, prepared.output_names), prepared, max_drop)

@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from optimize.bundle import choose_target, read_manifest
+from optimize.bundle.folder import choose_target, read_manifest
 from optimize.errors import InputSpecError
 
 QUEUE_METRIC = "inference_queue_time_seconds"  # per pod, from prometheus-adapter

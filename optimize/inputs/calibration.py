@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from optimize.errors import CalibrationError
-from optimize.specs import TensorSpec
+from optimize.inputs.specs import TensorSpec
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -221,7 +221,7 @@ def _load_images(folder: Path, options: ImageOptions, input_shape: tuple[int, ..
 
 def _load_callable(source: str) -> Samples:
     from optimize.errors import CheckpointError
-    from optimize.factory import resolve_factory
+    from optimize.inputs.factory import resolve_factory
 
     try:
         function = resolve_factory(source)

@@ -3,7 +3,7 @@
 Three checks, each ending in one line that names the input, what it is, what the model wants
 where the model tells, and the likely fix:
 
-- names and count (``optimize.calibration.match_arrays``: every required argument of ``forward`` has
+- names and count (``optimize.inputs.calibration.match_arrays``: every required argument of ``forward`` has
   an array, no array is left over) and dtype (float data takes the model's parameter dtype, a wider float is cast
   with a note; integers are never fed to a float model or the reverse);
 - ``trial_forward``: the model's own forward on two samples; a failure is explained from the first
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize.calibration import DataOrigin
+from optimize.inputs.calibration import DataOrigin
 from optimize.errors import CalibrationError
 
 LAYER_RANK = {"Conv1d": 3, "Conv2d": 4, "Conv3d": 5}
