@@ -37,7 +37,8 @@ from optimize.bench.load import LoadPlan
 from optimize.bench.run import BenchConfig, bench_engines, run_bench
 from optimize.bundle import load_runner, read_manifest
 from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
-from optimize.search.runner import SearchPlan, model_family, run_search
+from optimize.search.plan import SearchPlan
+from optimize.search.runner import model_family, run_search
 from optimize.search.space import parse_space
 from optimize.select import LoadSpec
 

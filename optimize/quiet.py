@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
 import warnings
 from typing import Iterator
 
@@ -51,7 +53,13 @@ def quieted(loggers: tuple[str, ...] = (), level: int = logging.ERROR, messages:
 def on_terminal() -> bool:
     """Progress bars are drawn only on a terminal: redirected output gets a line per stage instead
     of a flood of carriage returns."""
-    import sys
-
     stream = sys.stderr
     return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+@contextlib.contextmanager
+def progress_off_stdout() -> Iterator[None]:
+    """For a library that draws its progress bars on stdout (NNCF's): on a terminal they go to
+    stderr, redirected they go nowhere. Stdout stays for the tables and report paths."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sys.stderr if on_terminal() else sink):
+        yield

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from optimize.errors import InputSpecError
 from optimize.targets import registry
+
+if TYPE_CHECKING:
+    from optimize.bundle.manifest import Manifest
 
 SLO_PATTERN = re.compile(r"^p(\d{1,2}(?:\.\d+)?)\s*[=<:]\s*([0-9.]+)\s*(ms|s|us)?$")
 LOAD_PATTERN = re.compile(r"^(batch|concurrency|rate)\s*=\s*([0-9.]+)$")
@@ -68,7 +71,7 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
 
 
-def select(manifest: Any, report: dict[str, Any], slo: Slo | None, load: LoadSpec) -> dict[str, Any]:
+def select(manifest: Manifest, report: dict[str, Any], slo: Slo | None, load: LoadSpec) -> dict[str, Any]:
     """The decision, with every candidate's numbers; ``target`` is None when nothing qualifies.
     ``manifest`` is the bundle's ``optimize.bundle.manifest.Manifest``."""
     metric = slo.key if slo else "p99_ms"

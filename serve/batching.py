@@ -23,9 +23,12 @@ import collections
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from optimize.targets.base import Runner
 
 
 # Engine calls shorter than this run on the event loop itself (blocking it for at most this long).
@@ -166,7 +169,7 @@ class Batcher:
             self._running += 1
             asyncio.get_running_loop().create_task(self._run(runner, batch))
 
-    async def _run(self, runner: Any, batch: list[_Item]) -> None:
+    async def _run(self, runner: Runner, batch: list[_Item]) -> None:
         started = time.perf_counter()
         for item in batch:
             self._observer.queued(started - item.queued_at)

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -47,7 +48,7 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
 def _answers(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """A ``ProtocolError`` becomes the matching status code and its message."""
     @functools.wraps(handler)
-    async def answering(self: "InferenceServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def answering(self: "InferenceServicer", request: Message, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
         except ProtocolError as exc:
@@ -113,13 +114,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.closing = False  # after the drain delay: new inference is UNAVAILABLE, as Triton answers
         self.last_call = 0.0  # monotonic time of the latest ModelInfer
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.service.ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         """An unknown model is not ready (OK, ready false), as Triton answers; HTTP's route says 404."""
         try:
             self.service.find_model(request.name, request.version)
@@ -127,28 +128,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.service.ready)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(**self.service.server_metadata())
 
     @_answers
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         self.service.find_model(request.name, request.version)
         return json_format.ParseDict(self.service.model.metadata(), pb.ModelMetadataResponse())
 
     @_answers
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         self.service.find_model(request.name, request.version)
         config = json_format.ParseDict(self.service.config(), model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=config)
 
     @_answers
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         if request.name:  # no name: every model's, as Triton answers; that is this one
             self.service.find_model(request.name, request.version)
         return json_format.ParseDict(self.service.statistics(), pb.ModelStatisticsResponse())
 
     @_answers
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         self.last_call = time.monotonic()
         service = self.service
         if self.closing:

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -21,8 +21,11 @@ from optimize.inputs.specs import TensorSpec
 from optimize.deploy.triton import model_config
 from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
 
+if TYPE_CHECKING:
+    from optimize.bundle.manifest import Manifest
 
-def bundle_version(bundle: Path, manifest: Any, target: str) -> str:
+
+def bundle_version(bundle: Path, manifest: Manifest, target: str) -> str:
     """The first 12 hex digits of a hash of what answers requests: the target, its engine files, the
     engine settings, the inputs and outputs, the tokenizer. Benchmark results, a new winner elsewhere
     or a rewritten manifest leave it alone; a rebuilt engine moves it."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -21,9 +21,12 @@ from optimize.bundle.folder import load_runner
 from optimize.errors import BundleError
 from optimize.targets import registry
 
+if TYPE_CHECKING:
+    from optimize.bundle.manifest import Manifest
 
 
-def candidates(manifest: Any) -> list[str]:
+
+def candidates(manifest: Manifest) -> list[str]:
     """Built targets within the accuracy budget that the serving image can run (no baselines)."""
     return [name for name, record in manifest.targets.items()
             if record.built and record.gate_passed
@@ -31,7 +34,7 @@ def candidates(manifest: Any) -> list[str]:
             and not registry.unavailable_reason(name)]
 
 
-def reselect(bundle: Path, manifest: Any) -> tuple[str, dict[str, Any]]:
+def reselect(bundle: Path, manifest: Manifest) -> tuple[str, dict[str, Any]]:
     """(target to serve, the record: every candidate's timing on this CPU, the choice and why)."""
     from optimize.cpu import detect
 

@@ -20,15 +20,15 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator, TYPE_CHECKING
 
 import numpy as np
 import uvicorn
 
-from optimize.bundle.folder import choose_target, load_runner, read_manifest
+from optimize.bundle.folder import choose_target, load_runner, read_manifest, text_encoder
 from optimize.drift.profile import DRIFT_DIR, Profile
 from optimize.errors import BundleError
-from optimize.inputs.tokenizer import TextEncoder, pad_values
+from optimize.inputs.tokenizer import pad_values
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
@@ -36,6 +36,9 @@ from serve.model import ServedModel, bundle_version
 from serve.closing import refuse_queued
 from serve.monitor import BackgroundMonitor, DriftMonitor
 from serve.service import InferenceService
+
+if TYPE_CHECKING:
+    from optimize.bundle.manifest import Manifest
 
 LOG = logging.getLogger("serve")
 WARMUP_CALLS = 3
@@ -85,7 +88,7 @@ def create_service(config: ServeConfig) -> InferenceService:
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
     model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle, manifest, target), target,
                         manifest.record(target, bundle).precision, inputs, manifest.outputs,
-                        config.batching.max_batch, TextEncoder.from_manifest(bundle, manifest))
+                        config.batching.max_batch, text_encoder(bundle, manifest))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
     drift_off = "off"
@@ -152,7 +155,7 @@ def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.nd
         raise
 
 
-def _warn_if_measured_elsewhere(manifest: Any, target: str) -> None:
+def _warn_if_measured_elsewhere(manifest: Manifest, target: str) -> None:
     """Say so when the winner was measured on a CPU that differs from this one in what decides speed."""
     from optimize.cpu import detect, differences
 

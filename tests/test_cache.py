@@ -16,7 +16,7 @@ import pytest
 
 from optimize.bundle.cache import Stage, StageCache, module_source_hash, stage_key, undeclared_imports
 from optimize.build.scheme_choice import TIMING_STAGE
-from optimize.build.pipeline import EXPORT_STAGE, ExportStageConfig
+from optimize.build.export_stage import EXPORT_STAGE, ExportStageConfig
 from optimize.build.prune_stage import PRUNE_STAGE, PruneStageConfig
 from optimize.passes.distill import DistillConfig
 from optimize.passes.prune import PruneConfig

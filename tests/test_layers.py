@@ -1,5 +1,6 @@
 """The package's import direction: every module imports only modules below its own layer (imports
-inside functions count too), and the server's import closure holds no torch.
+inside functions and those for type annotations count too), and the server's import closure (what
+runs) holds no torch.
 
 The layers, top to bottom, are written in ``optimize/__init__.py``; ``LAYERS`` here is the same
 list as a contract. Groups in one layer are siblings: neither imports the other (the server and
@@ -43,11 +44,25 @@ def modules(root: Path = ROOT) -> dict[str, Path]:
     return found
 
 
-def imported(source: str, name: str, is_package: bool) -> set[str]:
-    """Every module named by an import statement anywhere in ``source`` (in functions too)."""
+def _nodes(tree: ast.AST, runtime: bool):
+    """Every node of ``tree``; with ``runtime``, not those under ``if TYPE_CHECKING:`` (never run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if runtime and isinstance(child, ast.If) and ast.unparse(child.test).endswith("TYPE_CHECKING"):
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+def imported(source: str, name: str, is_package: bool, runtime: bool = False) -> set[str]:
+    """Every module named by an import statement anywhere in ``source`` (in functions too; with
+    ``runtime``, leaving out the imports for type annotations only)."""
     package = name if is_package else name.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in _nodes(ast.parse(source), runtime):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -129,7 +144,7 @@ def test_the_server_import_closure_holds_no_torch():
     seen, third_party, path_to = set(todo), set(), {name: name for name in todo}
     while todo:
         name = todo.pop()
-        for target in imported(known[name].read_text(), name, known[name].name == "__init__.py"):
+        for target in imported(known[name].read_text(), name, known[name].name == "__init__.py", runtime=True):
             module = ours(target, known)
             if module is None:
                 top = target.split(".")[0]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(digits_checkpoint, tm
         # trained model varies run to run; 0.5 was seen to fail at 0.56 for ort-int8).
         assert entry["accuracy"]["eval"]["accuracy_pct"] >= fp32 - 1.0, name
     assert "openvino-int8" in result.stdout and "labelled eval" in result.stdout
+    assert not third_party_lines(result.stdout + result.stderr), third_party_lines(result.stdout + result.stderr)
     # It ends with the benchmark report, the winner and that the build recorded it.
     last = result.stdout.splitlines()[-2:]
     assert last[0].startswith("winner: ") and last[1].startswith("winner recorded: "), last
@@ -44,6 +46,17 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(digits_checkpoint, tm
     assert set(report["engines"]) == {"torch-eager-fp32", "torch-compile", *CPU_TARGETS, *bf16}
     assert (manifest["targets"].get("openvino-bf16", {}).get("status") == "built") == bool(bf16)
     assert manifest_winner(tmp_path / "bundle") in CPU_TARGETS
+
+
+# What other libraries' console output looks like: Python's default logging format, a warning
+# printed by ``warnings``, a progress bar (tqdm's, rich's), a carriage return redrawing a line.
+THIRD_PARTY = re.compile(r"^(WARNING|INFO|DEBUG|ERROR|CRITICAL):|\w+Warning: |━|\d+%\|| it/s\]")
+
+
+def third_party_lines(text: str) -> list[str]:
+    """Lines of redirected console output that did not come from optimize's own console (a
+    carriage return, a bar redrawing its line, counts as one)."""
+    return [repr(line) for line in text.split("\n") if "\r" in line or THIRD_PARTY.search(line)]
 
 
 def manifest_winner(bundle: Path) -> str:

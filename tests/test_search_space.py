@@ -116,7 +116,8 @@ def test_a_rerun_with_other_arguments_is_refused(tmp_path, caplog):
     from optimize.bench.run import BenchConfig
     from optimize.errors import OptimizeError
     from optimize.build.plan import BuildPlan, SourceConfig
-    from optimize.search.runner import SearchPlan, _state
+    from optimize.search.plan import SearchPlan
+    from optimize.search.runner import _state
     from optimize.select import LoadSpec
 
     plan = SearchPlan(plan=BuildPlan(source=SourceConfig(tmp_path / "m.pt"), out=tmp_path / "best"),

@@ -11,6 +11,7 @@ import pytest
 from support import TINY, run_cli
 from optimize.errors import InputSpecError
 from optimize.inputs.specs import TensorSpec
+from optimize.bundle.folder import text_encoder
 from optimize.inputs.tokenizer import TextEncoder, text_section
 
 LENGTH = 16
@@ -148,7 +149,7 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
         config = json.loads(http("GET", server.url + "/v2/models/words/config")[1])
         assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [1]}]
         texts = sentences()[:3]
-        feeds = TextEncoder.from_manifest(out, manifest).encode(texts)
+        feeds = text_encoder(out, manifest).encode(texts)
         with load_runner(out, "ort-fp32") as runner:
             want = runner.infer(feeds)["output"]
         client = triton.InferenceServerClient(server.url[len("http://"):])

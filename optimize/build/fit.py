@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
 from optimize.inputs.calibration import DataOrigin
 from optimize.errors import CalibrationError
+
+if TYPE_CHECKING:
+    import torch
 
 LAYER_RANK = {"Conv1d": 3, "Conv2d": 4, "Conv3d": 5}
 TRIAL_ROWS = 2
@@ -55,7 +58,7 @@ class FirstLayer:
         return f"integer ids below {self.width} from its first layer Embedding"
 
 
-def first_layer(module: Any) -> FirstLayer | None:
+def first_layer(module: torch.nn.Module) -> FirstLayer | None:
     for child in module.modules():
         kind = type(child).__name__
         if kind in LAYER_RANK and isinstance(getattr(child, "in_channels", None), int):
@@ -67,7 +70,7 @@ def first_layer(module: Any) -> FirstLayer | None:
     return None
 
 
-def model_float_dtype(module: Any) -> str:
+def model_float_dtype(module: torch.nn.Module) -> str:
     """The dtype of the model's first floating parameter (``float32`` when it has none numpy can hold)."""
     for parameter in module.parameters():
         if parameter.is_floating_point():
@@ -76,7 +79,7 @@ def model_float_dtype(module: Any) -> str:
     return "float32"
 
 
-def required_inputs(module: Any, names: list[str]) -> list[str]:
+def required_inputs(module: torch.nn.Module, names: list[str]) -> list[str]:
     """The forward arguments without a default: each needs data."""
     try:
         parameters = inspect.signature(module.forward).parameters
@@ -98,9 +101,9 @@ def float_dtype_for(name: str, array: np.ndarray, model_dtype: str, origin: Data
     raise DataFitError(f"data {origin.where}: input '{name}' has dtype {array.dtype}; give float or integer arrays")
 
 
-def trial_forward(module: Any, arrays: dict[str, np.ndarray], origin: DataOrigin) -> dict[str, np.ndarray]:
+def trial_forward(module: torch.nn.Module, arrays: dict[str, np.ndarray], origin: DataOrigin) -> dict[str, np.ndarray]:
     """Run the model on the first rows; a failure becomes one line with the likely fix."""
-    from optimize.passes.export import output_names_for, torch_outputs
+    from optimize.passes.onnx_export import output_names_for, torch_outputs
 
     feeds = {k: np.ascontiguousarray(v[:TRIAL_ROWS]) for k, v in arrays.items()}
     try:

@@ -22,62 +22,23 @@ import numpy as np
 
 from optimize import validate
 from optimize.build.plan import BuildPlan, SourceConfig
+from optimize.build.export_stage import PARITY_SAMPLES, ExportResult, ExportStageConfig, run_export_stage
 from optimize.build.prepare import Prepared, load_labelled, prepare, run_reference
 from optimize.build.target_stage import TargetConfig, TargetInputs, run_target
-from optimize.bundle.cache import Stage, StageCache
+from optimize.bundle.cache import StageCache
 from optimize.bundle.folder import BundleWriter, cache_dir_for, write_manifest
 from optimize.bundle.manifest import Manifest, TargetRecord
 from optimize.environment import library_versions, machine_info
 from optimize.errors import OptimizeError
-from optimize.inputs.calibration import Samples
 from optimize.inputs.checkpoint import file_sha256
-from optimize.inputs.specs import TensorSpec
-from optimize.passes import export as export_pass
 from optimize.targets import registry
 from optimize.targets.base import BuildInputs, RunnerConfig
 
 if TYPE_CHECKING:
-    import torch
 
     from optimize.build.prune_stage import PruneResult
 
 log = logging.getLogger(__name__)
-
-PARITY_SAMPLES = 32
-EXPORT_STAGE = Stage("export", ("optimize.passes.export", "optimize.inputs.specs", "optimize.errors", "optimize.quiet"),
-                     packages=("torch", "onnx", "onnxscript", "onnxruntime"))
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportStageConfig:
-    """What keys the export: the inputs' names, shapes, dtypes and dynamic axes, the outputs'
-    names, whether a ``torch.export`` program is saved beside the ONNX file, the parity sample count."""
-
-    inputs: tuple[TensorSpec, ...]
-    output_names: tuple[str, ...]
-    save_program: bool
-    parity_samples: int = PARITY_SAMPLES
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": [s.to_json() for s in self.inputs], "output_names": list(self.output_names),
-                "save_program": self.save_program, "parity_samples": self.parity_samples}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportResult:
-    """What the export stage returns: its cache folder, the saved program (None for TorchScript),
-    the ONNX file's hash and the parity check against PyTorch."""
-
-    folder: Path
-    program: Path | None
-    onnx_sha256: str
-    parity: dict[str, Any]
-    tolerance: dict[str, Any]
-
-    @property
-    def onnx(self) -> Path:
-        return self.folder / "model.onnx"
-
 
 @dataclasses.dataclass
 class BuildResult:
@@ -100,34 +61,6 @@ def source_hash(source: SourceConfig, checkpoint_sha256: str) -> str:
     text = json.dumps({"checkpoint": checkpoint_sha256, "arch": source.arch, "arch_kwargs": source.arch_kwargs},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def run_export_stage(config: ExportStageConfig, module: "torch.nn.Module", held_out: Samples,
-                     parity_reference: dict[str, np.ndarray], model_hash: str, cache: StageCache) -> ExportResult:
-    """torch.export -> ONNX, checked against ``module`` (the pruned model when pruning ran) on the
-    first held-out samples, whose outputs from ``module`` are ``parity_reference``."""
-    specs = list(config.inputs)
-    example = {k: v[:2] if len(v) >= 2 else np.concatenate([v, v]) for k, v in held_out.arrays.items()}
-
-    def produce(folder: Path) -> dict:
-        if not config.save_program:
-            program = module
-        else:
-            # A loaded .pt2 is re-exported too, so its axes become the dynamic ones asked for.
-            program = export_pass.export_program(module, example, specs)
-            export_pass.save_program(program, folder / "program.pt2")
-        export_pass.export_onnx(program, example, specs, list(config.output_names), folder / "model.onnx")
-        subset = held_out.take(np.arange(min(config.parity_samples, len(held_out))))
-        got = export_pass.onnx_outputs(folder / "model.onnx", subset.batches(8))
-        want = {k: v[:len(subset)] for k, v in parity_reference.items()}
-        parity = export_pass.compare_outputs(want, got, export_pass.FP32_EXPORT_TOLERANCE, "ONNX export vs PyTorch")
-        return {"program": "program.pt2" if config.save_program else None,
-                "onnx_sha256": file_sha256(folder / "model.onnx"), "parity": parity,
-                "tolerance": dataclasses.asdict(export_pass.FP32_EXPORT_TOLERANCE)}
-
-    folder, result = cache.run(EXPORT_STAGE, {"model": model_hash, "held_out": held_out.sha256}, config, produce)
-    return ExportResult(folder, folder / result["program"] if result.get("program") else None,
-                        result["onnx_sha256"], result["parity"], result["tolerance"])
 
 
 def _model_stages(plan: BuildPlan, prepared: Prepared, data: validate.GateData,
@@ -163,10 +96,11 @@ def _failed(target: str, reason: str, **extra: Any) -> TargetRecord:
                                    "status": "failed", "reason": reason, **extra})
 
 
-def _targets(plan: BuildPlan, config: TargetConfig, inputs: TargetInputs, cache: StageCache,
+def _targets(names: list[str], config: TargetConfig, inputs: TargetInputs, cache: StageCache,
              stop: "StopOnSignal") -> dict[str, TargetRecord]:
+    """Each target in turn: its record, failed with the reason when it raised."""
     records = {}
-    for target in registry.expand(list(plan.targets)):
+    for target in names:
         stop.check()
         try:
             records[target] = run_target(target, config, inputs, cache)
@@ -231,7 +165,7 @@ def run_build(plan: BuildPlan) -> BuildResult:
     A target that fails is recorded as failed with its reason and the others still build; the
     bundle is written only when every stage before the targets succeeded.
     """
-    registry.expand(list(plan.targets))  # an unknown name fails before anything is loaded
+    targets = registry.expand(list(plan.targets))  # an unknown name fails before anything is loaded
     out = Path(plan.out)
     cache = StageCache((plan.cache_dir or cache_dir_for(out)) if plan.use_cache else None)
     with StopOnSignal() as stop, BundleWriter(out) as writer:
@@ -263,7 +197,7 @@ def run_build(plan: BuildPlan) -> BuildResult:
             export.onnx_sha256, prepared.calibration, data)
         config = TargetConfig(plan.quant, plan.runner, plan.max_accuracy_drop, prepared.model_kind,
                               tuple(plan.batch_sizes), prepared.max_length[0] if prepared.max_length else None)
-        records = _targets(plan, config, inputs, cache, stop)
+        records = _targets(targets, config, inputs, cache, stop)
         manifest = _write_bundle(writer.root, plan, prepared, export, pruned, stages, records, text)
         stop.check()
         bundle = writer.commit()

@@ -12,13 +12,14 @@ import numpy as np
 from optimize.inputs.calibration import DataOrigin, ImageOptions, Samples, load_samples, match_arrays
 from optimize.inputs.checkpoint import LoadedModel, load_checkpoint
 from optimize.errors import CalibrationError, InputSpecError
-from optimize.passes.export import output_names_for, torch_outputs
+from optimize.passes.onnx_export import output_names_for, torch_outputs
 from optimize.passes.prune import HEAD_COUNT_ATTRS
 from optimize.inputs.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
 from optimize import validate
 from optimize.build import fit
 
 if TYPE_CHECKING:
+    import torch
     from optimize.build.plan import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Prepared:
 ATTENTION_OPS = ("matmul", "bmm", "scaled_dot_product_attention", "baddbmm")
 
 
-def model_kind(specs: list[TensorSpec], module: Any) -> str:
+def model_kind(specs: list[TensorSpec], module: torch.nn.Module) -> str:
     """``transformer`` for token inputs, attention blocks, or a traced graph dominated by matrix
     products; else ``cnn``. The one decision every stage's presets follow."""
     if any(np.dtype(s.dtype).kind in "iu" for s in specs):
@@ -95,7 +96,7 @@ def model_kind(specs: list[TensorSpec], module: Any) -> str:
     return "cnn"
 
 
-def run_reference(module: Any, samples: Samples, output_names: list[str] | None,
+def run_reference(module: torch.nn.Module, samples: Samples, output_names: list[str] | None,
                   batch_size: int = 64) -> dict[str, np.ndarray]:
     """The original FP32 model's outputs on ``samples``: what every accuracy number is against."""
     chunks: list[list[np.ndarray]] = []

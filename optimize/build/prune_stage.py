@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
 PRUNE_STAGE = Stage("prune", ("optimize.build.prune_stage", "optimize.quiet", "optimize.passes.prune", "optimize.passes.distill",
-                              "optimize.passes.export", "optimize.inputs.pruned_checkpoint", "optimize.build.prepare", "optimize.inputs.calibration",
+                              "optimize.passes.onnx_export", "optimize.inputs.pruned_checkpoint", "optimize.build.prepare", "optimize.inputs.calibration",
                               "optimize.build.fit", "optimize.inputs.tokenizer",
                               "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.validate",
                               "optimize.errors"),

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimize import atomic
 from optimize.errors import BundleError
 from optimize.bundle.manifest import SCHEMA_VERSION, Manifest
 
+if TYPE_CHECKING:
+    from optimize.inputs.tokenizer import TextEncoder
+
 MANIFEST = "manifest.json"
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "BundleWriter", "cache_dir_for", "choose_target", "load_runner",
-           "read_manifest", "write_manifest"]
+           "read_manifest", "text_encoder", "write_manifest"]
 
 
 def cache_dir_for(out: Path) -> Path:
@@ -102,3 +105,12 @@ def choose_target(manifest: Manifest, wanted: str | None, bundle: Path) -> str:
 
     deployable = [n for n in built if n not in registry.TARGETS or not registry.TARGETS[n].baseline]
     return (deployable or built)[0]
+
+
+def text_encoder(bundle: Path, manifest: Manifest) -> "TextEncoder | None":
+    """The tokenizer of a bundle whose model takes text (a ``text`` section), else None."""
+    if not manifest.text:
+        return None
+    from optimize.inputs.tokenizer import TextEncoder
+
+    return TextEncoder(Path(bundle), manifest.text, list(manifest.inputs))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optimize.bundle.manifest import Manifest, TargetRecord
 
 
 def human_size(size: int | None) -> str:
@@ -15,7 +18,7 @@ def human_size(size: int | None) -> str:
     return str(size)
 
 
-def accuracy_text(task: str, entry: Any) -> str:
+def accuracy_text(task: str, entry: TargetRecord) -> str:
     accuracy = entry.accuracy
     if not accuracy:
         return "-"
@@ -31,7 +34,7 @@ def accuracy_text(task: str, entry: Any) -> str:
     return f"max err {held['max_abs_error']:.3g}"
 
 
-def status_text(entry: Any) -> str:
+def status_text(entry: TargetRecord) -> str:
     if entry.built:
         recovery = entry.recovery
         return "built" + (f" ({len(recovery.get('kept_fp32', []))} kept FP32)" if recovery and
@@ -39,7 +42,7 @@ def status_text(entry: Any) -> str:
     return f"{entry.status}: {entry.reason or ''}"
 
 
-def targets_table(manifest: Any) -> str:
+def targets_table(manifest: Manifest) -> str:
     """One row per target of a ``Manifest``: precision, size, accuracy, build time, status."""
     rows = [("target", "precision", "size", "accuracy vs FP32", "build s", "status")]
     for name, entry in manifest.targets.items():

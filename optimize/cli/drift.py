@@ -19,12 +19,12 @@ def _feeds(bundle: Path, source: str) -> dict:
     from optimize.inputs.calibration import load_samples
     manifest = read_manifest(bundle)
     if source.endswith(".txt"):
-        from optimize.inputs.tokenizer import TextEncoder
+        from optimize.bundle.folder import text_encoder
 
         if not Path(source).is_file():
             raise InputSpecError(f"data file {source} does not exist")
 
-        encoder = TextEncoder.from_manifest(bundle, manifest)
+        encoder = text_encoder(bundle, manifest)
         if encoder is None:
             raise InputSpecError(f"{source}: text input needs a bundle built with --tokenizer")
         lines = [line for line in Path(source).read_text().splitlines() if line.strip()]

@@ -93,7 +93,8 @@ def command(checkpoint: Path, out: Path, **o) -> None:
     from optimize.bench.run import BenchConfig
     from optimize.cli.bench import _numbers
     from optimize.build.plan import BuildPlan, QuantConfig
-    from optimize.search.runner import SearchPlan, model_family, ray_environment, require_extras, run_search
+    from optimize.search.plan import SearchPlan
+    from optimize.search.runner import model_family, ray_environment, require_extras, run_search
     from optimize.search.space import parse_space
     from optimize.search.tracking import tracking_uri
     from optimize.select import parse_duration, parse_load, parse_slo

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from optimize.drift.accuracy import expected_correct, fit_calibration, no_estima
 from optimize.drift.features import Extractor, Feature, looks_like_probabilities
 from optimize.drift.stats import REQUESTS_PER_FALSE_ALARM, Scale, WindowTest, plan_scales
 from optimize.errors import BundleError
+
+if TYPE_CHECKING:
+    from optimize.targets.base import Runner
 
 DRIFT_DIR = "drift"
 DEFAULT_WINDOW = 20
@@ -145,7 +148,7 @@ class Profile:
                    float(meta["requests_per_false_alarm"]), meta["calibration"])
 
 
-def build_profile(target: str, runner: Any, held: dict[str, np.ndarray], inputs: list[dict[str, Any]],
+def build_profile(target: str, runner: Runner, held: dict[str, np.ndarray], inputs: list[dict[str, Any]],
                   outputs: list[dict[str, Any]], task: str, pad_id: int = 0, batch_size: int = 32,
                   labels: np.ndarray | None = None) -> Profile:
     """The reference profile of ``target`` from the held-out inputs, through its own Runner."""

@@ -19,17 +19,20 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimize.errors import CheckpointError
 from optimize.inputs.factory import resolve_factory
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass
 class LoadedModel:
     """A model ready for export: the module, how it was stored, and where it came from."""
 
-    module: Any  # torch.nn.Module or torch.jit.ScriptModule
+    module: torch.nn.Module  # torch.nn.Module or torch.jit.ScriptModule
     format: str  # torchscript | exported-program | state-dict | pruned-state-dict | lightning | pickled-module
     sha256: str
     path: Path
@@ -59,7 +62,7 @@ def parse_arch_args(values: tuple[str, ...]) -> dict[str, Any]:
     return kwargs
 
 
-def forward_input_names(module: Any) -> list[str]:
+def forward_input_names(module: torch.nn.Module) -> list[str]:
     """Names of the positional arguments of ``module.forward`` (the model's inputs)."""
     try:
         signature = inspect.signature(module.forward)
@@ -297,7 +300,7 @@ def _unsafe_global(exc: BaseException) -> str:
     return "non-tensor objects"
 
 
-def _load_state(module: Any, state: dict, path: Path, arch: str) -> None:
+def _load_state(module: torch.nn.Module, state: dict, path: Path, arch: str) -> None:
     expected = module.state_dict()
     state = _strip_common_prefix(state, expected)
     missing = sorted(set(expected) - set(state))

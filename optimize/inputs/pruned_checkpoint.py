@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimize.errors import PruneError
+
+if TYPE_CHECKING:
+    import torch
 
 # Integer attributes that describe a layer's width; rewritten when the layer shrinks.
 WIDTH_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
@@ -20,14 +23,14 @@ WIDTH_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "nu
                "all_head_size", "groups")
 
 
-def fresh_copy(module: Any) -> Any:
+def fresh_copy(module: torch.nn.Module) -> Any:
     """A deep copy in eval mode (torch warns about its own pytree internals while copying)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return copy.deepcopy(module).eval()
 
 
-def architecture_changes(original: Any, pruned: Any) -> dict[str, dict[str, Any]]:
+def architecture_changes(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Per module, the width attributes that pruning changed: enough to rebuild from the class."""
     before = dict(original.named_modules())
     changes: dict[str, dict[str, Any]] = {}
@@ -39,7 +42,7 @@ def architecture_changes(original: Any, pruned: Any) -> dict[str, dict[str, Any]
     return changes
 
 
-def save_pruned(original: Any, pruned: Any, path: Path) -> None:
+def save_pruned(original: torch.nn.Module, pruned: torch.nn.Module, path: Path) -> None:
     """A weights-only checkpoint: the pruned state_dict and the changed layer attributes."""
     import torch
 
@@ -47,7 +50,7 @@ def save_pruned(original: Any, pruned: Any, path: Path) -> None:
                 "pruned_architecture": architecture_changes(original, pruned)}, path)
 
 
-def rebuild_pruned(module: Any, state_dict: dict[str, Any], changes: dict[str, dict[str, Any]]) -> Any:
+def rebuild_pruned(module: torch.nn.Module, state_dict: dict[str, Any], changes: dict[str, dict[str, Any]]) -> Any:
     """Shrink a freshly built ``module`` to the pruned shapes, then load the pruned weights."""
     import torch
 

@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
 from optimize.errors import BundleError, InputSpecError
 from optimize.inputs.specs import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
 TEXT_INPUT = "text"
@@ -71,7 +74,7 @@ LENGTH_FILES = (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_con
 UNSET_LENGTH = 100_000  # transformers writes a huge model_max_length when none is known
 
 
-def position_limit(module: Any) -> int | None:
+def position_limit(module: torch.nn.Module) -> int | None:
     """The most positions the model embeds (``max_position_embeddings``), where it says."""
     for child in module.modules():
         config = getattr(child, "config", None)
@@ -84,7 +87,7 @@ def position_limit(module: Any) -> int | None:
     return None
 
 
-def serving_length(tokenizer_path: Path, module: Any, override: int | None,
+def serving_length(tokenizer_path: Path, module: torch.nn.Module, override: int | None,
                    calibration_length: int) -> tuple[int, str]:
     """(the longest token sequence served, where that number comes from)."""
     limit = position_limit(module)
@@ -182,13 +185,6 @@ class TextEncoder:
         self.tokenizer = _load(file, "bundle tokenizer")
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
-
-    @classmethod
-    def from_manifest(cls, bundle: Path, manifest: Any) -> "TextEncoder | None":
-        """The encoder of a bundle's ``Manifest`` with a ``text`` section, else None."""
-        if not manifest.text:
-            return None
-        return cls(bundle, manifest.text, list(manifest.inputs))
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self.encode_counted(texts)[0]

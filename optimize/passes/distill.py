@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from optimize.quiet import on_terminal
 from optimize.inputs.calibration import Samples
+
+if TYPE_CHECKING:
+    import torch
 
 # Below this many unlabelled samples, distillation of a pruned model stopped short of the
 # original's accuracy on the digits CNN (benchmarks/results/prune_digits.md: 200 samples left it
@@ -131,7 +134,7 @@ def margin_met(check: Check, budget: float | None) -> bool:
     return check.interval[1] < budget
 
 
-def distill(student: Any, data: Samples, teacher: dict[str, np.ndarray], input_names: list[str],
+def distill(student: torch.nn.Module, data: Samples, teacher: dict[str, np.ndarray], input_names: list[str],
             task: str, config: DistillConfig, model_kind: str, judge: Callable[[Any], Check | None],
             budget: float | None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``student`` in place towards ``teacher`` (outputs on ``data``) until ``judge``

@@ -15,10 +15,13 @@ import contextlib
 import dataclasses
 import difflib
 import warnings
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from optimize.errors import PruneError
 from optimize.inputs.pruned_checkpoint import fresh_copy
+
+if TYPE_CHECKING:
+    import torch
 
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
 GRANULARITIES = ("auto", "channels", "heads")
@@ -56,7 +59,7 @@ class Attention:
     """An attention block whose heads can be removed: its q/k/v projections and head count attribute."""
 
     name: str
-    module: Any
+    module: torch.nn.Module
     qkv: tuple[Any, Any, Any]
     heads_attr: str
 
@@ -71,11 +74,11 @@ class Attention:
 
 @dataclasses.dataclass
 class PruneOutcome:
-    module: Any
+    module: torch.nn.Module
     report: dict[str, Any]
 
 
-def find_attention(module: Any) -> list[Attention]:
+def find_attention(module: torch.nn.Module) -> list[Attention]:
     """Attention blocks written with separate q/k/v ``nn.Linear`` layers (BERT, DistilBERT, Llama...)."""
     from torch import nn
 
@@ -92,7 +95,7 @@ def find_attention(module: Any) -> list[Attention]:
     return found
 
 
-def fused_attention(module: Any) -> list[str]:
+def fused_attention(module: torch.nn.Module) -> list[str]:
     """Names of ``nn.MultiheadAttention`` modules: their fused projection ties the heads to the
     embedding width, so they cannot lose heads; channel pruning keeps them whole."""
     from torch import nn
@@ -100,7 +103,7 @@ def fused_attention(module: Any) -> list[str]:
     return [name for name, child in module.named_modules() if isinstance(child, nn.MultiheadAttention)]
 
 
-def _output_layers(module: Any, example: tuple) -> list[Any]:
+def _output_layers(module: torch.nn.Module, example: tuple) -> list[Any]:
     """The Linear/Conv layers whose output is one of the model's outputs, and the last one run: their
     output widths are the model's output widths (two heads, two outputs: both are kept)."""
     import torch
@@ -131,7 +134,7 @@ def _flatten(value: Any) -> list[Any]:
     return [value]
 
 
-def _named(module: Any, names: Iterable[str]) -> list[Any]:
+def _named(module: torch.nn.Module, names: Iterable[str]) -> list[Any]:
     modules = dict(module.named_modules())
     chosen = []
     for name in names:
@@ -160,7 +163,7 @@ def _groups_touching(graph: Any, frozen: list[Any]) -> list[Any]:
     return roots
 
 
-def _importance(config: PruneConfig, module: Any) -> Any:
+def _importance(config: PruneConfig, module: torch.nn.Module) -> Any:
     import torch_pruning as tp
     from torch import nn
 
@@ -174,7 +177,7 @@ def _importance(config: PruneConfig, module: Any) -> Any:
     return tp.importance.MagnitudeImportance(p=2)
 
 
-def _accumulate_gradients(module: Any, batches: Iterable[tuple], loss_fn: Callable) -> None:
+def _accumulate_gradients(module: torch.nn.Module, batches: Iterable[tuple], loss_fn: Callable) -> None:
     """Taylor importance reads weight x gradient: one backward pass per calibration batch."""
     module.zero_grad()
     for inputs in batches:
@@ -189,7 +192,7 @@ def _torch_pruning_quiet():
         yield caught
 
 
-def prune_channels(module: Any, example: tuple, config: PruneConfig, protected: list[Any],
+def prune_channels(module: torch.nn.Module, example: tuple, config: PruneConfig, protected: list[Any],
                    grad_batches: Iterable[tuple] | None, loss_fn: Callable | None) -> dict[str, Any]:
     import torch_pruning as tp
 
@@ -215,7 +218,7 @@ def prune_channels(module: Any, example: tuple, config: PruneConfig, protected: 
             "_custom": custom}
 
 
-def _owner(module: Any, param_name: str) -> str:
+def _owner(module: torch.nn.Module, param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
 
@@ -230,7 +233,7 @@ def _custom_layer_error(custom: dict[str, str], exc: BaseException) -> PruneErro
     return PruneError(f"torch-pruning could not prune this model: {exc}")
 
 
-def prune_heads(module: Any, example: tuple, config: PruneConfig,
+def prune_heads(module: torch.nn.Module, example: tuple, config: PruneConfig,
                 grad_batches: Iterable[tuple] | None, loss_fn: Callable | None) -> dict[str, Any]:
     """Remove whole heads: q/k/v output rows and the output projection's input columns together."""
     import torch
@@ -286,7 +289,7 @@ def _heads_to_remove(scores: list[Any], config: PruneConfig) -> list[list[int]]:
     return [sorted(r) for r in removed]
 
 
-def count(module: Any, example: tuple) -> tuple[int, int, dict[str, tuple[int, int]]]:
+def count(module: torch.nn.Module, example: tuple) -> tuple[int, int, dict[str, tuple[int, int]]]:
     """Total MACs and parameters, and per layer (by name) ``(macs, params)``."""
     import torch
     import torch_pruning as tp
@@ -299,11 +302,11 @@ def count(module: Any, example: tuple) -> tuple[int, int, dict[str, tuple[int, i
     return int(macs), int(params), per_layer
 
 
-def _is_leaf_with_params(module: Any) -> bool:
+def _is_leaf_with_params(module: torch.nn.Module) -> bool:
     return not list(module.children()) and any(True for _ in module.parameters(recurse=False))
 
 
-def prune_module(original: Any, example: tuple, config: PruneConfig,
+def prune_module(original: torch.nn.Module, example: tuple, config: PruneConfig,
                  grad_batches: Iterable[tuple] | None = None, loss_fn: Callable | None = None) -> PruneOutcome:
     """A pruned copy of ``original`` and a report: MACs and parameters before and after, per layer."""
     import torch

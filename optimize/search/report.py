@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from optimize import atomic
 from optimize.bench.report import _fmt as _cell
 from optimize.bench.report import markdown_table
 from optimize.search import frontier
 
+if TYPE_CHECKING:
+    from optimize.search.plan import SearchPlan
+    from optimize.select import Slo
 
-def trial_row(record: dict[str, Any], slo: Any) -> list[str]:
+
+def trial_row(record: dict[str, Any], slo: Slo | None) -> list[str]:
     accuracy = record.get("accuracy") or {}
     if record["status"] != "ok":
         return [record["key"], record["label"], _cell(accuracy.get("drop")), "-", "-", "-", "-", "-",
@@ -28,7 +32,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return markdown_table([header, *[[cell.replace("|", "/") for cell in row] for row in rows]])
 
 
-def markdown(plan: Any, records: list[dict[str, Any]], kept: list[dict[str, Any]], winner: dict[str, Any],
+def markdown(plan: SearchPlan, records: list[dict[str, Any]], kept: list[dict[str, Any]], winner: dict[str, Any],
              summary: dict[str, Any], image: str | None) -> str:
     slo = plan.slo
     measure = f"p{slo.percentile:g}" if slo else "p50"
@@ -57,7 +61,7 @@ def markdown(plan: Any, records: list[dict[str, Any]], kept: list[dict[str, Any]
     return "\n".join(parts)
 
 
-def write_report(plan: Any, records: list[dict[str, Any]], kept: list[dict[str, Any]], winner: dict[str, Any],
+def write_report(plan: SearchPlan, records: list[dict[str, Any]], kept: list[dict[str, Any]], winner: dict[str, Any],
                  summary: dict[str, Any]) -> Path:
     folder = plan.search_dir
     max_drop = summary["max_accuracy_drop"]
@@ -67,7 +71,7 @@ def write_report(plan: Any, records: list[dict[str, Any]], kept: list[dict[str, 
     return path
 
 
-def write_winner(plan: Any, record: dict[str, Any], winner: dict[str, Any], report: Path) -> Path:
+def write_winner(plan: SearchPlan, record: dict[str, Any], winner: dict[str, Any], report: Path) -> Path:
     """The winning trial's bundle at ``--out``, replaced atomically: its manifest names the search,
     the trial and the decision, and it carries a copy of the search report."""
     from optimize.bundle.folder import BundleWriter, read_manifest, write_manifest

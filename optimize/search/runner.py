@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,15 +24,13 @@ from typing import Any
 
 from optimize import atomic
 from optimize.errors import InputSpecError, OptimizeError
-from optimize.bench.run import BenchConfig
 from optimize.build.plan import BuildPlan
+from optimize.search.plan import GRID_LIMIT, SearchPlan
 from optimize.search.space import SearchSpace, TrialConfig
-from optimize.select import LoadSpec, Slo
 from optimize.search.trial import TrialContext, read_record, run_trial
 
 log = logging.getLogger(__name__)
 
-GRID_LIMIT = 32  # a space this small (or asked for in full) is run as a grid
 OBJECT_STORE_BYTES = 256 << 20  # trials pass records, not arrays: a small object store is plenty
 FAILED_LATENCY_MS = 1e6  # what Optuna is told of a trial with no latency (failed before its benchmark)
 FAILED_DROP = 1e6
@@ -42,38 +39,6 @@ STATE = "search.json"
 
 class SearchExtraMissing(OptimizeError):
     """Ray Tune, Optuna or MLflow is not installed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchPlan:
-    """A search: the build plan every trial starts from (its ``out`` is where the winner goes), the
-    space, how many trials for how long, and how trials are measured and judged."""
-
-    plan: BuildPlan
-    space: SearchSpace
-    load: LoadSpec
-    bench: BenchConfig
-    slo: Slo | None = None
-    trials: int | None = None  # None: the whole space when it is small, else GRID_LIMIT Optuna trials
-    time_budget_s: float | None = None
-    parallel: int | None = None  # trials at once (None: one per CPU of the Ray cluster)
-    ray_address: str | None = None
-    mlflow_uri: str | None = None
-    seed: int = 0
-    budget_disabled: bool = False  # speed only: every trial passes the accuracy gate (said in the report)
-
-    @property
-    def search_dir(self) -> Path:
-        out = Path(self.plan.out)
-        return out.with_name(out.name + ".search")
-
-    def identity(self) -> str:
-        """What must match for a rerun to reuse this search's trials: everything but the trial
-        count, the time budget, the parallelism and where trials run."""
-        plan = dataclasses.replace(self.plan, out=Path("OUT"))
-        data = {"plan": plan.to_json(), "space": self.space.to_json(), "load": self.load.label,
-                "bench": self.bench.to_json(), "seed": self.seed}
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass

@@ -17,9 +17,13 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from optimize.errors import OptimizeError
+
+if TYPE_CHECKING:
+    from optimize.build.pipeline import BuildResult
+    from optimize.search.plan import SearchPlan
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def trial_metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def log_search(plan: Any, state: dict[str, Any], records: list[dict[str, Any]]) -> None:
+def log_search(plan: SearchPlan, state: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """The parent run (created once, reused on resume) and a child run for every trial not yet
     logged; run ids are kept in ``state['mlflow']``."""
     uri = plan.mlflow_uri
@@ -139,7 +143,7 @@ def log_search(plan: Any, state: dict[str, Any], records: list[dict[str, Any]]) 
     log.info(f"MLflow: {len(records)} trial run(s) under parent run {parent} at {uri}")
 
 
-def log_report(plan: Any, state: dict[str, Any], files: list[Path]) -> None:
+def log_report(plan: SearchPlan, state: dict[str, Any], files: list[Path]) -> None:
     """The search's report, plot and trials.json as artifacts of its parent run."""
     parent = (state.get("mlflow") or {}).get("parent")
     if parent is None:
@@ -153,7 +157,7 @@ def log_report(plan: Any, state: dict[str, Any], files: list[Path]) -> None:
         raise TrackingError(f"MLflow at {plan.mlflow_uri}: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
-def _log_trial(mlflow: Any, experiment: str, parent: str, plan: Any, record: dict[str, Any]) -> str:
+def _log_trial(mlflow: Any, experiment: str, parent: str, plan: SearchPlan, record: dict[str, Any]) -> str:
     manifest_path = plan.search_dir / record["bundle"] / "manifest.json" if record.get("bundle") else None
     manifest = json.loads(manifest_path.read_text()) if manifest_path and manifest_path.exists() else {}
     status = record["status"]
@@ -199,7 +203,7 @@ def log_bundle_run(uri: str, kind: str, bundle: Path, metrics: dict[str, float],
     return run_id
 
 
-def log_build(uri: str, result: Any) -> str:
+def log_build(uri: str, result: BuildResult) -> str:
     """An ``optimize build``: every target's size, build time and accuracy drop, and the winner's
     latency when one was chosen."""
     metrics: dict[str, float] = {}

@@ -30,6 +30,7 @@ import numpy as np
 from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError
 from optimize.inputs.specs import TensorSpec
+from optimize.quiet import progress_off_stdout, quieted
 from optimize.targets.base import (ALL_NODES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner, RunnerConfig,
                                    TritonEntry)
 
@@ -54,7 +55,7 @@ class OpenVinoBackend(Backend):
     """OpenVINO on the CPU: ``model.xml``/``model.bin`` (FP32, or INT8 by NNCF) compiled by OpenVINO."""
 
     name = "openvino"
-    modules = ("optimize.targets.openvino", "optimize.targets.base", "optimize.targets.candidates", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
+    modules = ("optimize.targets.openvino", "optimize.quiet", "optimize.targets.base", "optimize.targets.candidates", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate")
     triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
 
@@ -152,9 +153,15 @@ def build_engine(inputs: BuildInputs, config: BuildConfig, calibration: Samples 
         return Engine([*ENGINE_FILES, RUNTIME_FILE], {"graph": "fp32", "weights_on_disk": "fp32",
                                                       "inference_precision": "bf16",
                                                       "fallback": "none: BF16 passes or fails the gate whole"})
+    with quieted(loggers=("nncf",)), progress_off_stdout():
+        return _nncf_engine(model, config, calibration, out_dir, accuracy_control)
+
+
+def _nncf_engine(model: Any, config: BuildConfig, calibration: Samples | None, out_dir: Path,
+                 accuracy_control: "AccuracyControl | None") -> Engine:
+    """INT8 by NNCF: weights only, or static Q/DQ (with accuracy control when given)."""
     import nncf
 
-    nncf.set_log_level(40)
     scheme = config.int8_scheme or "static"
     if scheme == "weights":
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)

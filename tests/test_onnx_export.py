@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimize.errors import ExportError, ParityError
-from optimize.passes.export import FP32_EXPORT_TOLERANCE, compare_outputs, export_onnx, export_program
+from optimize.passes.onnx_export import FP32_EXPORT_TOLERANCE, compare_outputs, export_onnx, export_program
 from optimize.passes.weight_only import quantize_weights
 from optimize.inputs.specs import dynamic_spec
 

@@ -11,13 +11,16 @@ import contextlib
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from optimize.errors import ExportError, ParityError
 from optimize.inputs.specs import TensorSpec
 from optimize.quiet import quieted
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _quiet_exporter() -> "contextlib.AbstractContextManager[None]":
@@ -71,7 +74,7 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
     return report
 
 
-def torch_outputs(module: Any, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+def torch_outputs(module: torch.nn.Module, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
     """Run a torch module on numpy feeds; outputs named in order."""
     import torch
 
@@ -129,7 +132,7 @@ def name_dynamic_axes(path: Path, specs: list[TensorSpec]) -> None:
     onnx.save(model, str(path))
 
 
-def export_program(module: Any, example: dict[str, np.ndarray], specs: list[TensorSpec]) -> Any:
+def export_program(module: torch.nn.Module, example: dict[str, np.ndarray], specs: list[TensorSpec]) -> Any:
     """torch.export the module with dynamic batch (and sequence) axes."""
     import torch
 
