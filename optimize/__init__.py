@@ -23,4 +23,10 @@ functions too); groups on one line are siblings that do not import each other. A
     cpu | errors                      the CPU's facts | the error families
 """
 
+import logging
+
 __version__ = "0.2.0"
+
+# The library logs and never prints: without a handler of the application's, nothing is shown
+# (the CLI installs its console; ``logging.basicConfig(level="INFO")`` shows the same lines).
+logging.getLogger(__name__).addHandler(logging.NullHandler())

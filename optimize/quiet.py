@@ -37,8 +37,12 @@ def quieted(loggers: tuple[str, ...] = (), level: int = logging.ERROR, messages:
         logging.getLogger(name).setLevel(level)
     drop = _Drop(tuple(re.compile(m) for m in messages))
     root = logging.getLogger()
+    # ``logging.warning(...)`` on a root logger without handlers calls ``basicConfig()``, which would
+    # leave a handler printing every library's warnings for the rest of the process.
+    placeholder = logging.NullHandler()
     if messages:
         root.addFilter(drop)
+        root.addHandler(placeholder)
     try:
         with warnings.catch_warnings():
             for category, pattern in warning_messages:
@@ -46,6 +50,7 @@ def quieted(loggers: tuple[str, ...] = (), level: int = logging.ERROR, messages:
             yield
     finally:
         root.removeFilter(drop)
+        root.removeHandler(placeholder)
         for name, previous in saved.items():
             logging.getLogger(name).setLevel(previous)
 

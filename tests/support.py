@@ -50,8 +50,8 @@ def run_cli(*args, cwd: Path | None = None) -> CliResult:
     exit code and streams, without starting an interpreter and importing torch again.
 
     A bug's traceback is appended to ``stderr``, as the console would print it. What a command may
-    change in the process (environment, root logger handlers, torch's thread count, the working
-    folder) is put back afterwards, so one test's command cannot change the next test's."""
+    change in the process (environment, the root and ``optimize`` loggers' handlers, torch's thread
+    count, the working folder) is put back afterwards, so one test's command cannot change the next test's."""
     from click.testing import CliRunner
 
     from optimize.cli import main
@@ -59,6 +59,8 @@ def run_cli(*args, cwd: Path | None = None) -> CliResult:
     command = next((str(a) for a in args if not str(a).startswith("-")), "")
     COMMANDS_IN_PROCESS[command] = COMMANDS_IN_PROCESS.get(command, 0) + 1
     environ, handlers = dict(os.environ), list(logging.getLogger().handlers)
+    ours = logging.getLogger("optimize")  # the console the command installs is the command's
+    our_handlers, our_level, our_propagate = list(ours.handlers), ours.level, ours.propagate
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     try:
@@ -68,6 +70,7 @@ def run_cli(*args, cwd: Path | None = None) -> CliResult:
         os.environ.clear()
         os.environ.update(environ)
         logging.getLogger().handlers[:] = handlers
+        ours.handlers[:], ours.level, ours.propagate = our_handlers, our_level, our_propagate
         if threads is not None:
             torch.set_num_threads(threads)
     stderr = result.stderr

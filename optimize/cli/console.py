@@ -52,5 +52,14 @@ def install(quiet: bool = False, verbose: bool = False) -> logging.Logger:
         handler.setFormatter(ConsoleFormatter())
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False  # a root handler a library configured would print every line twice
+    logger.propagate = False  # a root handler some library configured would print every line twice
     return logger
+
+
+def hand_to_root() -> None:
+    """For a command that configures logging itself (``optimize serve``: timestamps, --log-level):
+    the ``optimize`` loggers go through the root logger's handlers only."""
+    logger = logging.getLogger(LOGGER)
+    logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, StderrHandler)]
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True

@@ -68,6 +68,9 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
     from serve.batching import BatchingConfig
     from serve.server import ServeConfig, serve
 
+    from optimize.cli.console import hand_to_root
+
+    hand_to_root()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if access_log:  # bare JSON lines, whatever --log-level says
         handler = logging.StreamHandler()

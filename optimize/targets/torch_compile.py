@@ -12,6 +12,7 @@ of ``--batch-sizes``. Needs a C++ compiler at build time; the package runs where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError, BundleError
 from optimize.inputs.specs import TensorSpec
+from optimize.quiet import quieted
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig
 
 PACKAGE_FILE = "model.pt2"
@@ -45,7 +47,7 @@ class TorchCompileBackend(Backend):
     """PyTorch's AOTInductor: the ``torch.export`` program compiled to a ``.pt2`` package."""
 
     name = "torch"
-    modules = ("optimize.targets.torch_compile", "optimize.targets.base", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
+    modules = ("optimize.targets.torch_compile", "optimize.quiet", "optimize.targets.base", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate", "optimize.cpu")
     triton = None  # Triton's PyTorch backend takes TorchScript, not an AOTInductor package
     fixed_batch_profile = True  # the package's batch axis is dynamic up to the largest of --batch-sizes
@@ -66,19 +68,28 @@ def _compile(build_inputs: BuildInputs, config: BuildConfig, calibration: Sample
                          "(a TorchScript checkpoint): use a state_dict or .pt2 checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs, outputs = _graph_io(build_inputs.onnx)
-    program = torch.export.load(str(build_inputs.program))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "fp16" if device == "cuda" else cpu_precision()
-    if precision != "fp32":
-        program = _reexport(program, inputs, calibration, max(config.batch_sizes), device, precision)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE_FILE))
+        with _quiet_torch():
+            program = torch.export.load(str(build_inputs.program))
+            if precision != "fp32":
+                program = _reexport(program, inputs, calibration, max(config.batch_sizes), device, precision)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE_FILE))
+    except BuildError:
+        raise
     except Exception as exc:
         raise BuildError(f"AOTInductor could not compile the program: {type(exc).__name__}: {exc}") from exc
     record = {"device": device, "precision": precision, "torch": torch.__version__, "inputs": inputs,
               "outputs": outputs, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return Engine([PACKAGE_FILE, RECORD_FILE], record, precision=precision)
+
+
+def _quiet_torch() -> "contextlib.AbstractContextManager[None]":
+    """torch warns about its own pytree deprecation while it loads, copies and compiles a program:
+    nothing a user can act on."""
+    return quieted(loggers=("torch._export", "torch.export"), warning_messages=((FutureWarning, r".*treespec.*"),))
 
 
 def cpu_precision(cpu: Any = None) -> str:
