@@ -90,7 +90,7 @@ def same_run(engines: dict[str, tuple[Path, str]], rounds: int, batch: int = 1) 
         bundle = next(iter(engines.values()))[0]
         held_file = np.load(bundle / "data" / "heldout.npz")
         held = {s.name: held_file[s.name] for s in read_manifest(bundle).inputs}
-        points = bench_engines(runners, held, plan, threading.Event(), lambda label: None)
+        points = bench_engines(runners, held, plan, threading.Event(), lambda engine, label: None)
     out = {}
     for name, measured in points.items():
         summary = measured[0].summary()

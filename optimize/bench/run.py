@@ -102,10 +102,11 @@ def measure_point(send: Callable[[int], Any], kind: str, value: float, plan: Loa
 
 
 def bench_engines(runners: dict[str, Any], held: dict[str, np.ndarray], plan: LoadPlan, stop: threading.Event,
-                  tick: Callable[[str], None], clock: Callable[[], float] = time.perf_counter
+                  tick: Callable[[str, str | None], None], clock: Callable[[], float] = time.perf_counter
                   ) -> dict[str, list[LoadPoint]]:
     """Every load of ``plan`` on every engine, interleaved by round; stops early (keeping what was
-    measured, whole rounds only) on Ctrl-C or when ``stop`` is set. ``clock`` times the batch loads."""
+    measured, whole rounds only) on Ctrl-C or when ``stop`` is set. ``tick(engine, load)`` follows each
+    load measured, ``tick(engine, None)`` each engine's turn in a round; ``clock`` times the batch loads."""
     sends = {}
     for name, runner in runners.items():
         feeds = {b: tiled_feeds(held, runner.inputs, b) for b in {1, *plan.batch_sizes}}
@@ -120,7 +121,8 @@ def bench_engines(runners: dict[str, Any], held: dict[str, np.ndarray], plan: Lo
                         raise KeyboardInterrupt
                     point = measure_point(sends[name], kind, value, plan, stop, [], clock)
                     rounds[name].setdefault((kind, value), []).append(point)
-                    tick(point.label)
+                    tick(name, point.label)
+                tick(name, None)
         for name in runners:
             merged[name] = [merge_rounds(points) for points in rounds[name].values()]
             for kind, value in rate_points(plan):
@@ -129,7 +131,8 @@ def bench_engines(runners: dict[str, Any], held: dict[str, np.ndarray], plan: Lo
                 point = measure_point(sends[name], kind, value, plan, stop, merged[name])
                 if point is not None:
                     merged[name].append(point)
-                tick(point.label if point else kind)
+                tick(name, point.label if point else kind)
+            tick(name, None)
     except KeyboardInterrupt:
         stop.set()  # callers and senders see it and stop; what was measured is kept
         complete = min((len(v) for r in rounds.values() for v in r.values()), default=0)
@@ -225,17 +228,28 @@ def _measure(runners: dict[str, Any], held: dict[str, np.ndarray], plan: LoadPla
     steps = len(runners) * (len(steady_points(plan)) * max(1, plan.rounds) + len(rate_points(plan)))
     log.info(f"measuring {', '.join(runners)} in {max(1, plan.rounds)} round(s)")
     bar_shown = progress and on_terminal()
-    done = [0]
+    done, block = [0], {"engine": None, "loads": []}
 
-    def measured(label: str) -> None:  # a bar on a terminal; redirected, a line per load
+    def say_block() -> None:  # redirected, a line per engine per round instead of a bar
+        if block["engine"] is not None and progress and not bar_shown:
+            log.info(f"  measured {block['engine']}: {', '.join(block['loads'])} ({done[0]}/{steps})")
+        block["engine"], block["loads"] = None, []
+
+    def measured(engine: str, label: str | None) -> None:
+        if label is None:  # the engine's loads of this round (or its open-loop rates) are done
+            say_block()
+            return
         bar.update(1)
         done[0] += 1
-        if progress and not bar_shown:
-            log.info(f"  measured {label} ({done[0]}/{steps})")
+        block["engine"] = engine
+        block["loads"].append(label)
 
     with tqdm(total=steps, desc="benchmarking", unit="load", disable=not bar_shown, leave=False) as bar:
         try:
-            return bench_engines(runners, held, plan, stop, measured)
+            try:
+                return bench_engines(runners, held, plan, stop, measured)
+            finally:
+                say_block()
         except KeyboardInterrupt:
             stop.set()
             return {}
