@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from optimize.errors import CheckpointError
 from optimize.inputs.factory import resolve_factory
+from optimize.quiet import quieted
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +201,10 @@ def _torch_load(path: Path, trust: bool) -> Any:
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch's safe unpickler warns about any pickle protocol but its own before it refuses or
+        # loads the file; what it decides is what the user is told.
+        with quieted(warning_messages=((UserWarning, r"Detected pickle protocol"),)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc) and "weights_only" not in str(exc):
             raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({_first_line(exc)})") from exc

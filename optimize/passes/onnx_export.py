@@ -27,7 +27,8 @@ def _quiet_exporter() -> "contextlib.AbstractContextManager[None]":
     """torch's exporters log every torchvision op they cannot register and warn about torch's own
     pytree deprecation: nothing a user can act on. Their errors still raise."""
     return quieted(loggers=("torch.onnx", "torch.export", "torch._export"),
-                   warning_messages=((FutureWarning, r".*treespec.*"),))
+                   warning_messages=((FutureWarning, r".*treespec.*"),
+                                     (UserWarning, r"were assigned during export")))  # an RNN's own weights
 
 
 @dataclasses.dataclass(frozen=True)

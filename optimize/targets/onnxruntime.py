@@ -43,6 +43,9 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 # ONNX Runtime's quantizer logs this on the root logger for every model without its own
 # pre-processing metadata; the graph it quantizes is already shape-inferred and optimized here.
 ORT_QUANTIZER_NOISE = (r"Please consider to run pre-processing before quantization",)
+# numpy's warnings from inside the quantizer (a zero range divided by a zero scale for a constant
+# tensor): the engine it writes is gated on accuracy like any other.
+ORT_QUANTIZER_WARNINGS = ((RuntimeWarning, r"invalid value encountered|divide by zero"),)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -176,7 +179,7 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
             calibration = whole_batches(calibration, config.calib_batch_size)
         reader = calibration_reader(calibration, config.calib_batch_size, "calibrating ort-int8")
         try:
-            with quieted(messages=ORT_QUANTIZER_NOISE):
+            with quieted(messages=ORT_QUANTIZER_NOISE, warning_messages=ORT_QUANTIZER_WARNINGS):
                 quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=config.per_channel, reduce_range=False,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -199,7 +202,7 @@ def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dic
         excluded = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.name]
     excluded += [f"{name}_MatMul" for name in excluded]  # it rewrites a Gemm as a MatMul of that name first
     try:
-        with quieted(messages=ORT_QUANTIZER_NOISE):
+        with quieted(messages=ORT_QUANTIZER_NOISE, warning_messages=ORT_QUANTIZER_WARNINGS):
             quantize_dynamic(str(onnx_path), str(target), per_channel=config.per_channel,
                              reduce_range=True, weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gemm", "Attention"],
