@@ -31,7 +31,8 @@ class _Drop(logging.Filter):
 def quieted(loggers: tuple[str, ...] = (), level: int = logging.ERROR, messages: tuple[str, ...] = (),
             warning_messages: tuple[tuple[type[Warning], str], ...] = ()) -> Iterator[None]:
     """Within the block: ``loggers`` pass only records at ``level`` or above; root-logger records
-    matching one of ``messages`` are dropped; warnings of (category, message pattern) are ignored."""
+    matching one of ``messages`` are dropped; warnings of (category, message pattern) are ignored
+    (as ``warnings.filterwarnings`` reads them: the pattern matches from the message's start)."""
     saved = {name: logging.getLogger(name).level for name in loggers}
     for name in loggers:
         logging.getLogger(name).setLevel(level)

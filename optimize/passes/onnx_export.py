@@ -28,7 +28,7 @@ def _quiet_exporter() -> "contextlib.AbstractContextManager[None]":
     pytree deprecation: nothing a user can act on. Their errors still raise."""
     return quieted(loggers=("torch.onnx", "torch.export", "torch._export"),
                    warning_messages=((FutureWarning, r".*treespec.*"),
-                                     (UserWarning, r"were assigned during export")))  # an RNN's own weights
+                                     (UserWarning, r".*were assigned during export")))  # an RNN's own weights
 
 
 @dataclasses.dataclass(frozen=True)
