@@ -69,6 +69,10 @@ def test_search_records_every_trial_in_mlflow(tiny_checkpoint, mlflow_server, tm
     assert len(records) == 4
     failed = [r for r in records.values() if r["status"] == "failed"]
     assert len(failed) == 3 and all("accuracy gate" in r["reason"] for r in failed)
+    # Each trial's build logs to its own build.log, and only there: not through Ray to this console.
+    for key in records:
+        assert "building ort-" in (tmp_path / "best.search" / "trials" / key / "build.log").read_text()
+    assert "building ort-" not in result.stderr and "NOT recovered" not in result.stderr, result.stderr[-2000:]
     measured = [r for r in records.values() if r["status"] == "ok"]
     assert [r["label"] for r in measured] == ["ort-fp32, prune 0, all threads"]
     assert all(r["node"]["id"] and r["torch_p50_ms"] > 0 and r["speedup_vs_torch"] > 0 for r in measured)

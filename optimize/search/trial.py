@@ -55,19 +55,22 @@ class TrialContext:
 
 @contextlib.contextmanager
 def logged_to(path: Path) -> Iterator[None]:
-    """The ``optimize`` loggers' records also go to ``path`` (a trial's ``build.log``) for the block."""
+    """The ``optimize`` loggers' records go to ``path`` (a trial's ``build.log``) for the block, and
+    only there: a Ray worker's own handlers would forward every line of every trial to the driver."""
     handler = logging.FileHandler(path, mode="w")
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("optimize")
-    previous = logger.level
+    previous = logger.level, logger.propagate
     logger.addHandler(handler)
+    logger.propagate = False
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(previous)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
         handler.close()
 
 
