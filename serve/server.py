@@ -26,6 +26,7 @@ import numpy as np
 import uvicorn
 
 from optimize.bundle.folder import choose_target, load_runner, read_manifest, text_encoder
+from optimize.bundle.table import precision_text
 from optimize.drift.profile import DRIFT_DIR, Profile
 from optimize.errors import BundleError
 from optimize.inputs.tokenizer import pad_values
@@ -87,7 +88,7 @@ def create_service(config: ServeConfig) -> InferenceService:
     held = np.load(bundle / "data" / "heldout.npz")
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
     model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle, manifest, target), target,
-                        manifest.record(target, bundle).precision, inputs, manifest.outputs,
+                        precision_text(manifest.record(target, bundle)), inputs, manifest.outputs,
                         config.batching.max_batch, text_encoder(bundle, manifest))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
@@ -117,6 +118,7 @@ def create_service(config: ServeConfig) -> InferenceService:
 
     app = InferenceService(model, batcher, metrics, warm, config.grace_s)
     app.settings = runners[0].settings
+    app.precision_read = check_precision(manifest.record(target, bundle).coverage, runners[0], warmup, target)
     app.drift = drift_off if metrics.monitor is None else "windows of " + ", ".join(
         f"{s.scale.samples} every {s.scale.step}" for s in metrics.monitor.scales) + (
         f" samples, a false alarm per {metrics.monitor.requests_per_false_alarm:g} on average; estimated accuracy "
@@ -155,6 +157,24 @@ def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.nd
         raise
 
 
+def check_precision(recorded: dict | None, runner, sample: dict[str, np.ndarray], target: str) -> str:
+    """The engine's precision read back here, in words; a warning when it differs from what the
+    manifest recorded at build time (a bundle moved to a CPU that runs another precision)."""
+    from optimize.targets.coverage import brief, differences
+
+    try:
+        found = runner.coverage(sample)
+    except Exception as exc:  # a reader meeting an engine it does not know: said, and serving goes on
+        LOG.warning("%s: the engine's precision could not be read back here: %s: %s", target, type(exc).__name__, exc)
+        return "not read"
+    now = found.to_json() if found is not None else None
+    changed = differences(recorded, now)
+    if changed:
+        LOG.warning("%s runs in another precision on this machine than its manifest records: %s; its accuracy "
+                    "was gated on the recorded one (rebuild the bundle here to gate what runs)", target, changed)
+    return brief(now) if now and now.get("macs_pct") else "not reported by this backend"
+
+
 def _warn_if_measured_elsewhere(manifest: Manifest, target: str) -> None:
     """Say so when the winner was measured on a CPU that differs from this one in what decides speed."""
     from optimize.cpu import detect, differences
@@ -182,6 +202,7 @@ def serve(config: ServeConfig) -> None:
     LOG.info("serving %s version %s from %s: target %s (%s) on %s", model.name, model.version,
              config.bundle, model.target, model.precision, " and ".join(w for w in where if w))
     LOG.info("engine: %s", ", ".join(f"{k}={v}" for k, v in service.settings.items()))
+    LOG.info("precision read back from the engine: %s", service.precision_read)
     LOG.info("batching: up to %d rows, wait %g ms, queue %d, %d instance(s); drift: %s", batching.max_batch,
              batching.max_delay_s * 1000, batching.queue_capacity, batching.instances, service.drift)
     if model.text is not None:

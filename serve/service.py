@@ -41,6 +41,7 @@ class InferenceService:
         self.draining = False  # after SIGTERM: answers still come, each front end tells clients to go
         self.stats = Stats()
         self.settings: dict[str, Any] = {}  # the engine's, for the start-up log
+        self.precision_read = "not read"  # the engine's precision read back at start-up, for the log
         self.drift = "off"
         self._engine_errors: dict[str, int] = {}
         metrics.on_execution = lambda rows, timing: self.stats.executed(rows, timing) if self.ready else None

@@ -38,6 +38,22 @@ def test_every_cpu_target_built_and_gated(built):
     table = run_cli("inspect", out).stdout
     for name in CPU_TARGETS:
         assert name in table
+    # What each engine computes in, read back from the engine, in MACs as it executes them: the tiny
+    # CNN's (conv 55,296 + conv 73,728 + linear 80) where nothing is padded; ONNX Runtime's FP32
+    # NCHWc layout pads the first convolution's 8 output channels to its block of 8 or 16. Its one
+    # Linear layer (80 weights) leaves weight-only INT8 nothing to quantize.
+    coverage = {name: manifest["targets"][name]["coverage"] for name in CPU_TARGETS}
+    assert coverage["openvino-fp32"]["macs_total"] == coverage["openvino-int8"]["macs_total"] == 129_104, coverage
+    assert coverage["ort-fp32"]["macs_total"] >= 129_104
+    assert coverage["ort-fp32"]["macs_pct"] == coverage["openvino-fp32"]["macs_pct"] == {"fp32": 100.0}
+    assert coverage["ort-fp32"]["kernels"] == "not reported" and "avx" in json.dumps(coverage["openvino-fp32"]["kernels"])
+    assert "weights: no MatMul/Gemm weights to quantize" in manifest["targets"]["ort-int8"]["scheme_choice"]["not_built"]["weights"]
+    for name in ("ort-int8", "openvino-int8"):
+        if manifest["targets"][name]["build_config"]["int8_scheme"] == "static":
+            assert coverage[name]["macs_pct"].get("int8", 0) > 50, (name, coverage[name])
+            assert coverage[name]["macs_total"] == 129_104, (name, coverage[name])
+            assert f"{coverage[name]['macs_pct']['int8']:.0f}% of MACs in INT8" in table
+    assert "100% of MACs in FP32" in table and "read back from each engine" in table
 
 
 def test_openvino_fp32_is_fp32_on_disk(built):

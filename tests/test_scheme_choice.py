@@ -32,7 +32,7 @@ def chosen(bundles):
     return out, json.loads((out / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("target, schemes", [("ort-int8", {"static", "dynamic", "weights"}),
+@pytest.mark.parametrize("target, schemes", [("ort-int8", {"static", "dynamic"}),
                                              ("openvino-int8", {"static", "weights"})])
 def test_the_chosen_scheme_is_the_fastest_recorded_one_that_passed(chosen, target, schemes):
     _, manifest = chosen
@@ -40,6 +40,8 @@ def test_the_chosen_scheme_is_the_fastest_recorded_one_that_passed(chosen, targe
     choice = record["scheme_choice"]
     by_scheme = {c["scheme"]: c for c in choice["candidates"]}
     assert set(by_scheme) == schemes
+    if target == "ort-int8":  # the tiny CNN's one Linear layer is too small for weight-only INT8
+        assert choice["not_built"]["weights"].startswith("weights: no MatMul/Gemm weights to quantize")
     for c in by_scheme.values():
         assert len(c["p50_ms_per_round"]) == choice["rounds"] >= 3 and c["p50_ms"] > 0 and c["spread_pct"] >= 0
         assert c["selection_drop"] is not None and c["build_time_s"] is not None

@@ -206,6 +206,11 @@ def test_tensorrt_engines_build_and_match_fp32(resnet):
                 out = runner.infer({"x": resnet["test"][:batch]})["y"]
                 agreement = (out.argmax(1) == reference[:batch].argmax(1)).mean()
                 assert agreement >= 0.8, (precision, batch, agreement)
+            # Read back from the engine inspector (detailed profiling verbosity): most MACs in the
+            # precision the target names, every convolution's tactic named.
+            read = runner.coverage({"x": resnet["test"][:1]}).to_json()
+            assert read["macs_pct"].get(precision, 0) > 50 and read["macs_total"] > 0, read["macs_pct"]
+            assert all(layer.get("kernel") for layer in read["layers"]), read["layers"][:3]
     assert cache.is_file()  # written by the first build, reused by the second
 
 

@@ -30,11 +30,12 @@ from optimize.bundle.cache import Stage, StageCache
 from optimize.targets.candidates import Candidate, Judged
 from optimize.errors import BuildError, OptimizeError
 from optimize.targets.base import Backend, BuildConfig, RecoveryContext, RunnerConfig
+from optimize.targets.coverage import problem
 
 log = logging.getLogger(__name__)
 
 MIN_RECOVERY_S = 20.0  # the least time a faster scheme's recovery gets
-TIMING_STAGE = Stage("scheme-timing", ("optimize.build.scheme_choice", "optimize.bench.measure", "optimize.targets.candidates",
+TIMING_STAGE = Stage("scheme-timing", ("optimize.build.scheme_choice", "optimize.bench.measure", "optimize.targets.candidates", "optimize.targets.coverage",
                                       "optimize.targets.base", "optimize.inputs.specs", "optimize.errors", "optimize.cpu"),
                      packages=("onnxruntime", "openvino"))
 
@@ -134,6 +135,11 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
             not_built[scheme] = str(exc)
             log.info(f"  scheme {scheme}: not built: {exc}")
             continue
+        mismatch = problem("int8", scheme, context.coverage(folder)) if context.coverage else None
+        if mismatch:  # e.g. a static graph whose every quantized op runs in float: not an INT8 candidate
+            not_built[scheme] = f"precision read back from the engine: {mismatch}"
+            log.info(f"  scheme {scheme}: not a candidate: {not_built[scheme]}")
+            continue
         judged[scheme] = Judged(Candidate(scheme, config, f"{scheme} INT8"), folder, result, context.select(folder))
     if not judged:
         raise BuildError("; ".join(f"{s} INT8: {reason}" for s, reason in not_built.items()))
@@ -143,6 +149,9 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
             f"p50 {timings[scheme]['p50_ms']:.3g} ms (spread {timings[scheme]['spread_pct']:.0f}%)")
     passing = [(s, accuracy_key(j), timings[s]) for s, j in judged.items() if j.passed]
     chosen, reason = choose(passing) if passing else (None, f"no scheme within budget on the {context.selection_name}")
+    if chosen == "weights" and len(passing) == 1 and len(schemes) > 1:
+        reason = (f"weight-only INT8 (INT8 weights, float compute): no scheme that computes in INT8 passed; "
+                  f"p50 {timings[chosen]['p50_ms']:.3g} ms at batch 1")
     recovered_fields, recovered_from = None, None
     contenders = [(s, accuracy_key(j), timings[s]) for s, j in judged.items()
                   if not j.passed and recover_accuracy and recoverable(s)

@@ -23,6 +23,7 @@ from optimize.bundle.manifest import TargetRecord
 from optimize.inputs.calibration import Samples
 from optimize.targets import registry
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, RunnerConfig, engine_size
+from optimize.targets.coverage import label, problem
 from optimize.validate import GateData, evaluate, judge_selection, runs
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,19 @@ def select_folder(backend: Backend, folder: Path, runner_config: RunnerConfig, d
         return judge_selection(runs(runner), data, max_drop)
 
 
+def read_coverage(backend: Backend, folder: Path, runner_config: RunnerConfig,
+                  sample: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """The engine's precision read back from the engine in ``folder`` (``optimize.targets.coverage``);
+    where it cannot be read, the reason."""
+    try:
+        with backend.runner(folder, runner_config) as runner:
+            found = runner.coverage(sample)
+    except Exception as exc:  # a reader that meets an engine it does not know: said, not fatal
+        log.warning(f"the engine's precision could not be read back: {type(exc).__name__}: {exc}")
+        return {"read_from": None, "error": f"{type(exc).__name__}: {exc}"}
+    return found.to_json() if found is not None else None
+
+
 def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: StageCache) -> TargetRecord:
     """The target's manifest record: built and within budget, failed with the reason, or unavailable
     on this machine. A built record carries the cache folder of its engine (``engine_dir``)."""
@@ -142,19 +156,20 @@ def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: S
             build=lambda variant, label, builder=None, extra=None: build_engine(
                 backend, target, inputs.build, hashes, variant, calibration, cache, label, builder, extra),
             evaluate=lambda path: evaluate_folder(backend, path, config.runner, data, budget),
-            select=lambda path: select_folder(backend, path, config.runner, data, budget))
+            select=lambda path: select_folder(backend, path, config.runner, data, budget),
+            coverage=lambda path: read_coverage(backend, path, config.runner, sample))
 
     schemes = offered_schemes(backend, calibration is not None)
+    sample = data.selection.samples.take(np.arange(1)).arrays  # one sample: what timings and coverage run
     chosen = None
     if build.precision == "int8" and config.quant.int8_scheme is None and len(schemes) > 1:
         log.info(f"building {target} (int8: {', '.join(schemes)}, the scheme chosen by measurement)")
-        feeds = data.selection.samples.take(np.arange(1)).arrays
-        choice = search_schemes(backend, context(build, None), schemes, config.runner, feeds, cache,
+        choice = search_schemes(backend, context(build, None), schemes, config.runner, sample, cache,
                                 config.quant.recover_accuracy, backend.recoverable)
         entry["scheme_choice"] = choice.record
         chosen, build = choice.fields, choice.config
     if chosen is None:
-        log.info(f"building {target} ({build.precision}{', ' + build.int8_scheme if build.int8_scheme else ''})")
+        log.info(f"building {target} ({label(backend.precision(build), build.int8_scheme)})")
         folder, result = build_engine(backend, target, inputs.build, hashes, build, calibration, cache)
         evaluation, settings = evaluate_folder(backend, folder, config.runner, data, budget)
         chosen = {**result, **evaluation, "runner_settings": settings, "cache_folder": str(folder)}
@@ -170,11 +185,15 @@ def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: S
             entry.update(recovered)
     if entry["gate"].get("straddles_budget"):
         log.warning(f"{target}: {entry['gate']['message']}")
-    if entry["gate"]["passed"]:
+    engine_dir = Path(entry.pop("cache_folder"))
+    entry["coverage"] = read_coverage(backend, engine_dir, config.runner, sample)
+    mismatch = problem(entry["precision"], build.int8_scheme, entry["coverage"])
+    if mismatch:
+        entry.update(status="failed", reason=f"precision read back from the engine: {mismatch}")
+    elif entry["gate"]["passed"]:
         entry["status"] = "built"
     else:
         entry.update(status="failed", reason=f"accuracy gate: {entry['gate']['message']}")
-    engine_dir = Path(entry.pop("cache_folder"))
     entry["size_bytes"] = engine_size(engine_dir, entry["files"])
     record = TargetRecord.from_json(entry)
     record.engine_dir = engine_dir

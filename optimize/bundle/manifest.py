@@ -61,6 +61,7 @@ class TargetRecord:
     accuracy: dict[str, Any] | None = _optional()
     gate: dict[str, Any] | None = _optional()
     recovery: dict[str, Any] | None = _optional()
+    coverage: dict[str, Any] | None = _optional()  # the precision read back from the engine (optimize.targets.coverage)
     drift: dict[str, Any] | None = _optional()
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Where a build left the engine's files (its stage-cache folder); never written to the manifest.

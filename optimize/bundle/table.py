@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from optimize.targets.coverage import label, summary
+
 if TYPE_CHECKING:
     from optimize.bundle.manifest import Manifest, TargetRecord
 
@@ -42,16 +44,25 @@ def status_text(entry: TargetRecord) -> str:
     return f"{entry.status}: {entry.reason or ''}"
 
 
+def precision_text(entry: TargetRecord) -> str:
+    """What the target is, as its engine really runs: "int8 (static)", "int8 weights, fp32 compute"."""
+    return label(entry.precision, (entry.build_config or {}).get("int8_scheme"), entry.coverage)
+
+
+def coverage_text(entry: TargetRecord) -> str:
+    """What was read back from the engine: "97% of MACs in INT8"; "-" where nothing was."""
+    if entry.coverage and entry.coverage.get("error"):
+        return "not read"
+    return summary(entry.precision, (entry.build_config or {}).get("int8_scheme"), entry.coverage)
+
+
 def targets_table(manifest: Manifest) -> str:
-    """One row per target of a ``Manifest``: precision, size, accuracy, build time, status."""
-    rows = [("target", "precision", "size", "accuracy vs FP32", "build s", "status")]
+    """One row per target of a ``Manifest``: precision, what the engine computes in, size, accuracy,
+    build time, status."""
+    rows = [("target", "precision", "read back", "size", "accuracy vs FP32", "build s", "status")]
     for name, entry in manifest.targets.items():
-        precision = entry.precision
-        scheme = (entry.build_config or {}).get("int8_scheme")
-        if scheme:
-            precision += f" ({scheme})"
         build = entry.build_time_s
-        rows.append((name, precision, human_size(entry.size_bytes),
+        rows.append((name, precision_text(entry), coverage_text(entry), human_size(entry.size_bytes),
                      accuracy_text(manifest.task, entry),
                      f"{build:.1f}" if build is not None else "-", status_text(entry)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -11,10 +11,13 @@ import click
 @click.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def command(bundle: Path, as_json: bool) -> None:
-    """Show what a bundle holds: every target's precision, size, accuracy and status."""
+@click.option("--layers", is_flag=True, help="Every layer's precision, MACs and kernel, per target.")
+def command(bundle: Path, as_json: bool, layers: bool) -> None:
+    """Show what a bundle holds: every target's precision (read back from its engine), size, accuracy
+    and status."""
     from optimize.bundle.folder import read_manifest
     from optimize.bundle.table import targets_table
+    from optimize.targets.coverage import brief, table
 
     manifest = read_manifest(bundle)
     if as_json:
@@ -49,3 +52,14 @@ def command(bundle: Path, as_json: bool) -> None:
     click.echo(f"winner  {winner or 'none'}" + (f"  ({manifest.winner['reason']})" if winner else ""))
     click.echo("")
     click.echo(targets_table(manifest))
+    read = {name: entry.coverage for name, entry in manifest.targets.items()
+            if entry.coverage and entry.coverage.get("read_from")}
+    if read:
+        click.echo("")
+        click.echo("read back from each engine" + ("" if layers else " (--layers: every layer)"))
+    for name, record in read.items():
+        if layers:
+            click.echo(f"{name}:")
+            click.echo("\n".join("  " + line for line in table(record)))
+        else:
+            click.echo(f"{name}: {brief(record)}")

@@ -24,8 +24,11 @@ def symmetric_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarra
     return np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8), scale
 
 
+MIN_ELEMENTS = 1024  # smaller weights stay FP32: their scales would cost more than INT8 saves
+
+
 def quantize_weights(onnx_path: Path, target: Path, keep_fp32: tuple[str, ...] = (),
-                     min_elements: int = 1024) -> dict:
+                     min_elements: int = MIN_ELEMENTS) -> dict:
     import onnx
     model = onnx.load(str(onnx_path))
     graph = model.graph

@@ -25,6 +25,7 @@ from optimize.inputs.specs import TensorSpec
 
 if TYPE_CHECKING:
     from optimize.inputs.calibration import Samples
+    from optimize.targets.coverage import Coverage
     from optimize.validate import GateData
 
 INT8_SCHEMES = ("static", "dynamic", "weights")
@@ -113,6 +114,11 @@ class Runner(abc.ABC):
     def settings(self) -> dict[str, Any]:
         """The backend's effective thread and performance settings, for the record."""
 
+    def coverage(self, sample: dict[str, np.ndarray]) -> "Coverage | None":
+        """The engine's precision layer by layer, read back from the engine as this Runner runs it,
+        with MACs counted at ``sample`` (one batch); None where the backend cannot tell."""
+        return None
+
     def close(self) -> None:
         """Release the engine's resources."""
 
@@ -155,6 +161,8 @@ class RecoveryContext:
     evaluate: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]]
     select: Callable[[Path], dict[str, Any]]
     budget_s: float | None = None  # seconds the search may take (None: the backend's own budget)
+    # ``coverage(folder)`` -> the engine's precision read back (``optimize.targets.coverage``), or None
+    coverage: Callable[[Path], dict[str, Any] | None] | None = None
 
     @property
     def task(self) -> str:
@@ -185,6 +193,11 @@ class Backend(abc.ABC):
 
     def check_config(self, config: BuildConfig) -> None:
         """Raise ``BuildError`` for a combination this backend cannot do (never substitute)."""
+
+    def precision(self, config: BuildConfig) -> str:
+        """The precision an engine of ``config`` is built in on this machine (torch-compile: BF16 on a
+        CPU with native BF16, FP16 on a GPU)."""
+        return config.precision
 
     @abc.abstractmethod
     def build(self, inputs: BuildInputs, config: BuildConfig, calibration: "Samples | None",

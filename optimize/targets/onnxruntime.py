@@ -28,9 +28,10 @@ import numpy as np
 from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError
 from optimize.inputs.specs import TensorSpec
-from optimize.quiet import quieted
+from optimize.quiet import progress_off_stdout, quieted
 from optimize.targets.base import (ALL_NODES, CALIBRATION_METHODS, INT8_SCHEMES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner,
                                    RunnerConfig, TritonEntry)
+from optimize.targets.coverage import Coverage, Layer, onnx_weight_bytes, product
 
 ENGINE_FILE = "model.onnx"
 SESSION_OPTIONS_FILE = "session_options.json"
@@ -45,14 +46,14 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 ORT_QUANTIZER_NOISE = (r"Please consider to run pre-processing before quantization",)
 # numpy's warnings from inside the quantizer (a zero range divided by a zero scale for a constant
 # tensor): the engine it writes is gated on accuracy like any other.
-ORT_QUANTIZER_WARNINGS = ((RuntimeWarning, r"invalid value encountered|divide by zero"),)
+ORT_QUANTIZER_WARNINGS = ((RuntimeWarning, r"invalid value encountered|divide by zero|overflow encountered"),)
 
 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: an ``.onnx`` graph (FP32, Q/DQ INT8 or weight-only INT8) run by an InferenceSession."""
 
     name = "onnxruntime"
-    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.candidates", "optimize.passes.weight_only",
+    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.candidates", "optimize.passes.weight_only",
                "optimize.passes.ort_calibration", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.errors",
                "optimize.validate")
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
@@ -83,10 +84,19 @@ class OnnxRuntimeBackend(Backend):
                 raise BuildError("static INT8 needs calibration data: pass --calib")
             return Engine([ENGINE_FILE], {"scheme": scheme, **_quantize_static(inputs.onnx, config, calibration, target)})
         if scheme == "dynamic":
-            return Engine([ENGINE_FILE], {"scheme": scheme, **_quantize_dynamic(inputs.onnx, config, target)})
-        from optimize.passes.weight_only import quantize_weights
+            details = _quantize_dynamic(inputs.onnx, config, target)
+            import onnx
+
+            if not config.keep_fp32 and not onnx_weight_bytes(onnx.load(str(target)).graph).get("int8"):
+                raise BuildError("dynamic: no MatMul/Gemm weights to quantize in this model (dynamic INT8 "
+                                 "quantizes MatMul, Gemm and Attention only)")
+            return Engine([ENGINE_FILE], {"scheme": scheme, **details})
+        from optimize.passes.weight_only import MIN_ELEMENTS, quantize_weights
 
         details = quantize_weights(inputs.onnx, target, config.keep_fp32)
+        if not details["quantized_nodes"] and not config.keep_fp32:
+            raise BuildError(f"weights: no MatMul/Gemm weights to quantize in this model (weight-only INT8 takes "
+                             f"MatMul/Gemm weights and embedding tables of at least {MIN_ELEMENTS} values)")
         entries = {"session.disable_quant_qdq": "1"}
         (workdir / SESSION_OPTIONS_FILE).write_text(json.dumps(entries, indent=2))
         return Engine([ENGINE_FILE, SESSION_OPTIONS_FILE], {"scheme": scheme, "session_config": entries, **details})
@@ -178,8 +188,8 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
         if config.calib_method != "minmax":
             calibration = whole_batches(calibration, config.calib_batch_size)
         reader = calibration_reader(calibration, config.calib_batch_size, "calibrating ort-int8")
-        try:
-            with quieted(messages=ORT_QUANTIZER_NOISE, warning_messages=ORT_QUANTIZER_WARNINGS):
+        try:  # its entropy and percentile calibrators print their progress on stdout
+            with quieted(messages=ORT_QUANTIZER_NOISE, warning_messages=ORT_QUANTIZER_WARNINGS), progress_off_stdout():
                 quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=config.per_channel, reduce_range=False,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -297,30 +307,55 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, engine_dir: Path, config: RunnerConfig = RunnerConfig()):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = config.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        extra = Path(engine_dir) / SESSION_OPTIONS_FILE
+        self._engine_dir = Path(engine_dir)
+        extra = self._engine_dir / SESSION_OPTIONS_FILE
         self._session_config = json.loads(extra.read_text()) if extra.is_file() else {}
-        for key, value in self._session_config.items():
-            options.add_session_config_entry(key, str(value))
-        if not config.idle_spin:
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
-        self._session = ort.InferenceSession(str(Path(engine_dir) / ENGINE_FILE), options,
-                                             providers=providers)
         self._config = config
+        self._session = ort.InferenceSession(str(self._engine_dir / ENGINE_FILE), self._options(),
+                                             providers=_providers())
         self.inputs = [_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
+    def _options(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self._config.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        for key, value in self._session_config.items():
+            options.add_session_config_entry(key, str(value))
+        if not self._config.idle_spin:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options
+
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self._session.run(self._output_names, feeds)
         return dict(zip(self._output_names, results))
+
+    def coverage(self, sample: dict[str, np.ndarray]) -> Coverage:
+        """The engine's precision: a session with this Runner's options that profiles one run of
+        ``sample`` and writes the graph it optimized, both into a work folder of its own."""
+        import onnx
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix="ort-coverage-") as work:
+            options = self._options()
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(work) / "profile")
+            options.optimized_model_filepath = str(Path(work) / "optimized.onnx")
+            session = ort.InferenceSession(str(self._engine_dir / ENGINE_FILE), options, providers=_providers())
+            session.run(None, sample)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            optimized = onnx.load(str(Path(work) / "optimized.onnx"))
+        engine = onnx.load(str(self._engine_dir / ENGINE_FILE))
+        return Coverage(f"ONNX Runtime {ort.__version__}: its optimized graph and a profile of one run "
+                        f"({', '.join(self._session.get_providers())})",
+                        profiled_layers(events, optimized.graph), onnx_weight_bytes(engine.graph),
+                        kernels_reported=False)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -328,6 +363,66 @@ class OnnxRuntimeRunner(Runner):
                 "intra_op_num_threads": self._config.threads or "default (physical cores)",
                 "inter_op_num_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL",
                 "session_config": self._session_config, "idle_spin": self._config.idle_spin}
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+
+
+# Ops that compute in INT8 whatever their input types say; MAC-bearing ops by how their MACs count.
+INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM"}
+CONV_WEIGHT_INPUT = {"Conv": 1, "FusedConv": 1, "NchwcConv": 1, "ConvInteger": 1, "NhwcFusedConv": 1,
+                     "QLinearConv": 3, "ConvTranspose": 1}
+MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+              "DynamicQuantizeMatMul", "QGemm", "MatMulNBits"}
+ATTENTION_OPS = {"Attention", "QAttention", "MultiHeadAttention"}
+_TYPE_PRECISIONS = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "uint8": "int8"}
+
+
+def profiled_layers(events: list[dict[str, Any]], graph: Any) -> list[Layer]:
+    """The MAC-bearing nodes ONNX Runtime executed (its profile's node events), with their MACs from
+    the shapes it ran and the optimized graph's weights, and the precision their op and inputs say."""
+    from onnx import helper
+
+    nodes = {n.name: n for n in graph.node}
+    weights = {i.name: list(i.dims) for i in graph.initializer}
+    layers = []
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        name, args = event["name"][: -len("_kernel_time")], event.get("args", {})
+        op = args.get("op_name", "")
+        if op not in CONV_WEIGHT_INPUT and op not in MATMUL_OPS and op not in ATTENTION_OPS:
+            continue
+        inputs = [next(iter(t.items())) for t in args.get("input_type_shape", [])]
+        outputs = [next(iter(t.values())) for t in args.get("output_type_shape", [])]
+        node = nodes.get(name)
+        if not inputs or not outputs or node is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        out = outputs[0]
+        if op in CONV_WEIGHT_INPUT:
+            index = CONV_WEIGHT_INPUT[op]
+            w = weights.get(node.input[index]) if len(node.input) > index else None
+            if w is None:
+                continue
+            macs = (product(inputs[0][1]) if op == "ConvTranspose" else product(out)) * product(w[1:])
+        elif op in MATMUL_OPS:
+            a = inputs[0][1]
+            k = a[-2] if attrs.get("transA") and len(a) >= 2 else a[-1]
+            macs = product(out) * k
+        else:  # attention: the projections (weights hidden x 3 hidden), then two S x S products
+            a = inputs[0][1]
+            w = weights.get(node.input[1]) if len(node.input) > 1 else None
+            batch_seq, hidden = product(a[:-1]), a[-1]
+            seq = a[-2] if len(a) >= 3 else 1
+            macs = (batch_seq * product(w) if w else 0) + 2 * batch_seq * seq * hidden
+        precision = "int8" if op in INT8_COMPUTE else _TYPE_PRECISIONS.get(inputs[0][0], inputs[0][0])
+        layers.append(Layer(name, op, precision, int(macs)))
+    return layers
 
 
 def _spec(arg: Any) -> TensorSpec:

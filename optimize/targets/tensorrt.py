@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -33,6 +34,7 @@ from optimize.errors import BuildError, BundleError
 from optimize.passes.precision import fp16_graph, graph_report, qdq_graph, to_opset
 from optimize.inputs.specs import TensorSpec
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig, TritonEntry
+from optimize.targets.coverage import Coverage, Layer, product
 
 GRAPH_FILE = "model.onnx"  # what TensorRT builds: FP16, or Q/DQ + FP16
 QDQ_FILE = "model.qdq.onnx"  # trt-int8 only: FP32 with Q/DQ, for checks on any machine
@@ -96,7 +98,7 @@ class TensorRTBackend(Backend):
     """TensorRT 11 on an NVIDIA GPU: a strongly typed engine (``model.plan``) from a typed ONNX graph."""
 
     name = "tensorrt"
-    modules = ("optimize.targets.tensorrt", "optimize.targets.base", "optimize.passes.precision",
+    modules = ("optimize.targets.tensorrt", "optimize.targets.base", "optimize.targets.coverage", "optimize.passes.precision",
                "optimize.passes.ort_calibration", "optimize.passes.weight_only", "optimize.inputs.calibration", "optimize.inputs.factory",
                "optimize.inputs.specs", "optimize.errors", "optimize.atomic", "optimize.validate", "optimize.quiet")
     triton = TritonEntry(platform="tensorrt_plan", backend="tensorrt", default_model_filename=ENGINE_FILE,
@@ -141,6 +143,8 @@ def build_engine(graph: Path, plan_path: Path, shapes: dict[str, list], timing_c
         raise BuildError(f"TensorRT's ONNX parser rejected {graph.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    # Layer names, formats, weights and tactics kept in the engine: its inspector reads them back.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in shapes.items():
         profile.set_shape(name, low, opt, high)
@@ -187,6 +191,49 @@ def _check(err: Any, what: str) -> None:
     code = int(err[0] if isinstance(err, tuple) else err)
     if code != 0:
         raise RuntimeError(f"{what} failed with CUDA error {code}")
+
+
+_FORMAT_PRECISIONS = ((re.compile(r"\bInt8\b", re.I), "int8"), (re.compile(r"\b(FP16|Half)\b"), "fp16"),
+                      (re.compile(r"\bBF16\b"), "bf16"), (re.compile(r"\bFP8\b"), "fp8"),
+                      (re.compile(r"\b(FP32|Float)\b"), "fp32"))
+_WEIGHT_PRECISIONS = {"Int8": ("int8", 1), "Half": ("fp16", 2), "Float": ("fp32", 4), "BFloat16": ("bf16", 2),
+                      "FP8": ("fp8", 1), "Int4": ("int4", 0.5)}
+
+
+def _format_precision(text: str) -> str:
+    return next((precision for pattern, precision in _FORMAT_PRECISIONS if pattern.search(text)), text)
+
+
+def inspector_layers(info: dict[str, Any]) -> tuple[list[Layer], dict[str, int]]:
+    """(MAC-bearing layers, stored weight bytes by precision) from the engine inspector's JSON: a
+    convolution's MACs are its output size times its weights per output map, a matrix product's its
+    output size times the reduced axis; the precision is the format of its first input."""
+    layers, stored = [], {}
+    for layer in info.get("Layers", []):
+        if isinstance(layer, str):
+            raise BundleError("the engine was built without detailed profiling verbosity: its layers cannot be "
+                              "read back; rebuild the target")
+        for key in ("Weights", "Bias"):
+            weights = layer.get(key) or {}
+            precision, size = _WEIGHT_PRECISIONS.get(weights.get("Type"), (None, 0))
+            if precision and weights.get("Count"):
+                stored[precision] = stored.get(precision, 0) + int(weights["Count"] * size)
+        inputs, outputs = layer.get("Inputs") or [], layer.get("Outputs") or []
+        kind = layer.get("ParameterType") or layer.get("LayerType", "")
+        if not inputs or not outputs:
+            continue
+        out, a = outputs[0].get("Dimensions") or [], inputs[0].get("Dimensions") or []
+        if kind in ("Convolution", "Deconvolution") and layer.get("Weights", {}).get("Count"):
+            count, maps = layer["Weights"]["Count"], max(int(layer.get("OutMaps") or 1), 1)
+            macs = product(out) * count // maps if kind == "Convolution" else product(a) * count // max(a[1], 1)
+        elif kind in ("MatrixMultiply", "Gemm") and a and out:
+            macs = product(out) * (a[-1] if len(a) < 2 or len(out) < 2 or a[-2] == out[-2] else a[-2])
+        else:
+            continue
+        precision = _format_precision(inputs[0].get("Format/Datatype", ""))
+        layers.append(Layer(layer.get("Name", "?"), layer.get("LayerType", kind), precision, int(macs),
+                            layer.get("TacticName")))
+    return layers, stored
 
 
 class TensorRTRunner(Runner):
@@ -263,6 +310,20 @@ class TensorRTRunner(Runner):
                                               self._stream), "cudaMemcpyAsync")
             _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return outputs
+
+    def coverage(self, sample: dict[str, np.ndarray]) -> Coverage:
+        """The engine inspector's layers at the sample's shapes (engines are built with detailed
+        profiling verbosity): each layer's input format, weights and tactic."""
+        import tensorrt as trt
+
+        with self._lock:
+            for spec in self.inputs:
+                self._context.set_input_shape(spec.name, np.shape(sample[spec.name]))
+            inspector = self._engine.create_engine_inspector()
+            inspector.execution_context = self._context
+            info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        layers, stored = inspector_layers(info)
+        return Coverage(f"the TensorRT {trt.__version__} engine inspector (detailed profiling verbosity)", layers, stored)
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from optimize.errors import BuildError, BundleError
 from optimize.inputs.specs import TensorSpec
 from optimize.quiet import quieted
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig
+from optimize.targets.coverage import Coverage, Layer
 
 PACKAGE_FILE = "model.pt2"
 RECORD_FILE = "compile.json"
@@ -47,10 +48,15 @@ class TorchCompileBackend(Backend):
     """PyTorch's AOTInductor: the ``torch.export`` program compiled to a ``.pt2`` package."""
 
     name = "torch"
-    modules = ("optimize.targets.torch_compile", "optimize.quiet", "optimize.targets.base", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
+    modules = ("optimize.targets.torch_compile", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate", "optimize.cpu")
     triton = None  # Triton's PyTorch backend takes TorchScript, not an AOTInductor package
     fixed_batch_profile = True  # the package's batch axis is dynamic up to the largest of --batch-sizes
+
+    def precision(self, config: BuildConfig) -> str:
+        import torch
+
+        return "fp16" if torch.cuda.is_available() else cpu_precision()
 
     def build(self, inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
         """Compile ``inputs.program`` (BF16 on a CPU with native BF16, else FP32; FP16 on a CUDA GPU)."""
@@ -69,27 +75,37 @@ def _compile(build_inputs: BuildInputs, config: BuildConfig, calibration: Sample
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs, outputs = _graph_io(build_inputs.onnx)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "fp16" if device == "cuda" else cpu_precision()
+    precision = BACKEND.precision(config)
     try:
         with _quiet_torch():
             program = torch.export.load(str(build_inputs.program))
             if precision != "fp32":
                 program = _reexport(program, inputs, calibration, max(config.batch_sizes), device, precision)
+            coverage = program_coverage(program, inputs, calibration, device) if calibration is not None else None
             torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE_FILE))
     except BuildError:
         raise
     except Exception as exc:
-        raise BuildError(f"AOTInductor could not compile the program: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(f"AOTInductor could not compile the program: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from exc
     record = {"device": device, "precision": precision, "torch": torch.__version__, "inputs": inputs,
-              "outputs": outputs, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+              "outputs": outputs, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+              "coverage": coverage.to_json() if coverage is not None else None}
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return Engine([PACKAGE_FILE, RECORD_FILE], record, precision=precision)
 
 
 def _quiet_torch() -> "contextlib.AbstractContextManager[None]":
-    """torch warns about its own pytree deprecation while it loads, copies and compiles a program:
-    nothing a user can act on."""
-    return quieted(loggers=("torch._export", "torch.export"), warning_messages=((FutureWarning, r".*treespec.*"),))
+    """torch warns about its own pytree deprecation while it loads, copies and compiles a program,
+    and logs a traceback of its fake tensors when an operator refuses a dtype (the ``BuildError``
+    says it in one line): nothing a user can act on."""
+    return quieted(loggers=("torch._export", "torch.export", "torch._subclasses.fake_tensor"),
+                   warning_messages=((FutureWarning, r".*treespec.*"),))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cpu_precision(cpu: Any = None) -> str:
@@ -107,24 +123,107 @@ def _dtype(precision: str) -> Any:
 
 def _reexport(program: Any, inputs: list[dict[str, Any]], calibration: Samples | None, max_batch: int,
               device: str, precision: str) -> Any:
-    """Re-export the program in FP16 (GPU) or BF16 (CPU) with the same dynamic axes."""
+    """Re-export the program in FP16 (GPU) or BF16 (CPU) with the same dynamic axes: every floating
+    parameter and buffer cast, and every float32 the graph names (a cast to the input's dtype, a
+    tensor it creates) turned to the new dtype, as ``model.to(dtype)`` before the export would have
+    traced it. The sequence axis keeps the range the program allows."""
     import torch
     from torch.export import Dim
 
     if calibration is None:
         raise BuildError(f"torch-compile in {precision} re-exports the model and needs example inputs: pass --calib")
     dtype = _dtype(precision)
-    module = program.module().to(device).to(dtype)
+    module = program.module()
+    retyped = retype_graph(module.graph, torch.float32, dtype)
+    module.recompile()
+    module = module.to(device).to(dtype)
     args, shapes = [], []
-    batch, sequence = Dim("batch", min=1, max=max(max_batch, 2)), Dim("sequence", min=1, max=4096)
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
     for spec in inputs:
         array = torch.from_numpy(np.ascontiguousarray(calibration.arrays[spec["name"]][:2])).to(device)
         args.append(array.to(dtype) if array.is_floating_point() else array)
-        shapes.append({axis: batch if axis == 0 else sequence for axis in spec["dynamic"]})
+        shapes.append({axis: batch if axis == 0 else Dim.AUTO for axis in spec["dynamic"]})
     try:
-        return torch.export.export(module, tuple(args), dynamic_shapes=tuple(shapes))
+        exported = torch.export.export(module, tuple(args), dynamic_shapes=tuple(shapes))
     except Exception as exc:
-        raise BuildError(f"re-exporting the program in {precision} failed: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(f"re-exporting the program in {precision} failed ({retyped} float32 dtypes in the graph "
+                         f"turned to {precision}): {type(exc).__name__}: {_first_line(exc)}") from exc
+    return exported
+
+
+def retype_graph(graph: Any, old: Any, new: Any) -> int:
+    """Replace dtype ``old`` by ``new`` in every call's arguments; the number of calls changed."""
+    def swap(value: Any) -> Any:
+        if value is old:
+            return new
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        return value
+
+    changed = 0
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        args, kwargs = swap(node.args), swap(node.kwargs)
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = args, kwargs
+            changed += 1
+    return changed
+
+
+_TORCH_PRECISIONS = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.int8": "int8",
+                     "torch.uint8": "int8", "torch.float64": "fp64"}
+
+
+def program_coverage(program: Any, inputs: list[dict[str, Any]], calibration: Samples, device: str) -> Coverage:
+    """The program AOTInductor compiles, run once on one calibration sample: every operator torch's
+    FLOP counter knows (matrix products, convolutions, attention) with the dtype it computed in and
+    the layer (module path) it came from, and the bytes of its weights by dtype."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    module = program.module()
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.layers = "", []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                precision = _TORCH_PRECISIONS.get(str(tensor.dtype), str(tensor.dtype)) if tensor is not None else "?"
+                macs = int(formula(*args, **kwargs, out_val=out)) // 2
+                self.layers.append(Layer(self.layer, str(func._overloadpacket).removeprefix("aten."), precision, macs))
+            return out
+
+    class Walk(torch.fx.Interpreter):
+        def run_node(self, node: Any) -> Any:
+            stack = node.meta.get("nn_module_stack") or {}
+            counter.layer = next(reversed(stack.values()))[0] if stack else node.name
+            return super().run_node(node)
+
+    counter = Count()
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    args = []
+    for spec in inputs:
+        array = torch.from_numpy(np.ascontiguousarray(calibration.arrays[spec["name"]][:1])).to(device)
+        args.append(array.to(dtype) if array.is_floating_point() else array)
+    with torch.no_grad(), counter:
+        Walk(module).run(*args)
+    stored: dict[str, int] = {}
+    for tensor in module.state_dict().values():
+        precision = _TORCH_PRECISIONS.get(str(tensor.dtype))
+        if precision is not None:
+            stored[precision] = stored.get(precision, 0) + tensor.numel() * tensor.element_size()
+    return Coverage(f"the program AOTInductor compiled (torch {torch.__version__}): each operator's dtype",
+                    counter.layers, stored, kernels_reported=False)
 
 
 class TorchCompileRunner(Runner):
@@ -159,6 +258,12 @@ class TorchCompileRunner(Runner):
             result = self._model(*args)
         values = [result] if isinstance(result, torch.Tensor) else list(result)
         return {name: value.float().cpu().numpy() for name, value in zip(self._record["outputs"], values)}
+
+    def coverage(self, sample: dict[str, np.ndarray]) -> Coverage | None:
+        """What the compiled program computes in, as recorded when it was compiled (MACs at one
+        calibration sample; the package's kernels are generated code, not named)."""
+        recorded = self._record.get("coverage")
+        return Coverage.from_json(recorded) if recorded else None
 
     def close(self) -> None:
         import torch
