@@ -59,7 +59,7 @@ def main() -> None:
     for scheme, targets in SCHEMES.items():
         builds[scheme] = run_build(BuildPlan(source, work / scheme, targets, data,
                                              QuantConfig(int8_scheme=scheme, recover_accuracy=False)))
-    rows = [["target", "precision", "MACs INT8 %", "BF16 %", "FP32 %", "weight bytes INT8 %", "FP32 %",
+    rows = [["target", "precision", "MACs INT8 %", "BF16 %", "FP32 %", "weight bytes INT8 %", "BF16 %", "FP32 %",
              "kernels (share of MACs)", "status"]]
     engines = {}
     for key, build in builds.items():
@@ -71,10 +71,10 @@ def main() -> None:
                              "scheme": scheme, "coverage": read, "gate": (record.gate or {}).get("message")}
             kernels = read.get("kernels", "-")
             if isinstance(kernels, dict):
-                kernels = ", ".join(f"{k} {v:.0f}%" for k, v in list(kernels.items())[:3])
+                kernels = ", ".join(f"{k} {v:.1f}%" for k, v in list(kernels.items())[:3])
             macs, weights = read.get("macs_pct"), read.get("weight_bytes_pct")
             rows.append([target, label(record.precision, scheme, read), pct(macs, "int8"), pct(macs, "bf16"),
-                         pct(macs, "fp32"), pct(weights, "int8"), pct(weights, "fp32"), kernels,
+                         pct(macs, "fp32"), pct(weights, "int8"), pct(weights, "bf16"), pct(weights, "fp32"), kernels,
                          record.status + (f": {record.reason}" if record.reason else "")])
     env = environment()
     cpu = env["machine"]

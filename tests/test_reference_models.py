@@ -46,7 +46,7 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(digits_checkpoint, tm
     assert set(report["engines"]) == {"torch-eager-fp32", "torch-compile", *CPU_TARGETS, *bf16}
     assert (manifest["targets"].get("openvino-bf16", {}).get("status") == "built") == bool(bf16)
     assert manifest_winner(tmp_path / "bundle") in CPU_TARGETS
-    check_precision_read_back(manifest, result.stdout, (*CPU_TARGETS, *bf16, "torch-compile"))
+    check_precision_read_back(manifest, result.stdout + result.stderr, (*CPU_TARGETS, *bf16, "torch-compile"))
 
 
 def check_precision_read_back(manifest: dict, output: str, targets: tuple[str, ...]) -> None:
@@ -106,7 +106,8 @@ def test_minilm_int8_keeps_embeddings(tmp_path):
         entry = manifest["targets"][name]
         assert entry["status"] == "built" and entry["precision"] == "bf16", (name, entry.get("reason"))
         assert entry["accuracy"]["held_out"]["mean_cosine"] >= 0.99
-    check_precision_read_back(manifest, run_cli("inspect", out).stdout + result.stdout, (*CPU_TARGETS, *bf16))
+    check_precision_read_back(manifest, run_cli("inspect", out).stdout + result.stdout + result.stderr,
+                              (*CPU_TARGETS, *bf16))
     for name in ("ort-int8", "openvino-int8"):
         held = manifest["targets"][name]["accuracy"]["held_out"]
         assert held["mean_cosine"] >= 0.99, name

@@ -31,7 +31,8 @@ from optimize.inputs.specs import TensorSpec
 from optimize.quiet import progress_off_stdout, quieted
 from optimize.targets.base import (ALL_NODES, CALIBRATION_METHODS, INT8_SCHEMES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner,
                                    RunnerConfig, TritonEntry)
-from optimize.targets.coverage import Coverage, Layer, onnx_weight_bytes, product
+from optimize.targets.coverage import Coverage, onnx_weight_bytes
+from optimize.targets.ort_profile import profiled_layers
 
 ENGINE_FILE = "model.onnx"
 SESSION_OPTIONS_FILE = "session_options.json"
@@ -53,7 +54,7 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: an ``.onnx`` graph (FP32, Q/DQ INT8 or weight-only INT8) run by an InferenceSession."""
 
     name = "onnxruntime"
-    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.candidates", "optimize.passes.weight_only",
+    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.ort_profile", "optimize.targets.candidates", "optimize.passes.weight_only",
                "optimize.passes.ort_calibration", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.errors",
                "optimize.validate")
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
@@ -369,60 +370,6 @@ def _providers() -> list[str]:
     import onnxruntime as ort
 
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-
-
-# Ops that compute in INT8 whatever their input types say; MAC-bearing ops by how their MACs count.
-INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-                "DynamicQuantizeMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM"}
-CONV_WEIGHT_INPUT = {"Conv": 1, "FusedConv": 1, "NchwcConv": 1, "ConvInteger": 1, "NhwcFusedConv": 1,
-                     "QLinearConv": 3, "ConvTranspose": 1}
-MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-              "DynamicQuantizeMatMul", "QGemm", "MatMulNBits"}
-ATTENTION_OPS = {"Attention", "QAttention", "MultiHeadAttention"}
-_TYPE_PRECISIONS = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "uint8": "int8"}
-
-
-def profiled_layers(events: list[dict[str, Any]], graph: Any) -> list[Layer]:
-    """The MAC-bearing nodes ONNX Runtime executed (its profile's node events), with their MACs from
-    the shapes it ran and the optimized graph's weights, and the precision their op and inputs say."""
-    from onnx import helper
-
-    nodes = {n.name: n for n in graph.node}
-    weights = {i.name: list(i.dims) for i in graph.initializer}
-    layers = []
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        name, args = event["name"][: -len("_kernel_time")], event.get("args", {})
-        op = args.get("op_name", "")
-        if op not in CONV_WEIGHT_INPUT and op not in MATMUL_OPS and op not in ATTENTION_OPS:
-            continue
-        inputs = [next(iter(t.items())) for t in args.get("input_type_shape", [])]
-        outputs = [next(iter(t.values())) for t in args.get("output_type_shape", [])]
-        node = nodes.get(name)
-        if not inputs or not outputs or node is None:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        out = outputs[0]
-        if op in CONV_WEIGHT_INPUT:
-            index = CONV_WEIGHT_INPUT[op]
-            w = weights.get(node.input[index]) if len(node.input) > index else None
-            if w is None:
-                continue
-            macs = (product(inputs[0][1]) if op == "ConvTranspose" else product(out)) * product(w[1:])
-        elif op in MATMUL_OPS:
-            a = inputs[0][1]
-            k = a[-2] if attrs.get("transA") and len(a) >= 2 else a[-1]
-            macs = product(out) * k
-        else:  # attention: the projections (weights hidden x 3 hidden), then two S x S products
-            a = inputs[0][1]
-            w = weights.get(node.input[1]) if len(node.input) > 1 else None
-            batch_seq, hidden = product(a[:-1]), a[-1]
-            seq = a[-2] if len(a) >= 3 else 1
-            macs = (batch_seq * product(w) if w else 0) + 2 * batch_seq * seq * hidden
-        precision = "int8" if op in INT8_COMPUTE else _TYPE_PRECISIONS.get(inputs[0][0], inputs[0][0])
-        layers.append(Layer(name, op, precision, int(macs)))
-    return layers
 
 
 def _spec(arg: Any) -> TensorSpec:
