@@ -48,6 +48,10 @@ def test_the_chosen_scheme_is_the_fastest_recorded_one_that_passed(chosen, targe
     winner = by_scheme[choice["chosen"]]
     assert winner["within_budget"] and record["build_config"]["int8_scheme"] == choice["chosen"]
     assert record["details"]["scheme"] == choice["chosen"]
+    # Each scheme's share of MACs in INT8 is read back; a winner that computes mostly in float says so.
+    assert all(c["int8_macs_pct"] > 0 for s, c in by_scheme.items() if s != "weights"), by_scheme
+    if choice["chosen"] != "weights" and winner["int8_macs_pct"] < 50:
+        assert "of its MACs in INT8, the rest in float" in choice["reason"]
     # No other passing scheme is faster beyond the measured spread.
     assert not [c for c in by_scheme.values() if c["within_budget"] and faster(c, winner)]
     assert choice["search_time_s"] >= 0 and choice["reason"]

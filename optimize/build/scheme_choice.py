@@ -127,6 +127,7 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
     start = time.monotonic()
     judged: dict[str, Judged] = {}
     not_built: dict[str, str] = {}
+    int8_macs: dict[str, float | None] = {}  # each scheme's share of MACs computed in INT8, read back
     for scheme in schemes:
         config = dataclasses.replace(context.config, int8_scheme=scheme)
         try:
@@ -135,7 +136,10 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
             not_built[scheme] = str(exc)
             log.info(f"  scheme {scheme}: not built: {exc}")
             continue
-        mismatch = problem("int8", scheme, context.coverage(folder)) if context.coverage else None
+        read = context.coverage(folder) if context.coverage else None
+        mismatch = problem("int8", scheme, read)
+        counts = (read or {}).get("macs") or {}
+        int8_macs[scheme] = 100.0 * counts.get("int8", 0) / sum(counts.values()) if sum(counts.values()) else None
         if mismatch:  # e.g. a static graph whose every quantized op runs in float: not an INT8 candidate
             not_built[scheme] = f"precision read back from the engine: {mismatch}"
             log.info(f"  scheme {scheme}: not a candidate: {not_built[scheme]}")
@@ -152,6 +156,9 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
     if chosen == "weights" and len(passing) == 1 and len(schemes) > 1:
         reason = (f"weight-only INT8 (INT8 weights, float compute): no scheme that computes in INT8 passed; "
                   f"p50 {timings[chosen]['p50_ms']:.3g} ms at batch 1")
+    elif chosen is not None and chosen != "weights" and int8_macs.get(chosen) is not None and int8_macs[chosen] < 50:
+        reason += (f"; it computes {int8_macs[chosen]:.2g}% of its MACs in INT8, the rest in float "
+                   f"(read back from the engine)")
     recovered_fields, recovered_from = None, None
     contenders = [(s, accuracy_key(j), timings[s]) for s, j in judged.items()
                   if not j.passed and recover_accuracy and recoverable(s)
@@ -184,7 +191,8 @@ def search(backend: Backend, context: RecoveryContext, schemes: list[str], runne
         "candidates": [{"scheme": s, "build_time_s": j.result.get("build_time_s"),
                         "selection_drop": j.selection["gate"]["drop"],
                         "selection_interval": j.selection["gate"]["interval"], "within_budget": j.passed,
-                        "metrics": j.selection["metrics"], **timings[s]} for s, j in judged.items()],
+                        "metrics": j.selection["metrics"], "int8_macs_pct": int8_macs.get(s), **timings[s]}
+                       for s, j in judged.items()],
         "not_built": not_built, "chosen": chosen, "reason": reason, "search_time_s": round(elapsed, 2)}
     if recovered_from is not None:
         record["recovered"] = {"scheme": recovered_from, **timings[chosen]}
