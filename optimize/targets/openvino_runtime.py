@@ -14,7 +14,8 @@ from optimize.targets.coverage import Layer, product
 
 _RUNTIME_PRECISIONS = {"u8": "int8", "i8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32", "u4": "int4",
                        "i4": "int4", "f8e4m3": "fp8", "f8e5m2": "fp8"}
-MAC_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "ScaledDotProductAttention")
+MAC_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "ScaledDotProductAttention",
+              "RNNSeq")
 
 
 def original_macs(model: Any) -> dict[str, int]:
@@ -66,6 +67,12 @@ def runtime_layers(runtime_model: Any, fused: dict[str, int] | None = None) -> l
             macs = product(o) * product(w[2:] if len(w) == len(o) + 1 else w[1:])
         elif kind == "Deconvolution":
             macs = product(a) * product(w[1:])
+        elif kind == "RNNSeq":  # X, states, (lengths,) W [dirs, gates x hidden, in], R, B
+            rank3 = [[d.get_length() for d in s] for s in shapes[3:] if s.is_static and len(s) == 3]
+            if len(rank3) < 2:
+                continue
+            (dirs, gates, inputs_), (_, _, hidden) = rank3[-2][:3], rank3[-1][:3]
+            macs = product(a[:2]) * dirs * gates * (inputs_ + hidden)
         elif kind == "ScaledDotProductAttention":
             v = [d.get_length() for d in shapes[2]] if len(shapes) > 2 and shapes[2].is_static else w
             macs = product(a[:-1]) * w[-2] * (a[-1] + v[-1])
