@@ -62,8 +62,8 @@ def check_precision_read_back(manifest: dict, output: str, targets: tuple[str, .
         scheme = entry["build_config"].get("int8_scheme")
         if entry["precision"] in ("fp32", "bf16"):
             assert read["macs_pct"] == {entry["precision"]: 100.0}, (name, read["macs_pct"])
-        elif scheme == "weights":
-            assert read["weight_bytes_pct"]["int8"] > 50 and compute_precision(read) in ("fp32", "bf16"), (name, read)
+        elif scheme == "weights":  # ONNX Runtime takes MatMul/Gemm weights only: the digits CNN's head, 0.3%
+            assert read["weight_bytes"].get("int8", 0) > 0 and compute_precision(read) in ("fp32", "bf16"), (name, read)
             assert f"int8 weights, {compute_precision(read)} compute" in output
         else:  # static or dynamic: mostly INT8, unless the accuracy recovery kept layers in FP32
             kept = (entry.get("recovery") or {}).get("kept_fp32")
