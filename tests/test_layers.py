@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("optimize.search",),
     ("optimize.auto",),
     ("optimize.build", "serve"),
-    ("optimize.bench", "optimize.deploy"),
+    ("optimize.bench", "optimize.deploy", "optimize.inspect"),
     ("optimize.select", "optimize.drift"),
     ("optimize.bundle",),
     ("optimize.targets",),

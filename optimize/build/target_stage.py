@@ -194,6 +194,8 @@ def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: S
         entry["status"] = "built"
     else:
         entry.update(status="failed", reason=f"accuracy gate: {entry['gate']['message']}")
+    if entry["status"] == "failed":
+        entry["cache_entry"] = engine_dir.name
     entry["size_bytes"] = engine_size(engine_dir, entry["files"])
     record = TargetRecord.from_json(entry)
     record.engine_dir = engine_dir

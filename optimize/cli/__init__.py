@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "optimize.cli.bench",
     "build": "optimize.cli.build",
     "drift": "optimize.cli.drift",
+    "explain": "optimize.cli.explain",
     "export": "optimize.cli.export",
     "inspect": "optimize.cli.inspect",
     "search": "optimize.cli.search",

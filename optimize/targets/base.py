@@ -26,6 +26,7 @@ from optimize.inputs.specs import TensorSpec
 if TYPE_CHECKING:
     from optimize.inputs.calibration import Samples
     from optimize.targets.coverage import Coverage
+    from optimize.targets.layer_error import LayerProbe
     from optimize.validate import GateData
 
 INT8_SCHEMES = ("static", "dynamic", "weights")
@@ -117,6 +118,12 @@ class Runner(abc.ABC):
     def coverage(self, sample: dict[str, np.ndarray]) -> "Coverage | None":
         """The engine's precision layer by layer, read back from the engine as this Runner runs it,
         with MACs counted at ``sample`` (one batch); None where the backend cannot tell."""
+        return None
+
+    def layer_probe(self) -> "LayerProbe | None":
+        """The engine opened for per-layer error (``optimize.targets.layer_error``): its intermediate
+        tensors exposed and its layers run alone, with this Runner's settings; None where the
+        backend cannot expose them."""
         return None
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from optimize.quiet import progress_off_stdout, quieted
 from optimize.targets.base import (ALL_NODES, CALIBRATION_METHODS, INT8_SCHEMES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner,
                                    RunnerConfig, TritonEntry)
 from optimize.targets.coverage import Coverage, onnx_weight_bytes
+from optimize.targets.layer_error import LayerProbe
 from optimize.targets.ort_profile import profiled_layers
 
 ENGINE_FILE = "model.onnx"
@@ -54,7 +55,7 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: an ``.onnx`` graph (FP32, Q/DQ INT8 or weight-only INT8) run by an InferenceSession."""
 
     name = "onnxruntime"
-    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.ort_profile", "optimize.targets.candidates", "optimize.passes.weight_only",
+    modules = ("optimize.targets.onnxruntime", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.ort_profile", "optimize.targets.ort_layers", "optimize.targets.layer_error", "optimize.targets.candidates", "optimize.passes.weight_only",
                "optimize.passes.ort_calibration", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.errors",
                "optimize.validate")
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
@@ -357,6 +358,11 @@ class OnnxRuntimeRunner(Runner):
                         f"({', '.join(self._session.get_providers())})",
                         profiled_layers(events, optimized.graph), onnx_weight_bytes(engine.graph),
                         kernels_reported=False)
+
+    def layer_probe(self) -> LayerProbe:
+        from optimize.targets.ort_layers import OnnxLayerProbe
+
+        return OnnxLayerProbe(self._engine_dir / ENGINE_FILE, self._options, _providers())
 
     @property
     def settings(self) -> dict[str, Any]:

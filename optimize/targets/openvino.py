@@ -34,6 +34,7 @@ from optimize.quiet import progress_off_stdout, quieted
 from optimize.targets.base import (ALL_NODES, Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, Runner, RunnerConfig,
                                    TritonEntry)
 from optimize.targets.coverage import Coverage
+from optimize.targets.layer_error import LayerProbe
 from optimize.targets.openvino_runtime import ir_weight_bytes, original_macs, runtime_layers
 
 ENGINE_FILES = ["model.xml", "model.bin"]
@@ -57,7 +58,7 @@ class OpenVinoBackend(Backend):
     """OpenVINO on the CPU: ``model.xml``/``model.bin`` (FP32, or INT8 by NNCF) compiled by OpenVINO."""
 
     name = "openvino"
-    modules = ("optimize.targets.openvino", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.openvino_runtime", "optimize.targets.candidates", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
+    modules = ("optimize.targets.openvino", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.openvino_runtime", "optimize.targets.openvino_layers", "optimize.targets.layer_error", "optimize.targets.candidates", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate")
     triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
 
@@ -324,6 +325,11 @@ class OpenVinoRunner(Runner):
     @property
     def compiled_model(self) -> Any:
         return self._compiled
+
+    def layer_probe(self) -> LayerProbe:
+        from optimize.targets.openvino_layers import OpenVinoLayerProbe
+
+        return OpenVinoLayerProbe(self._core, self._xml, self._properties)
 
     def coverage(self, sample: dict[str, np.ndarray]) -> Coverage:
         """The engine compiled with this Runner's properties at the sample's shape: its runtime
