@@ -7,7 +7,8 @@ import onnx
 import pytest
 
 from optimize.inputs.calibration import Samples
-from optimize.targets.base import ALL_NODES, BuildConfig, BuildInputs
+from optimize.targets.base import ALL_NODES, BuildConfig, BuildInputs, RunnerConfig
+from optimize.targets.layer_error import engine_layers
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,13 @@ def test_ort_ranking_covers_every_quantized_node_and_all_kept_is_fp32(se_model, 
     quantized = ort_target.quantized_nodes(graph)
     kinds = {n.op_type for n in quantized}
     assert {"Conv", "Gemm"} <= kinds and kinds - {"Conv", "Gemm", "MatMul"}, kinds  # not only weight ops
-    ranking = ort_target.sensitivity_ranking(onnx_path, tmp_path / "int8" / "model.onnx",
-                                             list(samples.take(np.arange(16)).batches(8)))
-    assert sorted(n for n, _ in ranking) == sorted(n.name for n in quantized)
+    candidates = ort_target.fp32_candidates(onnx_path, tmp_path / "int8" / "model.onnx")
+    assert sorted(candidates) == sorted(n.name for n in quantized)
+    layers = engine_layers(backend, tmp_path / "int8", RunnerConfig(), onnx_path, samples, limit=16)
+    ranking = layers.ranked_names(candidates)
+    assert sorted(n for n, _ in ranking) == sorted(candidates)
+    assert all(np.isfinite(db) for _, db in ranking)  # every candidate has an error of its own
+    assert [db for _, db in ranking] == sorted(db for _, db in ranking)  # worst first
     reference = _run(backend, tmp_path / "fp32", samples)
     int8 = _run(backend, tmp_path / "int8", samples)
     assert np.abs(int8 - reference).max() > 1e-4  # the INT8 engine really differs
@@ -107,9 +112,11 @@ def test_ort_dynamic_ranking_names_every_replaced_matmul_and_all_kept_is_fp32(tm
     replaced = ort_target.replaced_nodes(onnx.load(str(onnx_path)).graph,
                                          onnx.load(str(tmp_path / "int8" / "model.onnx")).graph)
     assert len(replaced) == 3
-    ranking = ort_target.sensitivity_ranking(onnx_path, tmp_path / "int8" / "model.onnx",
-                                             list(samples.take(np.arange(16)).batches(8)))
-    assert sorted(n for n, _ in ranking) == sorted(n.name for n in replaced)
+    candidates = ort_target.fp32_candidates(onnx_path, tmp_path / "int8" / "model.onnx")
+    layers = engine_layers(backend, tmp_path / "int8", RunnerConfig(), onnx_path, samples, limit=16)
+    ranking = layers.ranked_names(candidates)
+    assert sorted(n for n, _ in ranking) == sorted(n.name for n in replaced) == sorted(candidates)
+    assert all(np.isfinite(db) for _, db in ranking)
     reference = _run(backend, tmp_path / "fp32", samples)
     assert np.abs(_run(backend, tmp_path / "int8", samples) - reference).max() > 1e-5
     for keep, name in [((ALL_NODES,), "all"), (tuple(n for n, _ in ranking), "named")]:

@@ -24,6 +24,7 @@ from optimize.inputs.calibration import Samples
 from optimize.targets import registry
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, RecoveryContext, RunnerConfig, engine_size
 from optimize.targets.coverage import label, problem
+from optimize.targets.layer_error import engine_layers, precision_by_node
 from optimize.validate import GateData, evaluate, judge_selection, runs
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: S
                 backend, target, inputs.build, hashes, variant, calibration, cache, label, builder, extra),
             evaluate=lambda path: evaluate_folder(backend, path, config.runner, data, budget),
             select=lambda path: select_folder(backend, path, config.runner, data, budget),
-            coverage=lambda path: read_coverage(backend, path, config.runner, sample))
+            coverage=lambda path: read_coverage(backend, path, config.runner, sample),
+            layer_error=lambda path, nodes=None: engine_layers(
+                backend, path, config.runner, inputs.build.onnx, data.selection.samples, nodes))
 
     schemes = offered_schemes(backend, calibration is not None)
     sample = data.selection.samples.take(np.arange(1)).arrays  # one sample: what timings and coverage run
@@ -187,6 +190,10 @@ def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: S
         log.warning(f"{target}: {entry['gate']['message']}")
     engine_dir = Path(entry.pop("cache_folder"))
     entry["coverage"] = read_coverage(backend, engine_dir, config.runner, sample)
+    if entry.get("recovery"):  # the per-layer picture of the engine the fallback chose
+        picture = engine_layers(backend, engine_dir, config.runner, inputs.build.onnx, data.selection.samples)
+        if picture is not None:
+            entry["recovery"]["layer_error"] = picture.to_json(precision_by_node(picture.rows, entry["coverage"]))
     mismatch = problem(entry["precision"], build.int8_scheme, entry["coverage"])
     if mismatch:
         entry.update(status="failed", reason=f"precision read back from the engine: {mismatch}")

@@ -26,7 +26,7 @@ from optimize.inputs.specs import TensorSpec
 if TYPE_CHECKING:
     from optimize.inputs.calibration import Samples
     from optimize.targets.coverage import Coverage
-    from optimize.targets.layer_error import LayerProbe
+    from optimize.targets.layer_error import EngineLayers, LayerProbe
     from optimize.validate import GateData
 
 INT8_SCHEMES = ("static", "dynamic", "weights")
@@ -170,6 +170,9 @@ class RecoveryContext:
     budget_s: float | None = None  # seconds the search may take (None: the backend's own budget)
     # ``coverage(folder)`` -> the engine's precision read back (``optimize.targets.coverage``), or None
     coverage: Callable[[Path], dict[str, Any] | None] | None = None
+    # ``layer_error(folder, nodes)`` -> the engine's per-layer error on the selection split
+    # (``optimize.targets.layer_error.engine_layers``), or None where it cannot be read
+    layer_error: Callable[..., "EngineLayers | None"] | None = None
 
     @property
     def task(self) -> str:

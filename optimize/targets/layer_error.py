@@ -37,6 +37,7 @@ MOVEMENT_OPS = frozenset({
     "Not", "And", "Or", "Where", "Tile", "Pad", "Dropout", "SplitToSequence", "SequenceAt", "NonZero",
     "GatherElements", "ScatterND", "ScatterElements", "DepthToSpace", "SpaceToDepth", "QuantizeLinear",
     "DequantizeLinear", "Max", "Min", "ArgMax", "ArgMin", "TopK"})
+RANK_SAMPLES = 32  # held-out samples a build's fallback ranks layers on
 SAME_DB = 0.5  # instrumented and untouched final SQNR within this: the probe saw the engine as it runs
 SAME_COSINE = 1e-3
 NOT_EXPOSED = "the engine does not expose this tensor (fused away or renamed)"
@@ -72,13 +73,20 @@ def module_name(node: Any) -> str:
 
 def layer_rows(model: Any) -> list[LayerRow]:
     """The rows of an ONNX model (loaded), in graph order: nodes that compute a float tensor."""
-    floats = {v.name for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]
-              if v.type.tensor_type.elem_type in (1, 10, 11, 16)}
+    import onnx
+
+    if not model.graph.value_info:  # the TorchScript exporter leaves the types of inner tensors out
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # types unknown: every computing node is a row
+            pass
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
     rows = []
     for depth, node in enumerate(model.graph.node):
         if node.op_type in MOVEMENT_OPS or not node.output or not node.output[0]:
             continue
-        if floats and node.output[0] not in floats:
+        if types.get(node.output[0], 1) not in (1, 10, 11, 16):  # float, float16, double, bfloat16
             continue
         rows.append(LayerRow(node.name or node.output[0], node.op_type, node.output[0], depth, module_name(node)))
     return rows
@@ -95,10 +103,14 @@ class ErrorSum:
         ref = np.asarray(ref)
         rows = ref.shape[0] if ref.ndim > 1 else 1
         r, g = ref.reshape(rows, -1), np.asarray(got).reshape(rows, -1)
-        if not (np.isfinite(r).all() and np.isfinite(g).all()):  # masks filled with -inf or the float minimum
-            same = r == g
-            r, g = np.where(same, 0, r), np.where(same, 0, g)
-        big = max(float(np.max(np.abs(r), initial=0)), float(np.max(np.abs(g), initial=0))) > 1e15
+        def peak() -> float:
+            return max(float(np.max(np.abs(r), initial=0)), float(np.max(np.abs(g), initial=0)))
+
+        big = peak() > 1e15
+        if big:  # attention masks filled with -inf or the float minimum: equal fills are no signal
+            fill = (r == g) & ~(np.abs(r) <= 1e15)
+            r, g = np.where(fill, 0, r), np.where(fill, 0, g)
+            big = peak() > 1e15
         kind = np.float64 if big or r.dtype == np.float64 else np.float32
         r, g = r.astype(kind, copy=False), g.astype(kind, copy=False)
         d = r - g
@@ -157,6 +169,11 @@ class LayerProbe(abc.ABC):
     def local(self, tensor: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """``tensor`` computed by its piece of the engine alone, fed ``feeds``."""
 
+    def keep_names(self, tensor: str) -> tuple[str, ...] | None:
+        """The names by which this backend's build keeps the piece computing ``tensor`` in float
+        (its quantized ops); None when nothing in it is quantized."""
+        return None
+
     def close(self) -> None:
         """Release what the probe compiled."""
 
@@ -199,6 +216,8 @@ class EngineLayers:
     final_probed: dict[str, ErrorSum]
     final_untouched: dict[str, ErrorSum]
     samples: int
+    # row node -> the ops that keep it in float in the engine's backend (``LayerProbe.keep_names``)
+    keep: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def fidelity(self) -> dict[str, Any]:
         """Whether the instrumented engine's final outputs carry the untouched engine's error."""
@@ -219,10 +238,23 @@ class EngineLayers:
         return {"same": same, "outputs": outputs, "message": message}
 
     def ranking(self, nodes: set[str] | None = None) -> list[tuple[str, float]]:
-        """(row node, local SQNR dB) worst first, over ``nodes`` (all rows when None) with a local error."""
+        """(row node, local SQNR dB) worst first, over the rows with a local error whose node, or one
+        of the ops that keep it in float (``keep``), is in ``nodes`` (every such row when None)."""
         found = [(row.node, sqnr_key(self.local[row.node].to_json())) for row in self.rows
-                 if row.node in self.local and (nodes is None or row.node in nodes)]
+                 if row.node in self.local and (nodes is None or row.node in nodes
+                                                or set(self.keep.get(row.node, ())) & nodes)]
         return sorted(found, key=lambda item: item[1])
+
+    def ranked_names(self, candidates: list[str]) -> list[tuple[str, float]]:
+        """``candidates`` (names a backend keeps in float) worst first by the local error of the row
+        they compute; those without one last, in their own order."""
+        wanted, out, seen = set(candidates), [], set()
+        for node, db in self.ranking(wanted):
+            for name in (node, *self.keep.get(node, ())):
+                if name in wanted and name not in seen:
+                    seen.add(name)
+                    out.append((name, db))
+        return out + [(name, float("nan")) for name in candidates if name not in seen]
 
     def to_json(self, precision: dict[str, str] | None = None) -> dict[str, Any]:
         precision = precision or {}
@@ -286,7 +318,26 @@ def measure(reference_onnx: Path, probe: LayerProbe, batches: Iterable[dict[str,
         for node, inputs in pieces.items():
             row = by_node[node]
             local[node].add(ref[row.output], probe.local(row.output, {name: ref[name] for name in inputs}))
-    return EngineLayers(rows, cumulative, local, missing, final_probed, final_untouched, samples)
+    keep = {node: names for node in pieces for names in [probe.keep_names(by_node[node].output)] if names}
+    return EngineLayers(rows, cumulative, local, missing, final_probed, final_untouched, samples, keep)
+
+
+def engine_layers(backend: Any, folder: Path, runner_config: Any, reference_onnx: Path, samples: Any,
+                  local_nodes: set[str] | None = None, limit: int = RANK_SAMPLES) -> EngineLayers | None:
+    """``measure`` on the engine in ``folder`` opened by ``backend``'s Runner, over the first ``limit``
+    of ``samples`` (a ``Samples``); None when the backend cannot expose tensors."""
+    count = min(limit, len(samples))
+    batches = list(samples.take(np.arange(count)).batches(8))
+    with backend.runner(folder, runner_config) as runner:
+        probe = runner.layer_probe()
+        if probe is None:
+            return None
+        try:
+            result = measure(reference_onnx, probe, batches, untouched=runner, local_nodes=local_nodes,
+                             threads=getattr(runner_config, "threads", None))
+        finally:
+            probe.close()
+    return result
 
 
 def _reference_tensors(onnx_path: Path) -> set[str]:
@@ -298,19 +349,27 @@ def _reference_tensors(onnx_path: Path) -> set[str]:
     return ({i.name for i in model.graph.input} - weights) | {o for n in model.graph.node for o in n.output if o}
 
 
+MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "RNN", "Einsum"})
+
+
 def precision_by_node(rows: list[LayerRow], coverage: dict[str, Any] | None) -> dict[str, str]:
     """Each row's precision from the engine's read-back coverage, matched by the name the engine gave
     the layer: its node's (OpenVINO's ``node_Conv_3/WithoutBiases``, ONNX Runtime's fused
-    ``node_Conv_3_token_7``) or its output tensor's (ONNX Runtime's ``getitem_nchwc``)."""
+    ``node_Conv_3_token_7`` or ``node_fc_MatMul_quant``) or its output tensor's (ONNX Runtime's
+    ``relu_nchwc``). A layer named after the activation fused into it belongs to the multiplying row
+    before that activation."""
     import re
 
-    by_name = {row.node: row.node for row in rows} | {row.output: row.node for row in rows}
+    by_name = {row.output: row for row in rows} | {row.node: row for row in rows}
+    macs = [row for row in rows if row.op in MAC_OPS]
     found: dict[str, str] = {}
     for layer in (coverage or {}).get("layers") or []:
         name = str(layer.get("name", ""))
-        for candidate in (name, name.split("/")[0], re.sub(r"(_token_\d+|_nchwc|_quant)+$", "", name)):
-            node = by_name.get(candidate)
-            if node is not None:
-                found.setdefault(node, layer.get("precision"))
-                break
+        stripped = re.sub(r"(_token_\d+|_nchwc|_quant|_MatMul)+$", "", name.split("/")[0])
+        row = by_name.get(name) or by_name.get(name.split("/")[0]) or by_name.get(stripped)
+        if row is None:
+            continue
+        if row.op not in MAC_OPS:  # named after its fused activation: the multiplying row before it
+            row = next((m for m in reversed(macs) if m.depth < row.depth and m.node not in found), row)
+        found.setdefault(row.node, layer.get("precision"))
     return found

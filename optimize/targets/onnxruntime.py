@@ -38,7 +38,6 @@ from optimize.targets.ort_profile import profiled_layers
 ENGINE_FILE = "model.onnx"
 SESSION_OPTIONS_FILE = "session_options.json"
 RECOVERY_BUDGET_S = 300.0
-SENSITIVITY_SAMPLES = 32
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
                "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
@@ -135,10 +134,7 @@ class OnnxRuntimeBackend(Backend):
 
         if best.passed and within_gate(best):
             return search.finish(best, "the best calibration within budget on the selection split", method)
-        samples, _ = context.choice_data()
-        count = min(SENSITIVITY_SAMPLES, len(samples))
-        feeds = list(samples.take(np.arange(count)).batches(8))
-        ranking = sensitivity_ranking(context.inputs.onnx, best.folder / ENGINE_FILE, feeds)
+        ranking = ranked_nodes(context, best.folder)
         base = best.candidate.config
         candidates = (Candidate(f"{'keep' if scheme == 'static' else scheme + '-keep'}-{k}",
                                 dataclasses.replace(base, keep_fp32=tuple(n for n, _ in ranking[:k])),
@@ -153,7 +149,8 @@ class OnnxRuntimeBackend(Backend):
         else:
             reason = "the fewest FP32 nodes within budget on the selection split and the gate"
         kept = list(chosen.candidate.config.keep_fp32)
-        return search.finish(chosen, reason, method, kept_fp32=kept, ranked_nodes=len(ranking))
+        return search.finish(chosen, reason, method, kept_fp32=kept, ranked_nodes=len(ranking),
+                             ranked_by="the error each node adds when fed the FP32 model's inputs (local SQNR)")
 
     def triton_notes(self, folder: Path) -> list[str]:
         options = folder / SESSION_OPTIONS_FILE
@@ -243,64 +240,23 @@ def quantized_nodes(int8_graph: Any) -> list[Any]:
             and any(i in dequantized for i in n.input)]
 
 
-def sensitivity_ranking(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
-    """(node name, error it adds) for every quantized node of ``int8_path``, worst first: the relative
-    error of its output against the FP32 graph's, less the worst already at its inputs."""
+def fp32_candidates(fp32_path: Path, int8_path: Path) -> list[str]:
+    """The nodes of an INT8 engine that keeping in FP32 changes: those reading a dequantized tensor
+    (static, weight-only), else the MatMul/Gemm nodes a dynamic quantization replaced."""
     import onnx
-    import onnxruntime as ort
 
-    int8, fp32 = onnx.load(str(int8_path)), onnx.load(str(fp32_path))
-    fp32_tensors = {o for n in fp32.graph.node for o in n.output}
-    nodes = quantized_nodes(int8.graph)
-    dynamic = [] if nodes else replaced_nodes(fp32.graph, int8.graph)
-    produced_by = {o: n for n in int8.graph.node for o in n.output}
-    tensors = sorted({o for n in int8.graph.node if n.op_type not in QDQ_OPS for o in n.output} & fp32_tensors)
+    int8 = onnx.load(str(int8_path))
+    nodes = [n.name for n in quantized_nodes(int8.graph)]
+    return nodes or [n.name for n in replaced_nodes(onnx.load(str(fp32_path)).graph, int8.graph)]
 
-    def outputs_of(path: Path) -> dict[str, np.ndarray]:
-        model = onnx.load(str(path))
-        existing = {o.name for o in model.graph.output}
-        available = {o for n in model.graph.node for o in n.output}
-        for name in tensors:
-            if name in available and name not in existing:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs() if o.name in tensors]
-        collected: dict[str, list] = {n: [] for n in names}
-        for feed in feeds:
-            for name, value in zip(names, session.run(names, feed)):
-                collected[name].append(np.asarray(value))
-        return {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in collected.items()}
 
-    ref, got = outputs_of(fp32_path), outputs_of(int8_path)
-
-    def error(name: str) -> float:
-        if name not in ref or name not in got or ref[name].dtype.kind != "f" or ref[name].shape != got[name].shape:
-            return 0.0
-        r, g = ref[name].astype(np.float64), got[name].astype(np.float64)
-        return float(np.linalg.norm(r - g) / max(np.linalg.norm(r), 1e-12))
-
-    def upstream_error(node) -> float:
-        # Error already present at the node's inputs: nearest tracked producers upstream (through Q/DQ).
-        seen, frontier, worst = set(), list(node.input), 0.0
-        while frontier:
-            name = frontier.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            producer = produced_by.get(name)
-            if name in ref and (producer is None or producer.op_type not in QDQ_OPS):
-                worst = max(worst, error(name))
-            elif producer is not None:
-                frontier.extend(producer.input)
-        return worst
-
-    ranked = [(n.name, max((error(o) for o in n.output), default=0.0) - upstream_error(n)) for n in nodes]
-    ranked += [(n.name, max((error(o) for o in n.output), default=0.0) - max((error(i) for i in n.input), default=0.0))
-               for n in dynamic]
-    return sorted(ranked, key=lambda item: item[1], reverse=True)
+def ranked_nodes(context: RecoveryContext, folder: Path) -> list[tuple[str, float]]:
+    """(node, local SQNR dB) of every candidate for FP32, worst first: the shared per-layer ranking
+    (``optimize.targets.layer_error``) on the selection split; a candidate it has no number for
+    goes last, in graph order."""
+    candidates = fp32_candidates(context.inputs.onnx, folder / ENGINE_FILE)
+    layers = context.layer_error(folder) if context.layer_error else None
+    return layers.ranked_names(candidates) if layers is not None else [(name, float("nan")) for name in candidates]
 
 
 class OnnxRuntimeRunner(Runner):

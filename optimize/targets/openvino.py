@@ -86,14 +86,18 @@ class OpenVinoBackend(Backend):
 
     def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
         """Static INT8 over budget: every other range estimator and weight granularity, the best
-        kept; then NNCF's accuracy-controlled quantization (it ranks and reverts quantizers itself)
-        against agreement with the FP32 model on the selection split; last, every op in the ignored
-        scope, which is the FP32 graph. One ``CandidateSearch``."""
-        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates
+        kept; then the layers that add the most error of their own kept in FP32 (NNCF's ignored
+        scope) in growing steps, ranked by the per-layer error shared with ONNX Runtime
+        (``optimize.targets.layer_error``); and NNCF's accuracy-controlled quantization (it ranks and
+        reverts quantizers itself) against agreement with the FP32 model. Of those within budget on
+        the selection split, the one computing most of its MACs in INT8 (read back from the engine);
+        last, every op in the ignored scope, which is the FP32 graph. One ``CandidateSearch``."""
+        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates, growing
 
         if context.config.int8_scheme != "static":
             return None
-        method = "calibration variants, then nncf.quantize_with_accuracy_control, then all ops ignored"
+        method = ("calibration variants, then the layers adding the most error kept in FP32, and "
+                  "nncf.quantize_with_accuracy_control; the one with most MACs in INT8; last, all ops ignored")
         search = CandidateSearch(context, context.budget_s or RECOVERY_BUDGET_S)
         config = context.config
         first = search.judge(Candidate("first", config, f"{config.calib_method} calibration, "
@@ -102,22 +106,42 @@ class OpenVinoBackend(Backend):
         best = min([j for j in (first, calibrated) if j is not None], key=lambda j: j.drop)
         if best.passed:
             return search.finish(best, "the best calibration within budget on the selection split", method)
-        control = _accuracy_control(context, best.candidate.config)
+        base = best.candidate.config
+        layers = context.layer_error(best.folder) if context.layer_error else None
+        ranked = layers.ranking(set(layers.keep)) if layers is not None else []
+
+        def kept(k: int) -> tuple[str, ...]:
+            return tuple(name for node, _ in ranked[:k] for name in layers.keep[node])
+
+        by_rank = search.first_within(
+            Candidate(f"keep-{k}", dataclasses.replace(base, keep_fp32=kept(k)),
+                      f"{k} of {len(ranked)} quantized layers in FP32 (ranked by the error each adds)")
+            for k in growing(len(ranked)))
+        control = _accuracy_control(context, base)
 
         def builder(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
             return build_engine(inputs, config, calibration, workdir, accuracy_control=control)
 
         selection, _ = context.choice_data()
-        controlled = search.first_within([
-            Candidate("accuracy-control", best.candidate.config, "NNCF accuracy control", builder,
-                      {"accuracy_control": control.max_drop, "metric": control.metric_name,
-                       "data": selection.sha256}),
-            Candidate("keep-all", dataclasses.replace(best.candidate.config, keep_fp32=(ALL_NODES,)),
-                      "every op in the ignored scope (the FP32 graph)")])
-        chosen = controlled if controlled is not None and controlled.passed else min(search.judged, key=lambda j: j.drop)
-        reason = ("within budget on the selection split" if chosen.passed else
-                  "no candidate within budget on the selection split: the smallest drop")
-        return search.finish(chosen, reason, method)
+        controlled = search.judge(Candidate("accuracy-control", base, "NNCF accuracy control", builder,
+                                            {"accuracy_control": control.max_drop, "metric": control.metric_name,
+                                             "data": selection.sha256}))
+        passing = [j for j in (by_rank, controlled) if j is not None and j.passed]
+        if not passing:
+            last = search.judge(Candidate("keep-all", dataclasses.replace(base, keep_fp32=(ALL_NODES,)),
+                                          "every op in the ignored scope (the FP32 graph)"))
+            passing = [last] if last is not None and last.passed else []
+        shares = {id(j): _int8_share(context, j.folder) for j in passing}
+        if passing:
+            chosen = max(passing, key=lambda j: (shares[id(j)], -j.drop))
+            reason = (f"within budget on the selection split with {shares[id(chosen)]:.0f}% of its MACs in INT8"
+                      + (" (the most of the candidates within budget)" if len(passing) > 1 else ""))
+        else:
+            chosen = min(search.judged, key=lambda j: j.drop)
+            reason = "no candidate within budget on the selection split: the smallest drop"
+        return search.finish(chosen, reason, method, kept_fp32=list(chosen.candidate.config.keep_fp32),
+                             ranked_layers=len(ranked),
+                             int8_macs_pct={j.candidate.label: round(shares[id(j)], 2) for j in passing})
 
     def triton_parameters(self, folder: Path) -> dict[str, str]:
         return triton_parameters(folder)
@@ -244,6 +268,12 @@ def _accuracy_control(context: RecoveryContext, config: BuildConfig) -> "Accurac
 
     budget = context.max_drop if task == "regress" else context.max_drop / 100
     return AccuracyControl(items, metric, budget, f"agreement with FP32 on the {context.selection_name}")
+
+
+def _int8_share(context: RecoveryContext, folder: Path) -> float:
+    """Percent of the engine's MACs it computes in INT8, read back from it (0 when unknown)."""
+    coverage = context.coverage(folder) if context.coverage else None
+    return float(((coverage or {}).get("macs_pct") or {}).get("int8", 0.0))
 
 
 class AccuracyControl:

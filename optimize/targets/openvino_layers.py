@@ -82,6 +82,37 @@ class OpenVinoLayerProbe(LayerProbe):
         self._cuts[tensor] = tuple(sorted(starts))
         return self._cuts[tensor]
 
+    def keep_names(self, tensor: str) -> tuple[str, ...] | None:
+        """The piece's own ops (not NNCF's quantizers, constants or weight decompression) when it
+        holds a FakeQuantize or INT8 weights: what NNCF's ignored scope takes."""
+        if tensor not in self._cuts:
+            return None
+        ops, quantized = self._piece_ops(tensor), False
+        names = []
+        for op in ops:
+            kind, name = op.get_type_name(), op.get_friendly_name()
+            if kind == "FakeQuantize" or (kind == "Convert" and op.input(0).get_element_type().get_type_name()
+                                          in ("i8", "u8")):
+                quantized = True
+            elif kind not in ("Constant", "Convert", "ShapeOf") and "/fq_" not in name:
+                names.append(name)
+        return tuple(names) if quantized and names else None
+
+    def _piece_ops(self, tensor: str) -> list[Any]:
+        starts = set(self._cuts[tensor])
+        ops, seen, frontier = [], set(), [self._outputs[tensor].get_node()]
+        while frontier:
+            node = frontier.pop()
+            if node.get_friendly_name() in seen:
+                continue
+            seen.add(node.get_friendly_name())
+            ops.append(node)
+            for value in node.inputs():
+                source = value.get_source_output()
+                if not (source.get_names() & starts) and source.get_node().get_type_name() != "Parameter":
+                    frontier.append(source.get_node())
+        return ops
+
     def local(self, tensor: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         compiled = self._pieces.get(tensor)
         if compiled is None:

@@ -16,7 +16,9 @@ import numpy as np
 
 from optimize.targets.layer_error import LayerProbe
 
-MAX_PIECE_NODES = 64  # a piece larger than this is no longer one layer: not cut out
+MAX_PIECE_NODES = 64
+QUANTIZING_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                            "ConvInteger", "DynamicQuantizeMatMul", "QLinearConv", "QLinearMatMul", "QGemm"})  # a piece larger than this is no longer one layer: not cut out
 
 
 class OnnxLayerProbe(LayerProbe):
@@ -87,6 +89,14 @@ class OnnxLayerProbe(LayerProbe):
         nodes.sort(key=lambda n: order[id(n)])
         self._cuts[tensor] = (nodes, tuple(sorted(starts)))
         return tuple(sorted(starts))
+
+    def keep_names(self, tensor: str) -> tuple[str, ...] | None:
+        """The piece's own nodes (not its quantizers) when it quantizes anything: the names the
+        quantizer's ``nodes_to_exclude`` takes (the engine keeps its FP32 graph's node names)."""
+        nodes = self._cuts.get(tensor, ([], ()))[0]
+        if not any(n.op_type in QUANTIZING_OPS for n in nodes):
+            return None
+        return tuple(n.name for n in nodes if n.op_type not in QUANTIZING_OPS and n.name) or None
 
     def local(self, tensor: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         session = self._pieces.get(tensor)
