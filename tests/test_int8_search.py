@@ -63,14 +63,15 @@ def test_ort_ranking_covers_every_quantized_node_and_all_kept_is_fp32(se_model, 
     candidates = ort_target.fp32_candidates(onnx_path, tmp_path / "int8" / "model.onnx")
     assert sorted(candidates) == sorted(n.name for n in quantized)
     layers = engine_layers(backend, tmp_path / "int8", RunnerConfig(), onnx_path, samples, limit=16)
-    ranking = layers.ranked_names(candidates)
-    assert sorted(n for n, _ in ranking) == sorted(candidates)
-    assert all(np.isfinite(db) for _, db in ranking)  # every candidate has an error of its own
-    assert [db for _, db in ranking] == sorted(db for _, db in ranking)  # worst first
+    groups = layers.ranked_groups(candidates)
+    ranking = [name for _, _, names in groups for name in names]
+    assert sorted(ranking) == sorted(candidates)
+    assert all(np.isfinite(db) for _, db, _ in groups)  # every candidate belongs to a layer with an error
+    assert [db for _, db, _ in groups] == sorted(db for _, db, _ in groups)  # worst first
     reference = _run(backend, tmp_path / "fp32", samples)
     int8 = _run(backend, tmp_path / "int8", samples)
     assert np.abs(int8 - reference).max() > 1e-4  # the INT8 engine really differs
-    for keep, name in [((ALL_NODES,), "all"), (tuple(n for n, _ in ranking), "named")]:
+    for keep, name in [((ALL_NODES,), "all"), (tuple(ranking), "named")]:
         backend.build(BuildInputs(onnx_path), BuildConfig("int8", "static", keep_fp32=keep), samples, tmp_path / name)
         kept = onnx.load(str(tmp_path / name / "model.onnx")).graph
         assert not [n for n in kept.node if n.op_type == "QuantizeLinear"], name
@@ -114,12 +115,13 @@ def test_ort_dynamic_ranking_names_every_replaced_matmul_and_all_kept_is_fp32(tm
     assert len(replaced) == 3
     candidates = ort_target.fp32_candidates(onnx_path, tmp_path / "int8" / "model.onnx")
     layers = engine_layers(backend, tmp_path / "int8", RunnerConfig(), onnx_path, samples, limit=16)
-    ranking = layers.ranked_names(candidates)
-    assert sorted(n for n, _ in ranking) == sorted(n.name for n in replaced) == sorted(candidates)
-    assert all(np.isfinite(db) for _, db in ranking)
+    groups = layers.ranked_groups(candidates)
+    ranking = [name for _, _, names in groups for name in names]
+    assert sorted(ranking) == sorted(n.name for n in replaced) == sorted(candidates)
+    assert all(np.isfinite(db) for _, db, _ in groups)
     reference = _run(backend, tmp_path / "fp32", samples)
     assert np.abs(_run(backend, tmp_path / "int8", samples) - reference).max() > 1e-5
-    for keep, name in [((ALL_NODES,), "all"), (tuple(n for n, _ in ranking), "named")]:
+    for keep, name in [((ALL_NODES,), "all"), (tuple(ranking), "named")]:
         backend.build(BuildInputs(onnx_path), BuildConfig("int8", "dynamic", keep_fp32=keep), None, tmp_path / name)
         kept = onnx.load(str(tmp_path / name / "model.onnx")).graph
         assert not [n for n in kept.node if n.op_type == "MatMulInteger"], name

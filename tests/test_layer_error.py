@@ -87,8 +87,23 @@ def test_ranking_is_worst_local_error_first_and_maps_to_the_names_a_backend_keep
     layers = EngineLayers(rows, {}, {"a": error(40), "b": error(10), "c": error(25)}, {"d": "not exposed"}, {}, {}, 1,
                           keep={"b": ("b_conv", "b_add"), "c": ("c",)})
     assert [n for n, _ in layers.ranking()] == ["b", "c", "a"]
-    assert [n for n, _ in layers.ranked_names(["a", "b_add", "c", "d"])] == ["b_add", "c", "a", "d"]
-    assert math.isnan(layers.ranked_names(["d"])[0][1])
+    groups = layers.ranked_groups(["a", "b_add", "b_conv", "c", "d"])
+    assert [(node, names) for node, _, names in groups] == [("b", ("b_conv", "b_add")), ("c", ("c",)), ("a", ("a",)),
+                                                            ("d", ("d",))]
+    assert math.isnan(groups[-1][1]) and groups[0][1] == pytest.approx(10)
+
+
+def test_broken_layers_go_first_then_growing_steps():
+    from optimize.targets.base import BuildConfig
+    from optimize.targets.candidates import layer_steps
+
+    groups = [("s1", 0.5, ("s1", "a1")), ("s2", 1.5, ("s2",)), ("n", 12.0, ("n",)), ("m", 30.0, ("m",)),
+              ("k", 35.0, ("k",)), ("j", float("nan"), ("j",))]
+    broken, steps = layer_steps(groups, BuildConfig("int8", "static"), "keep")
+    assert broken.config.keep_fp32 == ("s1", "a1", "s2", "n") and "under 20 dB" in broken.change
+    assert [c.label for c in steps] == ["keep-4", "keep-6"] and steps[-1].config.keep_fp32[-1] == "j"
+    none, steps = layer_steps(groups[3:], BuildConfig("int8", "static"), "keep")
+    assert none is None and [len(c.config.keep_fp32) for c in steps] == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -119,3 +134,29 @@ def test_explain_names_the_layers_each_int8_engine_damages(bundles, tmp_path):
         assert all(layer["precision"] in ("int8", "fp32") for layer in macs), (name, macs)  # read back, matched
     report = (bundle / "explain" / "report.md").read_text()
     assert "## ort-int8" in report and "## Engines side by side" in report and (bundle / "explain" / "layer_error.png").is_file()
+
+
+@pytest.mark.slow
+def test_openvino_fallback_tries_the_ranked_layers_and_nncf_accuracy_control(tiny_checkpoint, tmp_path):
+    """A budget no calibration meets: OpenVINO's fallback keeps the worst ranked layers in FP32
+    (named in NNCF's ignored scope) and tries NNCF's accuracy control; of those within budget it
+    takes the one computing most MACs in INT8, and records the chosen engine's per-layer picture."""
+    import json
+
+    t = tiny_checkpoint
+    args = ("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--task", "regress", "--target",
+            "openvino-int8", "--int8-scheme", "static")
+    plain = run_cli(*args, "--max-accuracy-drop", "1e-6", "--no-recover", "--out", tmp_path / "plain")
+    drop = json.loads((tmp_path / "plain" / "manifest.json").read_text())["targets"]["openvino-int8"]["gate"]["drop"]
+    assert drop > 1e-6, plain.stderr
+    result = run_cli(*args, "--max-accuracy-drop", f"{0.3 * drop:.6g}", "--out", tmp_path / "b")
+    entry = json.loads((tmp_path / "b" / "manifest.json").read_text())["targets"]["openvino-int8"]
+    recovery = entry["recovery"]
+    labels = [c["label"] for c in recovery["candidates"]]
+    assert any(label.startswith("keep-") for label in labels) and "accuracy-control" in labels, (labels, result.stderr)
+    assert recovery["ranked_layers"] > 0 and "layer_error" in recovery
+    shares = recovery["int8_macs_pct"]
+    if entry["status"] == "built" and recovery["chosen"] in shares:
+        assert shares[recovery["chosen"]] == max(shares.values())
+        kept = recovery["kept_fp32"]
+        assert not kept or set(kept) <= set(entry["details"].get("ignored_scope", [])), (kept, entry["details"])

@@ -145,6 +145,25 @@ def calibration_candidates(config: BuildConfig, methods: Iterable[str],
     return out
 
 
+def layer_steps(groups: list[tuple[str, float, tuple[str, ...]]], base: BuildConfig, label: str,
+                what: str = "quantized layers") -> tuple[Candidate | None, list[Candidate]]:
+    """Candidates keeping the worst ranked layers (``EngineLayers.ranked_groups``) in FP32: (every
+    broken one, local SQNR under ``BROKEN_DB``, at once, or None when none is; then growing steps
+    1, 2, 4, ... all, past the broken ones)."""
+    from optimize.targets.layer_error import BROKEN_DB
+
+    broken = sum(1 for _, db, _ in groups if db < BROKEN_DB)
+
+    def keep(k: int, note: str) -> Candidate:
+        names = tuple(name for _, _, group in groups[:k] for name in group)
+        note = " (all: the FP32 graph)" if k == len(groups) else note
+        return Candidate(f"{label}-{k}", dataclasses.replace(base, keep_fp32=names),
+                         f"{k} of {len(groups)} {what} in FP32 ({len(names)} nodes){note}")
+
+    first = keep(broken, f" (every one adding over 1% noise alone: local SQNR under {BROKEN_DB:.0f} dB)") if broken else None
+    return first, [keep(k, "") for k in growing(len(groups)) if k > broken]
+
+
 def growing(count: int) -> list[int]:
     """1, 2, 4, ... up to and always including ``count``: how many ranked layers to keep in FP32."""
     steps, k = [], 1

@@ -38,6 +38,7 @@ MOVEMENT_OPS = frozenset({
     "GatherElements", "ScatterND", "ScatterElements", "DepthToSpace", "SpaceToDepth", "QuantizeLinear",
     "DequantizeLinear", "Max", "Min", "ArgMax", "ArgMin", "TopK"})
 RANK_SAMPLES = 32  # held-out samples a build's fallback ranks layers on
+BROKEN_DB = 20.0  # a layer that alone adds noise of 1% of its output's energy (cosine about 0.995) is broken
 SAME_DB = 0.5  # instrumented and untouched final SQNR within this: the probe saw the engine as it runs
 SAME_COSINE = 1e-3
 NOT_EXPOSED = "the engine does not expose this tensor (fused away or renamed)"
@@ -245,16 +246,17 @@ class EngineLayers:
                                                 or set(self.keep.get(row.node, ())) & nodes)]
         return sorted(found, key=lambda item: item[1])
 
-    def ranked_names(self, candidates: list[str]) -> list[tuple[str, float]]:
-        """``candidates`` (names a backend keeps in float) worst first by the local error of the row
-        they compute; those without one last, in their own order."""
+    def ranked_groups(self, candidates: list[str]) -> list[tuple[str, float, tuple[str, ...]]]:
+        """(row node, local SQNR dB, the ``candidates`` that keep it in float), worst row first; a
+        name goes with the first row that needs it; candidates no row accounts for come last, one
+        each, with no error (nan)."""
         wanted, out, seen = set(candidates), [], set()
         for node, db in self.ranking(wanted):
-            for name in (node, *self.keep.get(node, ())):
-                if name in wanted and name not in seen:
-                    seen.add(name)
-                    out.append((name, db))
-        return out + [(name, float("nan")) for name in candidates if name not in seen]
+            names = tuple(n for n in dict.fromkeys((node, *self.keep.get(node, ()))) if n in wanted and n not in seen)
+            if names:
+                seen.update(names)
+                out.append((node, db, names))
+        return out + [(name, float("nan"), (name,)) for name in candidates if name not in seen]
 
     def to_json(self, precision: dict[str, str] | None = None) -> dict[str, Any]:
         precision = precision or {}

@@ -106,25 +106,24 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeRunner(folder, config)
 
     def recover(self, context: RecoveryContext) -> dict[str, Any] | None:
-        """INT8 over budget. Static: first every other calibration method and weight granularity,
-        the best kept; then the most sensitive quantized nodes (any op with Q/DQ at its inputs, not
-        only Conv/MatMul/Gemm) kept in FP32 in growing steps (1, 2, 4, ... all of them, which is the
-        FP32 graph), until the selection split and then the gate are within budget. Dynamic: the
-        same growing steps over its MatMul/Gemm nodes. Nodes are ranked by the error each adds over
-        its inputs on the selection split. One ``CandidateSearch``."""
-        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates, growing
+        """INT8 over budget. The nodes of the engine as built are ranked by the error each adds fed
+        the FP32 model's inputs (``optimize.targets.layer_error``, on the selection split; shared
+        with OpenVINO). Static: every broken layer (local SQNR under 20 dB) kept in FP32 at once;
+        then every other calibration method and weight granularity, the best kept; then the worst
+        layers kept in FP32 in growing steps (1, 2, 4, ... all of them, which is the FP32 graph),
+        until the selection split and then the gate are within budget. Dynamic: the same steps over
+        its MatMul/Gemm nodes. One ``CandidateSearch``."""
+        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates, layer_steps
 
         scheme = context.config.int8_scheme
         if not self.recoverable(scheme):
             return None
-        method = ("calibration variants, then sensitive nodes kept in FP32" if scheme == "static" else
-                  "sensitive MatMul/Gemm nodes kept in FP32")
+        method = ("broken layers in FP32, calibration variants, then the layers adding most error kept in FP32"
+                  if scheme == "static" else "the MatMul/Gemm layers adding most error kept in FP32")
         search = CandidateSearch(context, context.budget_s or RECOVERY_BUDGET_S)
         first = search.judge(Candidate("first", context.config, f"{scheme} INT8, {context.config.calib_method} "
                                        f"calibration, per-{'channel' if context.config.per_channel else 'tensor'} "
                                        f"weights (as built)" if scheme == "static" else f"{scheme} INT8 (as built)"))
-        calibrated = search.best(calibration_candidates(context.config, CALIBRATION_METHODS)) if scheme == "static" else None
-        best = min([j for j in (first, calibrated) if j is not None], key=lambda j: j.drop)
         gate_passed = {}
 
         def within_gate(judged) -> bool:
@@ -132,25 +131,32 @@ class OnnxRuntimeBackend(Backend):
                 gate_passed[judged.folder] = context.evaluate(judged.folder)[0]["gate"]["passed"]
             return gate_passed[judged.folder]
 
+        groups = ranked_layers(context, first.folder)
+        label = "keep" if scheme == "static" else f"{scheme}-keep"
+        broken, steps = layer_steps(groups, context.config, label)
+        if broken is not None and scheme == "static":  # the broken layers first: calibration cannot mend them
+            judged = search.judge(broken)
+            if judged is not None and judged.passed and within_gate(judged):
+                return search.finish(judged, "the broken layers in FP32: within budget on the selection split "
+                                     "and the gate", method, **_kept(judged, groups))
+        elif broken is not None:
+            steps = [broken, *steps]
+        calibrated = search.best(calibration_candidates(context.config, CALIBRATION_METHODS)) if scheme == "static" else None
+        best = min([j for j in (first, calibrated) if j is not None], key=lambda j: j.drop)
         if best.passed and within_gate(best):
             return search.finish(best, "the best calibration within budget on the selection split", method)
-        ranking = ranked_nodes(context, best.folder)
         base = best.candidate.config
-        candidates = (Candidate(f"{'keep' if scheme == 'static' else scheme + '-keep'}-{k}",
-                                dataclasses.replace(base, keep_fp32=tuple(n for n, _ in ranking[:k])),
-                                f"{k} of {len(ranking)} quantized nodes in FP32"
-                                + (" (all: the FP32 graph)" if k == len(ranking) else ""))
-                      for k in growing(len(ranking)))
-        chosen = search.first_within(candidates, within_gate)
+        steps = [dataclasses.replace(c, config=dataclasses.replace(base, keep_fp32=c.config.keep_fp32),
+                                     label=c.label + ("" if base == context.config else f"-{base.calib_method}"))
+                 for c in steps]
+        chosen = search.first_within(steps, within_gate)
         if chosen is None or not chosen.passed:
             chosen = min(search.judged, key=lambda j: j.drop)
             reason = ("no candidate within budget on the selection split" +
                       (" before the time budget ran out" if search.skipped else "") + ": the smallest drop")
         else:
-            reason = "the fewest FP32 nodes within budget on the selection split and the gate"
-        kept = list(chosen.candidate.config.keep_fp32)
-        return search.finish(chosen, reason, method, kept_fp32=kept, ranked_nodes=len(ranking),
-                             ranked_by="the error each node adds when fed the FP32 model's inputs (local SQNR)")
+            reason = "the fewest FP32 layers within budget on the selection split and the gate"
+        return search.finish(chosen, reason, method, **_kept(chosen, groups))
 
     def triton_notes(self, folder: Path) -> list[str]:
         options = folder / SESSION_OPTIONS_FILE
@@ -250,13 +256,24 @@ def fp32_candidates(fp32_path: Path, int8_path: Path) -> list[str]:
     return nodes or [n.name for n in replaced_nodes(onnx.load(str(fp32_path)).graph, int8.graph)]
 
 
-def ranked_nodes(context: RecoveryContext, folder: Path) -> list[tuple[str, float]]:
-    """(node, local SQNR dB) of every candidate for FP32, worst first: the shared per-layer ranking
-    (``optimize.targets.layer_error``) on the selection split; a candidate it has no number for
-    goes last, in graph order."""
+def ranked_layers(context: RecoveryContext, folder: Path) -> list[tuple[str, float, tuple[str, ...]]]:
+    """The engine's layers worst first with the candidate nodes that keep each in FP32: the shared
+    per-layer ranking (``optimize.targets.layer_error``) on the selection split; candidates it has
+    no number for go last, in graph order."""
     candidates = fp32_candidates(context.inputs.onnx, folder / ENGINE_FILE)
     layers = context.layer_error(folder) if context.layer_error else None
-    return layers.ranked_names(candidates) if layers is not None else [(name, float("nan")) for name in candidates]
+    if layers is None:
+        return [(name, float("nan"), (name,)) for name in candidates]
+    return layers.ranked_groups(candidates)
+
+
+def _kept(judged: Any, groups: list[tuple[str, float, tuple[str, ...]]]) -> dict[str, Any]:
+    """The manifest's record of what a candidate keeps in FP32 and how the layers were ranked."""
+    kept = list(judged.candidate.config.keep_fp32)
+    return {"kept_fp32": kept, "ranked_layers": len(groups),
+            "ranked_by": "the error each layer adds fed the FP32 model's inputs (local SQNR, dB)",
+            "ranking": [{"layer": node, "local_sqnr_db": None if db != db else round(db, 2), "nodes": list(names)}
+                        for node, db, names in groups[:20]]}
 
 
 class OnnxRuntimeRunner(Runner):

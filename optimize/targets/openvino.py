@@ -92,7 +92,7 @@ class OpenVinoBackend(Backend):
         reverts quantizers itself) against agreement with the FP32 model. Of those within budget on
         the selection split, the one computing most of its MACs in INT8 (read back from the engine);
         last, every op in the ignored scope, which is the FP32 graph. One ``CandidateSearch``."""
-        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates, growing
+        from optimize.targets.candidates import Candidate, CandidateSearch, calibration_candidates, layer_steps
 
         if context.config.int8_scheme != "static":
             return None
@@ -108,15 +108,9 @@ class OpenVinoBackend(Backend):
             return search.finish(best, "the best calibration within budget on the selection split", method)
         base = best.candidate.config
         layers = context.layer_error(best.folder) if context.layer_error else None
-        ranked = layers.ranking(set(layers.keep)) if layers is not None else []
-
-        def kept(k: int) -> tuple[str, ...]:
-            return tuple(name for node, _ in ranked[:k] for name in layers.keep[node])
-
-        by_rank = search.first_within(
-            Candidate(f"keep-{k}", dataclasses.replace(base, keep_fp32=kept(k)),
-                      f"{k} of {len(ranked)} quantized layers in FP32 (ranked by the error each adds)")
-            for k in growing(len(ranked)))
+        groups = layers.ranked_groups(sorted({n for names in layers.keep.values() for n in names})) if layers else []
+        broken, steps = layer_steps(groups, base, "keep", "quantized layers (ranked by the error each adds)")
+        by_rank = search.first_within([broken, *steps] if broken is not None else steps)
         control = _accuracy_control(context, base)
 
         def builder(inputs: BuildInputs, config: BuildConfig, calibration: Samples | None, workdir: Path) -> Engine:
@@ -140,7 +134,7 @@ class OpenVinoBackend(Backend):
             chosen = min(search.judged, key=lambda j: j.drop)
             reason = "no candidate within budget on the selection split: the smallest drop"
         return search.finish(chosen, reason, method, kept_fp32=list(chosen.candidate.config.keep_fp32),
-                             ranked_layers=len(ranked),
+                             ranked_layers=len(groups),
                              int8_macs_pct={j.candidate.label: round(shares[id(j)], 2) for j in passing})
 
     def triton_parameters(self, folder: Path) -> dict[str, str]:

@@ -83,20 +83,21 @@ class OpenVinoLayerProbe(LayerProbe):
         return self._cuts[tensor]
 
     def keep_names(self, tensor: str) -> tuple[str, ...] | None:
-        """The piece's own ops (not NNCF's quantizers, constants or weight decompression) when it
-        holds a FakeQuantize or INT8 weights: what NNCF's ignored scope takes."""
+        """The piece's ops that read a FakeQuantize's output or INT8 weights, and those that produce
+        the tensors its FakeQuantizes take: what NNCF's ignored scope takes (names the IR keeps
+        from the ONNX graph; NNCF's own ops and weight decompression are left out)."""
         if tensor not in self._cuts:
             return None
-        ops, quantized = self._piece_ops(tensor), False
-        names = []
-        for op in ops:
-            kind, name = op.get_type_name(), op.get_friendly_name()
-            if kind == "FakeQuantize" or (kind == "Convert" and op.input(0).get_element_type().get_type_name()
-                                          in ("i8", "u8")):
-                quantized = True
-            elif kind not in ("Constant", "Convert", "ShapeOf") and "/fq_" not in name:
-                names.append(name)
-        return tuple(names) if quantized and names else None
+        starts, names = set(self._cuts[tensor]), []
+        for op in self._piece_ops(tensor):
+            for value in op.inputs():
+                source = value.get_source_output()
+                if _quantized(source.get_node()) and "/fq_" not in op.get_friendly_name():
+                    names.append(op.get_friendly_name())
+                if (op.get_type_name() == "FakeQuantize" and value.get_index() == 0 and source.get_names() & starts
+                        and source.get_node().get_type_name() != "Parameter"):
+                    names.append(source.get_node().get_friendly_name())
+        return tuple(dict.fromkeys(names)) or None
 
     def _piece_ops(self, tensor: str) -> list[Any]:
         starts = set(self._cuts[tensor])
@@ -152,3 +153,17 @@ def _plain(array: np.ndarray) -> np.ndarray:
     if array.dtype.char != np.dtype(array.dtype.name).char:
         array = array.astype(np.dtype(array.dtype.name))
     return np.ascontiguousarray(array)
+
+
+def _quantized(node: Any) -> bool:
+    """A FakeQuantize, or the last op of an INT8 weight's decompression (Convert from i8/u8, then
+    Subtract and Multiply by its scale)."""
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    while kind in ("Multiply", "Subtract", "Convert", "Reshape"):
+        if kind == "Convert" and node.input(0).get_element_type().get_type_name() in ("i8", "u8"):
+            return True
+        node = node.input_value(0).get_node()
+        kind = node.get_type_name()
+    return False

@@ -30,12 +30,27 @@ class OnnxLayerProbe(LayerProbe):
         self._producer = {o: n for n in self._model.graph.node for o in n.output if o}
         self._weights = {i.name: i for i in self._model.graph.initializer}
         self._inputs = {i.name for i in self._model.graph.input} - set(self._weights)
+        self._consumers: dict[str, list[Any]] = {}
+        for node in self._model.graph.node:
+            for name in node.input:
+                self._consumers.setdefault(name, []).append(node)
         self._session: tuple[tuple[str, ...], Any] | None = None
         self._pieces: dict[str, Any] = {}
         self._cuts: dict[str, tuple[list[Any], tuple[str, ...]]] = {}
 
     def tensors(self) -> set[str]:
         return set(self._producer) | self._inputs
+
+    def _visible(self, tensor: str) -> str:
+        """The tensor as the engine's next layers see it: through its Q/DQ pair where it has one. A
+        quantizer that fused an activation into its producer (Conv + Relu) left the producer's raw
+        output under the activation's name; its uint8 Q is what applies the activation."""
+        consumers = self._consumers.get(tensor, [])
+        if consumers and all(n.op_type == "QuantizeLinear" for n in consumers):
+            dequantized = [n for n in self._consumers.get(consumers[0].output[0], []) if n.op_type == "DequantizeLinear"]
+            if dequantized:
+                return dequantized[0].output[0]
+        return tensor
 
     def _open(self, model: Any, threads: int | None = None) -> Any:
         import onnxruntime as ort
@@ -49,11 +64,12 @@ class OnnxLayerProbe(LayerProbe):
         import onnx
 
         key = tuple(names)
+        visible = {name: self._visible(name) for name in names}
         if self._session is None or self._session[0] != key:
             model = onnx.ModelProto()
             model.CopyFrom(self._model)
             existing = {o.name for o in model.graph.output}
-            for name in names:
+            for name in visible.values():
                 if name in self._producer and name not in existing:
                     model.graph.output.append(onnx.ValueInfoProto(name=name))
                     existing.add(name)
@@ -61,18 +77,20 @@ class OnnxLayerProbe(LayerProbe):
         session = self._session[1]
         wanted = [o.name for o in session.get_outputs()]
         values = dict(zip(wanted, session.run(wanted, feeds)))
-        return {**{k: v for k, v in feeds.items() if k in names}, **values}
+        shown = {name: values[seen] for name, seen in visible.items() if seen in values}
+        return {**{k: v for k, v in feeds.items() if k in names}, **values, **shown}
 
     def local_inputs(self, tensor: str, known: set[str]) -> tuple[str, ...] | None:
         if tensor not in self._producer:
             return None
-        nodes, starts, seen, frontier = [], set(), set(), [tensor]
+        output = self._visible(tensor)
+        nodes, starts, seen, frontier = [], set(), set(), [output]
         while frontier:
             name = frontier.pop()
             if name in seen or not name:
                 continue
             seen.add(name)
-            if name != tensor and name in known:
+            if name not in (tensor, output) and name in known:
                 starts.add(name)
                 continue
             if name in self._weights:
@@ -91,18 +109,22 @@ class OnnxLayerProbe(LayerProbe):
         return tuple(sorted(starts))
 
     def keep_names(self, tensor: str) -> tuple[str, ...] | None:
-        """The piece's own nodes (not its quantizers) when it quantizes anything: the names the
+        """The piece's own nodes when it quantizes anything, and the nodes that produce the tensors it
+        quantizes (their output's Q/DQ goes only when they are left unquantized too): the names the
         quantizer's ``nodes_to_exclude`` takes (the engine keeps its FP32 graph's node names)."""
-        nodes = self._cuts.get(tensor, ([], ()))[0]
+        nodes, starts = self._cuts.get(tensor, ([], ()))
         if not any(n.op_type in QUANTIZING_OPS for n in nodes):
             return None
-        return tuple(n.name for n in nodes if n.op_type not in QUANTIZING_OPS and n.name) or None
+        quantized = {n.input[0] for n in nodes if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")}
+        producers = [self._producer[s] for s in starts if s in quantized and s in self._producer]
+        names = [n.name for n in [*nodes, *producers] if n.op_type not in QUANTIZING_OPS and n.name]
+        return tuple(dict.fromkeys(names)) or None
 
     def local(self, tensor: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         session = self._pieces.get(tensor)
         if session is None:
             session = self._pieces[tensor] = self._open(self._piece(tensor, feeds), threads=1)
-        return session.run([tensor], feeds)[0]
+        return session.run([self._visible(tensor)], feeds)[0]
 
     def _piece(self, tensor: str, feeds: dict[str, np.ndarray]) -> Any:
         import onnx
@@ -112,7 +134,7 @@ class OnnxLayerProbe(LayerProbe):
         used = {i for n in nodes for i in n.input}
         inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype),
                                                 [None] * feeds[name].ndim) for name in starts]
-        graph = helper.make_graph(nodes, "piece", inputs, [onnx.ValueInfoProto(name=tensor)],
+        graph = helper.make_graph(nodes, "piece", inputs, [onnx.ValueInfoProto(name=self._visible(tensor))],
                                   [self._weights[name] for name in used if name in self._weights])
         model = helper.make_model(graph, opset_imports=self._model.opset_import)
         model.ir_version = self._model.ir_version
