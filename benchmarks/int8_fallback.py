@@ -7,7 +7,9 @@ candidate search: other calibrations, then sensitive nodes kept in FP32). Report
 target the labelled accuracy against FP32, the drop's interval, the candidates tried and what was
 kept, and the latency of FP32, plain INT8 and recovered INT8, timed interleaved in the same run.
 
-    python -m benchmarks.int8_fallback [--model efficientnet] [--rounds 7] [--threads 2] [--batch 1]
+    python -m benchmarks.int8_fallback [--model efficientnet] [--scheme static] [--rounds 7] [--threads 2] [--batch 1]
+
+``--scheme`` fixes the INT8 scheme of both builds (default: chosen by measurement, as the CLI does).
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ def main() -> None:
     parser = timing_parser(__doc__)
     parser.add_argument("--model", default="efficientnet", choices=list(zoo.ZOO))
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--scheme", choices=("static", "dynamic", "weights"))
+    parser.add_argument("--tag", default="", help="suffix of the results' file names")
     args = parser.parse_args()
+    fixed = ("--int8-scheme", args.scheme) if args.scheme else ()
     work = Path(tempfile.mkdtemp(prefix="bench-fallback-"))
     zoo.make(args.model, work / "model")
-    plain = build(args.model, work / "model", work / "plain", "--no-recover", "--threads", str(args.threads))
-    searched = build(args.model, work / "model", work / "searched", "--threads", str(args.threads))
+    plain = build(args.model, work / "model", work / "plain", "--no-recover", "--threads", str(args.threads), *fixed)
+    searched = build(args.model, work / "model", work / "searched", "--threads", str(args.threads), *fixed)
     feeds = dict(np.load(work / "model" / "eval.npz"))
     feeds.pop("labels", None)
     feeds = {k: v[:args.batch] for k, v in feeds.items()}
@@ -78,13 +83,14 @@ def main() -> None:
     metric = next(iter(summary.values()))["gate"].get("metric", "")
     md = (f"# INT8 fallback on `{args.model}` ({zoo.ZOO[args.model].family}), batch {args.batch}, "
           f"{args.threads} threads\n\n`python -m benchmarks.int8_fallback --model {args.model} --rounds {args.rounds} "
-          f"--threads {args.threads} --batch {args.batch}`\n\n"
+          f"--threads {args.threads} --batch {args.batch}" + (f" --scheme {args.scheme}" if args.scheme else "")
+          + f"` on {environment()['machine'].get('cpu')}\n\n"
           + markdown_table([["engine", "status", f"{metric} drop [95% interval]", "kept / chosen", "p50 ms",
                              "spread %", "speed vs ort-fp32 (range)", "candidates tried (selection-split drop)"],
                             *rows])
           + "\n`plain` is built with `--no-recover`; `searched` with default flags. Timed interleaved in one run; "
             "speed ratios are paired per round.\n")
-    write_results(Path(args.out) / f"int8_fallback_{args.model}",
+    write_results(Path(args.out) / f"int8_fallback_{args.model}{args.tag}",
                   {"model": args.model, "engines": summary, "environment": environment()}, md)
     for runner in runners:
         runner.close()

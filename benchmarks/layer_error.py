@@ -60,6 +60,7 @@ def qdq_loss_ranking(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]
     """ONNX Runtime's own ranking: (node, qdq_err dB) worst first, each quantized activation named by
     the node that produces it (the model's inputs by the node that reads them)."""
     import onnx
+    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
@@ -69,7 +70,7 @@ def qdq_loss_ranking(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]
         modify_model_output_intermediate_tensors(str(fp32), str(float_aug))
         modify_model_output_intermediate_tensors(str(int8), str(qdq_aug))
 
-        class Reader:
+        class Reader(CalibrationDataReader):
             def __init__(self):
                 self.items = iter(batches)
 
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--disputes", type=int, default=8, help="at most this many disputed nodes rebuilt alone in FP32")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-layer-error-"))
     build_args = make(args.model, work)
@@ -143,7 +145,7 @@ def main() -> None:
     theirs = qdq_loss_ranking(bundle / "model.onnx", int8_dir / "model.onnx", batches)
     ours = [(layer["node"], layer["local"]["sqnr_db"]) for layer in worst(record["engines"]["ort-int8"], 10 ** 6)]
     top_ours, top_theirs = [n for n, _ in ours[:args.top]], [n for n, _ in theirs[:args.top]]
-    disputed = [n for n in dict.fromkeys(top_ours + top_theirs) if not (n in top_ours and n in top_theirs)]
+    disputed = [n for n in dict.fromkeys(top_ours + top_theirs) if not (n in top_ours and n in top_theirs)][:args.disputes]
     reference_model = ReferenceModel(bundle / "model.onnx", [])
     reference = [reference_model.run(b) for b in batches]
     calib = Path(build_args[build_args.index("--calib") + 1])
@@ -159,7 +161,8 @@ def main() -> None:
         o, t = our_rank.get(node), their_rank.get(node)
         rows.append([f"`{node}`", f"`{modules.get(node, '?')}`", f"{o[0]} ({o[1]:.1f})" if o else "-",
                      f"{t[0]} ({t[1]:.1f})" if t else "-",
-                     f"{kept[node]:.1f}" if node in kept else "(both name it)"])
+                     f"{kept[node]:.1f}" if node in kept else ("(both name it)" if o and t and node in top_ours
+                                                                and node in top_theirs else "(not rebuilt)")])
     gains = {"ours": [kept[n] for n in disputed if n in top_ours], "theirs": [kept[n] for n in disputed if n in top_theirs]}
     worst_rows = [["engine", "final dB", "worst layers (local dB)"]]
     for name, engine in record["engines"].items():
@@ -176,7 +179,7 @@ def main() -> None:
     env = results["environment"]
     md = (f"# Per-layer error on `{args.model}`: our ranking against ONNX Runtime's `qdq_loss_debug`\n\n"
           f"`python -m benchmarks.layer_error --model {args.model} --samples {args.samples} --top {args.top}` on "
-          f"{env.get('cpu', env)}\n\n"
+          f"{env['machine'].get('cpu')} ({env['machine'].get('cores')} cores)\n\n"
           f"Plain static INT8 (`--no-recover`): " + ", ".join(f"{t} {v['status']}" for t, v in results["targets"].items())
           + f". `optimize explain` on {args.samples} held-out samples, every engine: **{explain_s:.1f} s** wall "
           f"(the build took {build_s:.0f} s).\n\n## Each engine's worst layers (local error)\n\n"

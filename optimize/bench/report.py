@@ -96,7 +96,18 @@ def _save(plt: Any, figure: Any, axis: Any, path: Path) -> str:
     return path.name
 
 
-def markdown(report: dict[str, Any], images: list[str]) -> str:
+def layer_section(bundle: Path) -> str | None:
+    """The bundle's per-layer error report (``optimize explain``), as a section of this one."""
+    path = Path(bundle) / "explain" / "report.md"
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    body = ["#" + line if line.startswith("#") else line.replace("](layer_error.png)", "](../explain/layer_error.png)")
+            for line in lines]
+    return "\n".join(body) + "\n"
+
+
+def markdown(report: dict[str, Any], images: list[str], layers: str | None = None) -> str:
     machine = report["machine"]
     parts = [f"# Benchmark: {report['model_name']}\n",
              f"{report['created']} on {machine['cpu']} ({machine['cores']} cores"
@@ -136,6 +147,11 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
                 parts.append(f"- {name}: {result.get('error') or result.get('skipped')}\n")
     parts.append("\nLatencies of open-loop runs count from each request's scheduled time; late sends are "
                  "requests that could not be issued on time.\n")
+    if layers:
+        parts.append(layers)
+    else:
+        parts.append("Per-layer error against the FP32 model: run `optimize explain` on this bundle, then this "
+                     "report shows it.\n")
     return "\n".join(parts)
 
 
@@ -144,5 +160,5 @@ def write_report(bundle: Path, report: dict[str, Any]) -> Path:
     with atomic.StagedFolder(Path(bundle) / BENCH_DIR) as staging:
         images = plots(report, staging)
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (staging / "report.md").write_text(markdown(report, images))
+        (staging / "report.md").write_text(markdown(report, images, layer_section(bundle)))
     return Path(bundle) / BENCH_DIR

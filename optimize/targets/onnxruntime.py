@@ -183,6 +183,9 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
             shutil.copyfile(onnx_path, prepared)
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True,
                  "CalibMovingAverage": False}
+        transformer = config.model_kind == "transformer"
+        if transformer:  # MatMul/Gemm inputs only, outputs left float (see TRANSFORMER_STATIC)
+            extra["OpTypesToExcludeOutputQuantization"] = list(TRANSFORMER_OPS)
         if config.calib_method == "percentile":
             extra["CalibPercentile"] = 99.99
         excluded = list(config.keep_fp32)
@@ -199,10 +202,12 @@ def _quantize_static(onnx_path: Path, config: BuildConfig, calibration: Samples,
                                 per_channel=config.per_channel, reduce_range=False,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 nodes_to_exclude=excluded or None,
+                                op_types_to_quantize=list(TRANSFORMER_OPS) if transformer else None,
                                 calibrate_method=calibration_method(config.calib_method), extra_options=extra)
         except Exception as exc:  # ONNX Runtime's quantizer refused the graph (--debug shows why)
             raise BuildError(f"ONNX Runtime static quantization failed: {exc}") from exc
     return {"format": "QDQ", "activations": "uint8 asymmetric", "weights": "int8 symmetric",
+            **({"quantized": TRANSFORMER_STATIC} if transformer else {}),
             "per_channel": config.per_channel, "calib_method": config.calib_method,
             "calib_samples": len(calibration), "kept_fp32": list(config.keep_fp32)}
 
@@ -229,6 +234,13 @@ def _quantize_dynamic(onnx_path: Path, config: BuildConfig, target: Path) -> dic
 
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# Static INT8 of a transformer: only the MatMul/Gemm inputs (and the embedding tables Gather reads)
+# are quantized, and their outputs stay float (ONNX Runtime's MatMulIntegerToFloat). Quantizing everything to per-tensor uint8 breaks
+# these models: the attention mask's fill value takes the Softmax input's whole range, and the
+# residual stream's outlier features take the MatMul outputs' (``optimize explain`` shows both).
+TRANSFORMER_OPS = ("MatMul", "Gemm", "Gather")
+TRANSFORMER_STATIC = ("MatMul/Gemm inputs and embedding tables only; their outputs, LayerNorm, Softmax, GELU "
+                      "and residual Adds stay float")
 DYNAMIC_OPS = ("MatMul", "Gemm", "Attention")  # what dynamic quantization replaces
 
 
