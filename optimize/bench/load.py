@@ -43,6 +43,8 @@ class LoadPoint:
     unfinished: int = 0
     scheduled: int = 0
     round_medians_s: list[float] = dataclasses.field(default_factory=list)
+    # each round's tail percentiles (q -> seconds), so tails and the median come from the same rounds
+    round_tails_s: dict[float, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -52,6 +54,8 @@ class LoadPoint:
     def percentile_ms(self, q: float) -> float:
         if q == 50 and len(self.round_medians_s) > 1:  # the median round: one disturbed round cannot move it
             return float(np.median(self.round_medians_s) * 1000)
+        if q in self.round_tails_s:  # likewise the tails: never under the median a rerun would see
+            return float(np.median(self.round_tails_s[q]) * 1000)
         return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
 
     def summary(self) -> dict[str, Any]:
@@ -85,7 +89,9 @@ def merge_rounds(rounds: list[LoadPoint]) -> LoadPoint:
         first, latencies_s=[s for r in rounds for s in r.latencies_s], wall_s=sum(r.wall_s for r in rounds),
         window_medians_s=[m for r in rounds for m in r.window_medians_s],
         stable=all(r.stable for r in rounds), errors=sum(r.errors for r in rounds),
-        round_medians_s=[float(np.median(r.latencies_s)) if r.latencies_s else float("nan") for r in rounds])
+        round_medians_s=[float(np.median(r.latencies_s)) if r.latencies_s else float("nan") for r in rounds],
+        round_tails_s={q: [float(np.percentile(r.latencies_s, q)) if r.latencies_s else float("nan") for r in rounds]
+                       for q in (90, 95, 99)})
 
 
 @dataclasses.dataclass(frozen=True)
