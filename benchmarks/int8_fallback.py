@@ -45,8 +45,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--scheme", choices=("static", "dynamic", "weights"))
     parser.add_argument("--tag", default="", help="suffix of the results' file names")
+    parser.add_argument("--max-accuracy-drop", help="the builds' budget (default: the CLI's)")
     args = parser.parse_args()
-    fixed = ("--int8-scheme", args.scheme) if args.scheme else ()
+    fixed = (("--int8-scheme", args.scheme) if args.scheme else ()) + (
+        ("--max-accuracy-drop", args.max_accuracy_drop) if args.max_accuracy_drop else ())
     work = Path(tempfile.mkdtemp(prefix="bench-fallback-"))
     zoo.make(args.model, work / "model")
     plain = build(args.model, work / "model", work / "plain", "--no-recover", "--threads", str(args.threads), *fixed)
@@ -84,6 +86,7 @@ def main() -> None:
     md = (f"# INT8 fallback on `{args.model}` ({zoo.ZOO[args.model].family}), batch {args.batch}, "
           f"{args.threads} threads\n\n`python -m benchmarks.int8_fallback --model {args.model} --rounds {args.rounds} "
           f"--threads {args.threads} --batch {args.batch}" + (f" --scheme {args.scheme}" if args.scheme else "")
+          + (f" --max-accuracy-drop {args.max_accuracy_drop}" if args.max_accuracy_drop else "")
           + f"` on {environment()['machine'].get('cpu')}\n\n"
           + markdown_table([["engine", "status", f"{metric} drop [95% interval]", "kept / chosen", "p50 ms",
                              "spread %", "speed vs ort-fp32 (range)", "candidates tried (selection-split drop)"],

@@ -176,3 +176,22 @@ def test_a_candidate_the_backend_cannot_build_is_recorded_and_the_search_goes_on
     summary = search.summary(chosen, "test", "test")
     assert summary["not_built"] == [{"label": "bad", "change": "a refused variant",
                                      "reason": "ONNX Runtime static quantization failed: the quantizer refused the graph"}]
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_the_worst_layer_kept_in_fp32_adds_no_error_of_its_own(se_model, tmp_path, target):
+    """The ranking's names are the ones the backend's build takes: the worst layer, rebuilt with its
+    names kept in FP32, computes (next to) exactly what the FP32 model does when fed its inputs."""
+    import importlib
+
+    backend = importlib.import_module(f"optimize.targets.{target}").BACKEND
+    onnx_path, samples, _ = se_model
+    backend.build(BuildInputs(onnx_path), BuildConfig("int8", "static"), samples, tmp_path / "int8")
+    layers = engine_layers(backend, tmp_path / "int8", RunnerConfig(), onnx_path, samples, limit=16)
+    quantized = sorted({n for names in layers.keep.values() for n in names})
+    (worst, db, names), *_ = layers.ranked_groups(quantized)
+    assert db < 45, (worst, db)  # INT8 adds error there
+    backend.build(BuildInputs(onnx_path), BuildConfig("int8", "static", keep_fp32=names), samples, tmp_path / "kept")
+    after = engine_layers(backend, tmp_path / "kept", RunnerConfig(), onnx_path, samples, limit=16)
+    local = after.local[worst].to_json()
+    assert local["exact"] or local["sqnr_db"] > 80, (worst, names, local)

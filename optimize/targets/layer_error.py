@@ -153,6 +153,9 @@ def sqnr_key(error: dict[str, Any] | None) -> float:
 class LayerProbe(abc.ABC):
     """An engine opened so that its intermediate tensors can be read and its pieces run alone."""
 
+    def expect(self, rows: list[LayerRow]) -> None:
+        """The rows about to be measured (which op the reference says made each tensor)."""
+
     @abc.abstractmethod
     def tensors(self) -> set[str]:
         """The tensor names the engine can expose."""
@@ -283,6 +286,7 @@ def measure(reference_onnx: Path, probe: LayerProbe, batches: Iterable[dict[str,
     import onnx
 
     rows = rows if rows is not None else layer_rows(onnx.load(str(reference_onnx), load_external_data=False))
+    probe.expect(rows)
     exposed = probe.tensors()
     missing = {r.node: NOT_EXPOSED for r in rows if r.output not in exposed}
     shown = [r for r in rows if r.output in exposed]
@@ -317,9 +321,16 @@ def measure(reference_onnx: Path, probe: LayerProbe, batches: Iterable[dict[str,
                 final_untouched.setdefault(name, ErrorSum()).add(ref[name], value)
                 if name in got:
                     final_probed.setdefault(name, ErrorSum()).add(ref[name], got[name])
-        for node, inputs in pieces.items():
+        for node, inputs in list(pieces.items()):
             row = by_node[node]
-            local[node].add(ref[row.output], probe.local(row.output, {name: ref[name] for name in inputs}))
+            try:
+                value = probe.local(row.output, {name: ref[name] for name in inputs})
+            except Exception as exc:  # the backend refused the piece alone: say so for this layer
+                missing[node] = f"its piece of the engine did not run alone: {str(exc).strip().splitlines()[-1][:160]}"
+                pieces.pop(node)
+                local.pop(node)
+                continue
+            local[node].add(ref[row.output], value)
     keep = {node: names for node in pieces for names in [probe.keep_names(by_node[node].output)] if names}
     return EngineLayers(rows, cumulative, local, missing, final_probed, final_untouched, samples, keep)
 

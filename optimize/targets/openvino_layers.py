@@ -117,20 +117,24 @@ class OpenVinoLayerProbe(LayerProbe):
     def local(self, tensor: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         compiled = self._pieces.get(tensor)
         if compiled is None:
-            compiled = self._pieces[tensor] = self._piece(tensor)
+            compiled = self._pieces[tensor] = self._piece(tensor, {n: np.ndim(feeds[n]) for n in self._cuts[tensor]})
         result = compiled({name: _plain(feeds[name]) for name in self._cuts[tensor]})
         return next(iter(result.values())).copy()
 
-    def _piece(self, tensor: str) -> Any:
+    def _piece(self, tensor: str, ranks: dict[str, int]) -> Any:
         """Compile the ops between ``tensor`` and its starts alone: Parameters take the starts' place
-        while the piece is built, then the IR's own connections are put back."""
+        while the piece is built, then the IR's own connections are put back. A start whose rank the
+        IR leaves open takes the rank of what it is fed."""
         import openvino as ov
 
         starts = self._cuts[tensor]
         parameters, rewired = [], []
         for name in starts:
             source = self._outputs[name]
-            parameter = ov.opset13.parameter(source.get_partial_shape(), source.get_element_type(), name=name)
+            shape = source.get_partial_shape()
+            if shape.rank.is_dynamic:
+                shape = ov.PartialShape([-1] * ranks[name])
+            parameter = ov.opset13.parameter(shape, source.get_element_type(), name=name)
             parameters.append(parameter)
             for target in list(source.get_target_inputs()):
                 rewired.append((target, source))

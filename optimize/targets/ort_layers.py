@@ -34,6 +34,7 @@ class OnnxLayerProbe(LayerProbe):
         for node in self._model.graph.node:
             for name in node.input:
                 self._consumers.setdefault(name, []).append(node)
+        self._expected: dict[str, str] = {}  # tensor -> the op the reference made it with
         self._session: tuple[tuple[str, ...], Any] | None = None
         self._pieces: dict[str, Any] = {}
         self._cuts: dict[str, tuple[list[Any], tuple[str, ...]]] = {}
@@ -41,10 +42,17 @@ class OnnxLayerProbe(LayerProbe):
     def tensors(self) -> set[str]:
         return set(self._producer) | self._inputs
 
+    def expect(self, rows: list[Any]) -> None:
+        self._expected = {row.output: row.op for row in rows}
+
     def _visible(self, tensor: str) -> str:
-        """The tensor as the engine's next layers see it: through its Q/DQ pair where it has one. A
-        quantizer that fused an activation into its producer (Conv + Relu) left the producer's raw
-        output under the activation's name; its uint8 Q is what applies the activation."""
+        """Where a quantizer fused an activation into its producer (Conv + Relu: the engine's Conv
+        writes the Relu's tensor, raw), the tensor through its Q/DQ pair, whose uint8 range applies
+        the activation; elsewhere the tensor itself."""
+        producer = self._producer.get(tensor)
+        expected = self._expected.get(tensor)
+        if producer is None or expected is None or producer.op_type == expected:
+            return tensor
         consumers = self._consumers.get(tensor, [])
         if consumers and all(n.op_type == "QuantizeLinear" for n in consumers):
             dequantized = [n for n in self._consumers.get(consumers[0].output[0], []) if n.op_type == "DequantizeLinear"]
