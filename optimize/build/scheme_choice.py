@@ -35,7 +35,7 @@ from optimize.targets.coverage import problem
 log = logging.getLogger(__name__)
 
 MIN_RECOVERY_S = 20.0  # the least time a faster scheme's recovery gets
-TIMING_STAGE = Stage("scheme-timing", ("optimize.build.scheme_choice", "optimize.bench.measure", "optimize.targets.candidates", "optimize.targets.coverage",
+TIMING_STAGE = Stage("scheme-timing", ("optimize.build.scheme_choice", "optimize.bench.measure", "optimize.targets.candidates", "optimize.targets.layer_error", "optimize.targets.coverage",
                                       "optimize.targets.base", "optimize.inputs.specs", "optimize.errors", "optimize.cpu"),
                      packages=("onnxruntime", "openvino"))
 
