@@ -178,6 +178,7 @@ def test_a_candidate_the_backend_cannot_build_is_recorded_and_the_search_goes_on
                                      "reason": "ONNX Runtime static quantization failed: the quantizer refused the graph"}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
 def test_the_worst_layer_kept_in_fp32_adds_no_error_of_its_own(se_model, tmp_path, target):
     """The ranking's names are the ones the backend's build takes: the worst layer, rebuilt with its
