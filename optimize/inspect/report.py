@@ -10,6 +10,7 @@ from typing import Any
 from optimize.targets.layer_error import sqnr_key
 
 WORST = 10
+PLOT_CEILING_DB = 100.0  # the plot shows errors up to here; a layer this close to FP32 sits on the top line
 
 
 def db(error: dict[str, Any] | None) -> str:
@@ -119,15 +120,15 @@ def plot(record: dict[str, Any], path: Path) -> str | None:
     for index, (name, engine) in enumerate((n, e) for n, e in record["engines"].items() if "layers" in e):
         color = f"C{index}"
         points = [(layer["depth"], layer["cumulative"]) for layer in engine["layers"] if "cumulative" in layer]
-        finite = [(d, e["sqnr_db"]) for d, e in points if not e.get("exact") and math.isfinite(e["sqnr_db"])]
+        finite = [(d, min(e["sqnr_db"], PLOT_CEILING_DB)) for d, e in points if not e.get("exact") and math.isfinite(e["sqnr_db"])]
         if finite:
             axis.plot(*zip(*finite), color=color, label=f"{name} cumulative")
-        local = [(layer["depth"], layer["local"]["sqnr_db"]) for layer in engine["layers"]
+        local = [(layer["depth"], min(layer["local"]["sqnr_db"], PLOT_CEILING_DB)) for layer in engine["layers"]
                  if "local" in layer and not layer["local"].get("exact") and math.isfinite(layer["local"]["sqnr_db"])]
         if local:
             axis.scatter(*zip(*local), color=color, s=10, marker="o", alpha=0.6, label=f"{name} local")
     axis.set_xlabel("depth (node index in the ONNX graph)")
-    axis.set_ylabel("SQNR against FP32 (dB, higher is better)")
+    axis.set_ylabel(f"SQNR against FP32 (dB, higher is better; capped at {PLOT_CEILING_DB:.0f})")
     axis.set_title(f"{record['model']}: error by depth")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)

@@ -108,8 +108,8 @@ class ErrorSum:
             return max(float(np.max(np.abs(r), initial=0)), float(np.max(np.abs(g), initial=0)))
 
         big = peak() > 1e15
-        if big:  # attention masks filled with -inf or the float minimum: equal fills are no signal
-            fill = (r == g) & ~(np.abs(r) <= 1e15)
+        if big:  # attention masks filled with -inf or the float minimum: fills on both sides are no signal
+            fill = ((r == g) | ((np.abs(r) > 1e15) & (np.abs(g) > 1e15) & (np.sign(r) == np.sign(g)))) & ~(np.abs(r) <= 1e15)
             r, g = np.where(fill, 0, r), np.where(fill, 0, g)
             big = peak() > 1e15
         kind = np.float64 if big or r.dtype == np.float64 else np.float32
