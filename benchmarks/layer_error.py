@@ -141,7 +141,7 @@ def main() -> None:
 
     batches = held_out(bundle, args.samples)
     entry = manifest["targets"]["ort-int8"]
-    int8_dir = bundle / entry["folder"] if entry["status"] == "built" else work / "bundle.cache" / entry["cache_entry"]
+    int8_dir = bundle / entry["folder"] if entry["status"] == "built" else Path(entry["cache_entry"])
     theirs = qdq_loss_ranking(bundle / "model.onnx", int8_dir / "model.onnx", batches)
     ours = [(layer["node"], layer["local"]["sqnr_db"]) for layer in worst(record["engines"]["ort-int8"], 10 ** 6)]
     top_ours, top_theirs = [n for n, _ in ours[:args.top]], [n for n, _ in theirs[:args.top]]

@@ -97,6 +97,8 @@ def test_unknown_target_and_not_a_bundle(tmp_path):
     assert "unknown target 'tpu-int4'" in line
     line = _one_line_error(run_cli("inspect", tmp_path))
     assert "is not a bundle" in line
+    line = _one_line_error(run_cli("explain", tmp_path))
+    assert "is not a bundle" in line
 
 
 def test_explicit_unavailable_target_exits_nonzero(tiny_checkpoint, tmp_path):

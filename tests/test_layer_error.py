@@ -149,6 +149,9 @@ def test_openvino_fallback_tries_the_ranked_layers_and_nncf_accuracy_control(tin
     plain = run_cli(*args, "--max-accuracy-drop", "1e-6", "--no-recover", "--out", tmp_path / "plain")
     drop = json.loads((tmp_path / "plain" / "manifest.json").read_text())["targets"]["openvino-int8"]["gate"]["drop"]
     assert drop > 1e-6, plain.stderr
+    explained = run_cli("explain", tmp_path / "plain", "--samples", "8")  # failed: its engine from the stage cache
+    assert explained.returncode == 0 and "failed at build time" in explained.stdout, explained.stderr
+    assert json.loads((tmp_path / "plain" / "explain" / "layers.json").read_text())["engines"]["openvino-int8"]["status"] == "failed"
     result = run_cli(*args, "--max-accuracy-drop", f"{0.3 * drop:.6g}", "--out", tmp_path / "b")
     entry = json.loads((tmp_path / "b" / "manifest.json").read_text())["targets"]["openvino-int8"]
     recovery = entry["recovery"]

@@ -202,7 +202,7 @@ def run_target(target: str, config: TargetConfig, inputs: TargetInputs, cache: S
     else:
         entry.update(status="failed", reason=f"accuracy gate: {entry['gate']['message']}")
     if entry["status"] == "failed":
-        entry["cache_entry"] = engine_dir.name
+        entry["cache_entry"] = str(engine_dir.resolve())
     entry["size_bytes"] = engine_size(engine_dir, entry["files"])
     record = TargetRecord.from_json(entry)
     record.engine_dir = engine_dir

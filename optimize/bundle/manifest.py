@@ -63,8 +63,8 @@ class TargetRecord:
     recovery: dict[str, Any] | None = _optional()
     coverage: dict[str, Any] | None = _optional()  # the precision read back from the engine (optimize.targets.coverage)
     drift: dict[str, Any] | None = _optional()
-    # A failed target's engine stays in the build's stage cache (``<bundle>.cache/<cache_entry>``),
-    # where ``optimize explain`` finds it to say which layers broke it.
+    # A failed target's engine stays in the build's stage cache (this folder), where ``optimize
+    # explain`` finds it to say which layers broke it.
     cache_entry: str | None = _optional()
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Where a build left the engine's files (its stage-cache folder); never written to the manifest.

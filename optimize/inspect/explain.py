@@ -48,7 +48,7 @@ def explain_bundle(bundle: Path, targets: list[str] | None = None, samples: int 
     manifest = read_manifest(bundle)
     folders = {t: bundle / r.folder for t, r in manifest.targets.items() if r.built}
     for target, record in manifest.targets.items():  # failed: the engine left in the stage cache
-        cached = cache_dir_for(bundle) / record.cache_entry if record.cache_entry else None
+        cached = cache_dir_for(bundle) / record.cache_entry if record.cache_entry else None  # absolute: as is
         if not record.built and cached is not None and cached.is_dir():
             folders[target] = cached
     wanted = targets or list(folders)
