@@ -65,7 +65,10 @@ def main() -> None:
         if entry["status"] == "built":
             runner = load_runner(work / bundle, target)
         else:  # over budget, so not in the bundle: its engine from the build's stage cache
-            folder, = (work / f"{bundle}.cache").glob(f"target-{target}-[0-9a-f]*")
+            found = list((work / f"{bundle}.cache").glob(f"target-{target}-[0-9a-f]*"))
+            folder = Path(entry["cache_entry"]) if entry.get("cache_entry") else found[0] if len(found) == 1 else None
+            if folder is None:  # which of the candidates it was is not recorded: not timed
+                continue
             runner = registry.backend(target).runner(folder, RunnerConfig(threads=args.threads))
         runners.append(runner)
         calls[label] = (lambda r: lambda: r.infer(feeds))(runner)
@@ -74,7 +77,8 @@ def main() -> None:
         entry = (plain if bundle == "plain" else searched)["targets"][target]
         gate = entry.get("gate") or {}
         recovery = entry.get("recovery") or {}
-        t = timing[label]
+        t = timing.get(label) or {"p50_ms": float("nan"), "p50_spread_pct": float("nan"),
+                                  "speedup_vs_ort-fp32": float("nan"), "speedup_vs_ort-fp32_range": (float("nan"),) * 2}
         summary[label] = {"status": entry["status"], "gate": gate, "recovery": recovery, "timing": t}
         tried = ", ".join(f"{c['change']} ({c['selection_drop']:.3g})" for c in recovery.get("candidates", []))
         rows.append([label, entry["status"], f"{gate.get('drop', 0):.3g} [{gate['interval'][0]:.2g}, "
