@@ -66,8 +66,9 @@ def explain_bundle(bundle: Path, targets: list[str] | None = None, samples: int 
         with registry.backend(target).runner(folders[target], manifest.runner_config) as runner:
             probe = runner.layer_probe()
             if probe is None:
-                engines[target] = {"skipped": f"{runner.settings.get('backend', target)} cannot expose an "
-                                              f"engine's intermediate tensors"}
+                engines[target] = {"skipped": f"the {runner.settings.get('backend', target)} Runner does not expose an "
+                                              f"engine's intermediate tensors (per-layer error covers ONNX Runtime "
+                                              f"and OpenVINO engines)"}
                 continue
             try:
                 result = measure(reference, probe, batches, untouched=runner, rows=rows,
