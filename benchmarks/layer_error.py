@@ -4,10 +4,11 @@ its ranking against ONNX Runtime's own ``qdq_loss_debug``, and who was right.
 Builds the model's FP32 and static INT8 engines (``--no-recover``: the plain INT8 engines, failed
 ones kept in the stage cache), runs ``optimize explain`` on them (timed), then ranks the ONNX
 Runtime engine's quantized tensors by ONNX Runtime's own measure (``qdq_loss_debug``: the SQNR of
-each activation before and after its Q/DQ pair, the model run end to end) on the same held-out
-samples. Where the two top-k lists disagree, each disputed node is kept in FP32 alone (one rebuild
-each) and the final output's SQNR against FP32 is measured: the node whose float copy helps more
-was the one to name.
+each activation before and after its Q/DQ pair, the model run end to end; a tensor's error goes to
+the layers that read it) on the same held-out samples. Where the two top-k lists disagree, each
+disputed layer is kept in FP32 alone (with the nodes that quantize its inputs; one rebuild each,
+the build's own configuration otherwise) and the final output's SQNR against FP32 is measured: the
+layer whose float copy helps more was the one to name.
 
     python -m benchmarks.layer_error [--model efficientnet|minilm|resnet50|<zoo name>] [--samples 64] [--top 5]
 """
@@ -81,18 +82,21 @@ def qdq_loss_ranking(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]
         qdq_acts = collect_activations(str(qdq_aug), Reader())
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
     graph = onnx.load(str(fp32)).graph
-    producer = {o: n.name for n in graph.node for o in n.output}
-    consumer = {i: n.name for n in reversed(graph.node) for i in n.input}
-    ranked = {}
-    for tensor, error in errors.items():
-        node = producer.get(tensor) or consumer.get(tensor)
-        if node is not None and np.isfinite(error["qdq_err"]):
-            ranked[node] = min(ranked.get(node, np.inf), float(error["qdq_err"]))
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    ranked: dict[str, float] = {}
+    for tensor, error in errors.items():  # a Q/DQ pair's error belongs to the layers that read it
+        for node in consumers.get(tensor, []):
+            if np.isfinite(error["qdq_err"]):
+                ranked[node] = min(ranked.get(node, np.inf), float(error["qdq_err"]))
     return sorted(ranked.items(), key=lambda item: item[1])
 
 
-def keep_one(onnx_path: Path, calib: Path, node: str, work: Path, batches, reference) -> float:
-    """Final-output SQNR (dB) of ``ort-int8`` static with ``node`` alone kept in FP32."""
+def keep_one(onnx_path: Path, calib: Path, build_config: dict, names: tuple[str, ...], work: Path, batches,
+             reference) -> float:
+    """Final-output SQNR (dB) of ``ort-int8`` as built, with ``names`` (one layer) kept in FP32."""
     from optimize.inputs.calibration import Samples
     from optimize.targets import onnxruntime as ort_target
     from optimize.targets.base import BuildConfig, BuildInputs, RunnerConfig
@@ -100,14 +104,14 @@ def keep_one(onnx_path: Path, calib: Path, node: str, work: Path, batches, refer
 
     with np.load(calib) as data:
         samples = Samples({k: data[k] for k in data.files if k != "labels"}, None, "calibration")
-    folder = work / f"keep-{abs(hash(node))}"
-    config = BuildConfig("int8", "static", keep_fp32=(node,))
+    folder = work / f"keep-{abs(hash(names))}"
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in build_config.items()}
+    config = BuildConfig(**{**fields, "keep_fp32": names})
     ort_target.BACKEND.build(BuildInputs(onnx_path), config, samples, folder)
     total = ErrorSum()
     with ort_target.BACKEND.runner(folder, RunnerConfig()) as runner:
         for feeds, ref in zip(batches, reference):
-            out = runner.infer(feeds)
-            for name, value in out.items():
+            for name, value in runner.infer(feeds).items():
                 total.add(ref[name], value)
     return total.sqnr_db
 
@@ -151,9 +155,18 @@ def main() -> None:
     calib = Path(build_args[build_args.index("--calib") + 1])
     plain = record["engines"]["ort-int8"]["fidelity"]["outputs"]
     plain_db = next(iter(plain.values()))["untouched"]["sqnr_db"]
-    kept = {node: keep_one(bundle / "model.onnx", calib, node, work, batches, reference) for node in disputed}
+    from optimize.inputs.calibration import Samples
+    from optimize.targets import onnxruntime as ort_target
+    from optimize.targets.base import RunnerConfig
+    from optimize.targets.layer_error import engine_layers
+
+    with np.load(bundle / "data" / "heldout.npz") as data:
+        held = Samples({k: data[k] for k in data.files if k != "labels"}, None, "held out")
+    groups = engine_layers(ort_target.BACKEND, int8_dir, RunnerConfig(), bundle / "model.onnx", held).keep
+    kept = {node: keep_one(bundle / "model.onnx", calib, entry["build_config"], (node, *groups.get(node, ())), work,
+                           batches, reference) for node in disputed}
     modules = {layer["node"]: layer["module"] for layer in record["engines"]["ort-int8"]["layers"]}
-    rows = [["node", "module", "our rank (local dB)", "qdq_loss_debug rank (qdq_err dB)",
+    rows = [["layer (node)", "module", "our rank (local dB)", "qdq_loss_debug rank (qdq_err dB)",
              "final SQNR with it alone in FP32 (dB)"]]
     our_rank = {n: (i + 1, db) for i, (n, db) in enumerate(ours)}
     their_rank = {n: (i + 1, db) for i, (n, db) in enumerate(theirs)}
