@@ -33,7 +33,7 @@ def command(bundle: Path, targets: tuple[str, ...], samples: int, top: int) -> N
         if "skipped" in engine:
             click.echo(f"{name}: {engine['skipped']}")
             continue
-        finals = "; ".join(f"{out} {v['untouched']['sqnr_db'] if not v['untouched']['exact'] else 'exact'} dB"
+        finals = "; ".join(f"{out} " + ("exact" if v["untouched"]["exact"] else f"{v['untouched']['sqnr_db']:.1f} dB")
                            for out, v in engine["fidelity"]["outputs"].items())
         status = ", failed at build time" if engine.get("status") == "failed" else ""
         click.echo(f"{name} ({engine['precision']}{status}): final {finals}; worst layers by the error they add:")

@@ -21,6 +21,11 @@ def db(error: dict[str, Any] | None) -> str:
     return f"{error['sqnr_db']:.1f}"
 
 
+def _with_unit(error: dict[str, Any] | None) -> str:
+    text = db(error)
+    return text if text in ("-", "exact") else f"{text} dB"
+
+
 def cos(error: dict[str, Any] | None) -> str:
     return "-" if not error else f"{error['cosine']:.4f}"
 
@@ -71,7 +76,7 @@ def markdown(record: dict[str, Any], image: str | None) -> str:
             parts.append(f"{engine['skipped']}.\n")
             continue
         fidelity = engine["fidelity"]
-        finals = ", ".join(f"`{out}` {db(v['untouched'])} dB untouched, {db(v['instrumented'])} dB instrumented"
+        finals = ", ".join(f"`{out}` {_with_unit(v['untouched'])} untouched, {_with_unit(v['instrumented'])} instrumented"
                            for out, v in fidelity["outputs"].items())
         parts.append(f"Final output error: {finals}. {fidelity['message'][0].upper()}{fidelity['message'][1:]}.\n")
         rows = [["rank", "module", "op", "node", "precision", "local dB", "local cos", "cumulative dB",
