@@ -37,7 +37,7 @@ MOVEMENT_OPS = frozenset({
     "Not", "And", "Or", "Where", "Tile", "Pad", "Dropout", "SplitToSequence", "SequenceAt", "NonZero",
     "GatherElements", "ScatterND", "ScatterElements", "DepthToSpace", "SpaceToDepth", "QuantizeLinear",
     "DequantizeLinear", "Max", "Min", "ArgMax", "ArgMin", "TopK"})
-RANK_SAMPLES = 32  # held-out samples a build's fallback ranks layers on
+RANK_SAMPLES = 16  # held-out samples a build's fallback ranks layers on (and its chosen engine is pictured on)
 BROKEN_DB = 20.0  # a layer that alone adds noise of 1% of its output's energy (cosine about 0.995) is broken
 SAME_DB = 0.5  # instrumented and untouched final SQNR within this: the probe saw the engine as it runs
 SAME_COSINE = 1e-3
