@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 PARITY_SAMPLES = 32
 EXPORT_STAGE = Stage("export", ("optimize.build.export_stage", "optimize.passes.onnx_export", "optimize.inputs.calibration",
-                               "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.pruned_checkpoint",
+                               "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.hf_folder",
+                               "optimize.inputs.binding", "optimize.inputs.pruned_checkpoint",
                                "optimize.inputs.specs", "optimize.errors", "optimize.quiet"),
-                     packages=("torch", "onnx", "onnxscript", "onnxruntime"))
+                     packages=("torch", "onnx", "onnxscript", "onnxruntime", "transformers"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from optimize import validate
 from optimize.build.plan import BuildPlan, SourceConfig
 from optimize.build.export_stage import PARITY_SAMPLES, ExportResult, ExportStageConfig, run_export_stage
-from optimize.build.prepare import Prepared, load_labelled, prepare, run_reference
+from optimize.build.prepare import Prepared, folder_data, load_labelled, prepare, run_reference
 from optimize.build.target_stage import TargetConfig, TargetInputs, run_target
 from optimize.bundle.cache import StageCache
 from optimize.bundle.folder import BundleWriter, cache_dir_for, write_manifest
@@ -171,7 +171,12 @@ def run_build(plan: BuildPlan) -> BuildResult:
     with StopOnSignal() as stop, BundleWriter(out) as writer:
         for folder, pid in writer.removed_stale:
             log.info(f"removed {folder.name}, the staging folder of a build (pid {pid}) that was killed before it finished")
+        data, said = folder_data(plan.source, plan.data)
+        plan = dataclasses.replace(plan, data=data)
+        for note in said:
+            log.info(f"note: {note}")
         prepared = prepare(plan.source, plan.data, plan.task, plan.strict)
+        prepared.notes[:0] = said
         stop.check()
         if plan.max_accuracy_drop is None:
             budget, said = validate.default_max_drop(prepared.task, prepared.reference[prepared.output_names[0]])
@@ -202,6 +207,20 @@ def run_build(plan: BuildPlan) -> BuildResult:
         stop.check()
         bundle = writer.commit()
     return BuildResult(bundle, manifest)
+
+
+LABELS_FILE = "labels.txt"
+
+
+def _labels(root: Path, prepared: Prepared) -> str | None:
+    """The class names a model folder gives (``id2label``), one per line in ``labels.txt``, where they
+    name every column of a classifier's first output."""
+    names = (prepared.loaded.folder or {}).get("labels")
+    first = prepared.reference[prepared.output_names[0]]
+    if prepared.task != "classify" or not names or first.ndim != 2 or len(names) != first.shape[1]:
+        return None
+    (root / LABELS_FILE).write_text("".join(f"{name}\n" for name in names))
+    return LABELS_FILE
 
 
 def _drift_profile(root: Path, target: str, folder: Path, runner_config: RunnerConfig, prepared: Prepared,
@@ -252,16 +271,20 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export: Expor
                 shutil.copyfile(record.engine_dir / file, destination / file)
             record.drift = _drift_profile(root, name, destination, plan.runner, prepared, text)
     loaded, held = prepared.loaded, prepared.held_out
+    outputs = [{"name": n, "shape": [-1, *prepared.reference[n].shape[1:]], "dtype": "float32"}
+               for n in prepared.output_names]
+    labels = _labels(root, prepared)
+    if labels:
+        outputs[0]["labels"] = labels
     manifest = Manifest(
         model_name=plan.name or loaded.path.stem,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         source={"checkpoint": str(loaded.path), "sha256": loaded.sha256, "kind": loaded.format,
-                "arch": plan.source.arch, "arch_kwargs": plan.source.arch_kwargs},
+                "arch": plan.source.arch, "arch_kwargs": plan.source.arch_kwargs,
+                **({"folder": loaded.folder} if loaded.folder else {})},
         task=prepared.task, task_inferred=prepared.task_inferred, model_kind=prepared.model_kind,
         inputs=list(prepared.inputs),
-        outputs=[{"name": n, "shape": [-1, *prepared.reference[n].shape[1:]], "dtype": "float32"}
-                 for n in prepared.output_names],
-        versions=library_versions(), machine=machine_info(), plan=plan.to_json(), runner_config=plan.runner,
+        outputs=outputs, versions=library_versions(), machine=machine_info(), plan=plan.to_json(), runner_config=plan.runner,
         data={"held_out_samples": len(held), "held_out_source": held.source, "held_out_sha256": held.sha256,
               "calibration_samples": len(prepared.calibration) if prepared.calibration else 0,
               "calibration_sha256": prepared.calibration.sha256 if prepared.calibration else None,

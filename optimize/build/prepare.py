@@ -12,7 +12,7 @@ import numpy as np
 from optimize.inputs.calibration import DataOrigin, ImageOptions, Samples, load_samples, match_arrays
 from optimize.inputs.checkpoint import LoadedModel, load_checkpoint
 from optimize.errors import CalibrationError, InputSpecError
-from optimize.passes.onnx_export import output_names_for, torch_outputs
+from optimize.passes.onnx_export import torch_outputs
 from optimize.passes.prune import HEAD_COUNT_ATTRS
 from optimize.inputs.specs import TASKS, TensorSpec, dynamic_spec, parse_input_shapes
 from optimize import validate
@@ -99,12 +99,8 @@ def model_kind(specs: list[TensorSpec], module: torch.nn.Module) -> str:
 def run_reference(module: torch.nn.Module, samples: Samples, output_names: list[str] | None,
                   batch_size: int = 64) -> dict[str, np.ndarray]:
     """The original FP32 model's outputs on ``samples``: what every accuracy number is against."""
-    chunks: list[list[np.ndarray]] = []
-    for batch in samples.batches(batch_size):
-        outputs = list(torch_outputs(module, batch, output_names_for(64)).values())
-        chunks.append(outputs)
-    names = output_names or output_names_for(len(chunks[0]))
-    return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
+    chunks = [torch_outputs(module, batch, output_names) for batch in samples.batches(batch_size)]
+    return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
 def _origin(data: DataConfig, source: str | None) -> DataOrigin:
@@ -120,7 +116,7 @@ def _specs(data: DataConfig, loaded: LoadedModel, samples: Samples | None, notes
     required = fit.required_inputs(loaded.module, names)
     if data.input_shapes:
         parsed = parse_input_shapes(data.input_shapes, names)
-        match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(data, None))
+        loaded.bind(list(match_arrays({n: s for n, s, _ in parsed}, names, required, _origin(data, None))))
         return [dynamic_spec(n, s, d, sequence=np.dtype(d).kind in "iu" and len(s) == 2)
                 for n, s, d in parsed]
     if samples is None:
@@ -129,6 +125,7 @@ def _specs(data: DataConfig, loaded: LoadedModel, samples: Samples | None, notes
     origin = _origin(data, data.calib)
     if names:
         samples.arrays = match_arrays(samples.arrays, names, required, origin)
+        loaded.bind(list(samples.arrays))
     model_dtype = fit.model_float_dtype(loaded.module)
     return [dynamic_spec(n, a.shape, fit.float_dtype_for(n, a, model_dtype, origin, notes),
                          sequence=a.dtype.kind in "iu" and a.ndim == 2)
@@ -157,6 +154,13 @@ def infer_task(specs: list[TensorSpec], reference: dict[str, np.ndarray]) -> str
     return "regress"
 
 
+def _folder_task(loaded: LoadedModel, trial: dict[str, np.ndarray]) -> str | None:
+    """``classify`` for a model folder whose first output has a column per label it names."""
+    names = (loaded.folder or {}).get("labels")
+    first = next(iter(trial.values()))
+    return "classify" if names and first.ndim == 2 and first.shape[1] == len(names) else None
+
+
 def _fitted(data: DataConfig, loaded: LoadedModel, samples: Samples, specs: list[TensorSpec], source: str | None,
             task: str | None, notes: list[str]) -> str:
     """Conform ``samples`` to ``specs``, run the model on its first rows, check its labels; return the
@@ -170,7 +174,13 @@ def _fitted(data: DataConfig, loaded: LoadedModel, samples: Samples, specs: list
                      f"{image.mean[0]:g} and std {image.std[0]:g}: pass --mean/--std if the model was trained "
                      f"otherwise (--mean 0 --std 1 for [0, 1] pixels)")
     trial = fit.trial_forward(loaded.module, samples.arrays, origin)
-    task = task or infer_task(specs, trial)
+    task = task or _folder_task(loaded, trial) or infer_task(specs, trial)
+    names = (loaded.folder or {}).get("labels")
+    if samples.labels is not None and samples.classes and names and set(samples.classes) <= set(names) \
+            and samples.classes != names[:len(samples.classes)]:
+        samples.labels = np.asarray([names.index(samples.classes[i]) for i in samples.labels])
+        samples.classes = None
+        notes.append(f"the class folders of {origin.where} are matched to the model's label names (config.json id2label)")
     if task == "classify" and samples.labels is not None:
         first = next(iter(trial.values()))
         classes = int(first.shape[-1]) if first.ndim == 2 else None
@@ -227,6 +237,28 @@ def _chance_check(data: DataConfig, prepared: Prepared, strict: bool) -> None:
         raise CalibrationError(message + " (--strict)")
     prepared.warnings.append(message)
     log.warning(message)
+
+
+def folder_data(source: SourceConfig, data: DataConfig) -> tuple[DataConfig, list[str]]:
+    """What a Hugging Face model folder states that the flags left open: its image preprocessing
+    (for an image folder given as --calib or --eval-data) and its tokenizer. With the notes saying so."""
+    from optimize.inputs import hf_folder
+
+    folder = Path(source.checkpoint)
+    if not folder.is_dir():
+        return data, []
+    said = []
+    images = [d for d in (data.calib, data.eval_data) if d and Path(d).is_dir()]
+    if images:
+        image, text = hf_folder.image_options(folder, data.image, frozenset(data.image.stated))
+        if text:
+            data = dataclasses.replace(data, image=image)
+            said.append(text)
+    if data.tokenizer is None and hf_folder.tokenizer_folder(folder) is not None:
+        data = dataclasses.replace(data, tokenizer=str(folder))
+        said.append(f"the tokenizer in {folder} is kept in the bundle (as --tokenizer {folder} would), so the server "
+                    f"takes text")
+    return data, said
 
 
 def prepare(source: SourceConfig, data: DataConfig, task: str | None = None, strict: bool = False) -> Prepared:

@@ -36,9 +36,10 @@ TAYLOR_BATCHES = 4
 PRUNE_STAGE = Stage("prune", ("optimize.build.prune_stage", "optimize.quiet", "optimize.passes.prune", "optimize.passes.distill",
                               "optimize.passes.onnx_export", "optimize.inputs.pruned_checkpoint", "optimize.build.prepare", "optimize.inputs.calibration",
                               "optimize.build.fit", "optimize.inputs.tokenizer",
-                              "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.validate",
+                              "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.hf_folder",
+                               "optimize.inputs.binding", "optimize.inputs.specs", "optimize.validate",
                               "optimize.errors"),
-                    packages=("torch", "torch-pruning"))
+                    packages=("torch", "torch-pruning", "transformers"))
 
 
 @dataclasses.dataclass(frozen=True)

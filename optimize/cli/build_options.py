@@ -36,12 +36,13 @@ DATA_OPTIONS = [
                  help="Cap on held-out samples (more held out: a tighter interval on the accuracy drop)."),
     click.option("--max-calib-samples", type=int, default=1000, show_default=True, help="Cap on calibration samples."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split."),
-    click.option("--image-size", help="Resize images to HEIGHTxWIDTH (default: the --input-shape)."),
-    click.option("--mean", default="0.485,0.456,0.406", show_default=True,
-                 help="Per-channel mean subtracted after scaling images to [0,1] (ImageNet's by default; "
-                      "--mean 0 --std 1 keeps [0,1] pixels)."),
-    click.option("--std", default="0.229,0.224,0.225", show_default=True,
-                 help="Per-channel std divided by after the mean."),
+    click.option("--image-size", help="Resize images to HEIGHTxWIDTH (default: the model folder's "
+                                      "preprocessor_config.json, else the --input-shape)."),
+    click.option("--mean", show_default="0.485,0.456,0.406",
+                 help="Per-channel mean subtracted after scaling images to [0,1] (default: the model folder's "
+                      "preprocessor_config.json, else ImageNet's; --mean 0 --std 1 keeps [0,1] pixels)."),
+    click.option("--std", show_default="0.229,0.224,0.225",
+                 help="Per-channel std divided by after the mean (default: as --mean)."),
     click.option("--grayscale", is_flag=True,
                  help="Read images as one grey channel, normalised with the first --mean and --std value "
                       "(0.485 and 0.229 unless given)."),
@@ -133,8 +134,11 @@ def data_config(o: dict[str, Any]) -> Any:
 
     if not 0 < o["held_out"] < 1:
         raise InputSpecError(f"--held-out {o['held_out']} must be between 0 and 1")
-    image = ImageOptions(size=image_size(o["image_size"]), mean=floats(o["mean"], "--mean"),
-                         std=floats(o["std"], "--std"), grayscale=o["grayscale"])
+    stated = tuple(k for k, flag in (("size", "image_size"), ("mean", "mean"), ("std", "std")) if o[flag] is not None)
+    image = ImageOptions(size=image_size(o["image_size"]),
+                         mean=floats(o["mean"], "--mean") if o["mean"] is not None else ImageOptions.mean,
+                         std=floats(o["std"], "--std") if o["std"] is not None else ImageOptions.std,
+                         grayscale=o["grayscale"], stated=stated)
     return DataConfig(o["input_shapes"], o["calib"], o["eval_data"], o["held_out"], o["max_held_out"],
                       o["max_calib_samples"], o["seed"], image, train_data=o["train_data"],
                       tokenizer=str(o["tokenizer"]) if o["tokenizer"] else None,

@@ -38,9 +38,10 @@ class ImageOptions:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     grayscale: bool = False
+    stated: tuple[str, ...] = ()  # which of size, mean and std the user gave (the rest may come from a model folder)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "stated"}
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Samples:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = ""
+    classes: list[str] | None = None  # an image folder's class folder names, in label order
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -216,7 +218,7 @@ def _load_images(folder: Path, options: ImageOptions, input_shape: tuple[int, ..
         arrays.append(pixels.transpose(2, 0, 1))
         labels.append(classes.index(path.parent.relative_to(folder).as_posix()))
     return Samples({"input": np.stack(arrays).astype(np.float32)},
-                   np.asarray(labels) if labelled else None, str(folder))
+                   np.asarray(labels) if labelled else None, str(folder), classes if labelled else None)
 
 
 def _load_callable(source: str) -> Samples:

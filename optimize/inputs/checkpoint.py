@@ -34,11 +34,25 @@ class LoadedModel:
     """A model ready for export: the module, how it was stored, and where it came from."""
 
     module: torch.nn.Module  # torch.nn.Module or torch.jit.ScriptModule
-    format: str  # torchscript | exported-program | state-dict | pruned-state-dict | lightning | pickled-module
+    format: str  # torchscript | exported-program | state-dict | pruned-state-dict | lightning | pickled-module | hf-folder
     sha256: str
     path: Path
     input_names: list[str]
     program: Any = None  # the ExportedProgram for .pt2 checkpoints
+    folder: dict[str, Any] | None = None  # a Hugging Face model folder: its class, weights, labels, pooling
+
+    def bind(self, feeds: list[str]) -> None:
+        """Feed the model ``feeds`` (the inputs the data provides, in order); the arguments of
+        ``forward`` left out stay at their defaults."""
+        if list(feeds) == self.input_names:
+            return
+        if hasattr(self.module, "bind") and self.folder is not None:
+            self.module = self.module.bind(feeds)
+        else:
+            from optimize.inputs.binding import bound
+
+            self.module = bound(self.module, self.input_names, feeds)
+        self.input_names = list(feeds)
 
 
 def file_sha256(path: Path) -> str:
@@ -92,11 +106,18 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
                     trust: bool = False) -> LoadedModel:
     """Load ``path`` into an eval-mode module, refusing pickled code unless ``trust``: one loader
     per format, chosen by what the file is (a torch.export or TorchScript archive, else torch.save)."""
-    path = Path(path)
+    from optimize.inputs import hf_folder
+
+    text, path = str(path), Path(path)
     if not path.exists():
+        if hf_folder.looks_like_hub_id(text):
+            raise hf_folder.hub_id_error(text)
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file")
+        if hf_folder.is_model_folder(path) or (path / "modules.json").is_file():
+            return _load_model_folder(path, trust)
+        raise CheckpointError(f"checkpoint {path} is a directory without config.json; give the checkpoint file, "
+                              f"or a Hugging Face model folder (save_pretrained)")
     sha = file_sha256(path)
     archive = _archive_kind(path)
     if archive == "exported-program":
@@ -104,6 +125,13 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
     if archive == "torchscript":
         return _load_torchscript(path, sha)
     return _load_saved_object(path, sha, arch, arch_kwargs, trust)
+
+
+def _load_model_folder(path: Path, trust: bool) -> LoadedModel:
+    from optimize.inputs import hf_folder
+
+    module, names, info = hf_folder.load_model_folder(path, trust)
+    return LoadedModel(module, "hf-folder", hf_folder.folder_sha256(path), path, names, folder=info)
 
 
 def _load_exported_program(path: Path, sha: str) -> LoadedModel:

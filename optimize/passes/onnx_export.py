@@ -75,28 +75,41 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
     return report
 
 
-def torch_outputs(module: torch.nn.Module, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-    """Run a torch module on numpy feeds; outputs named in order."""
+def torch_outputs(module: torch.nn.Module, feeds: dict[str, np.ndarray],
+                  output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Run a torch module on numpy feeds; outputs named ``output_names`` in order, else as the model
+    names them (a dict's or a ModelOutput's fields), else ``output``/``output_i``."""
     import torch
 
     with torch.no_grad():
         result = module(*[torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()])
-    tensors = _flatten_outputs(result)
-    return {name: t.detach().float().numpy() for name, t in zip(output_names, tensors)}
+    named = _named_outputs(result)
+    names = output_names or model_output_names(named) or output_names_for(len(named))
+    return {name: t.detach().float().numpy() for name, (_, t) in zip(names, named)}
 
 
-def _flatten_outputs(result: Any) -> list:
+def _named_outputs(result: Any, prefix: str | None = None) -> list[tuple[str | None, Any]]:
+    """The output tensors in order, each with the field name the model gave it (None where unnamed):
+    a dict's or a ModelOutput's keys (its None fields dropped, as its ``to_tuple`` does)."""
     import torch
 
     if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, dict):
-        return [t for v in result.values() for t in _flatten_outputs(v)]
+        return [(prefix, result)]
+    if isinstance(result, dict):  # transformers' ModelOutput is an OrderedDict
+        return [t for k, v in result.items() if v is not None
+                for t in _named_outputs(v, str(k) if prefix is None else f"{prefix}.{k}")]
     if isinstance(result, (list, tuple)):
-        return [t for v in result for t in _flatten_outputs(v)]
-    if hasattr(result, "to_tuple"):  # transformers ModelOutput
-        return _flatten_outputs(result.to_tuple())
+        return [t for i, v in enumerate(result)
+                for t in _named_outputs(v, None if prefix is None else f"{prefix}.{i}")]
     raise ExportError(f"model output of type {type(result).__name__} is not tensors")
+
+
+def model_output_names(named: list[tuple[str | None, Any]]) -> list[str] | None:
+    """The model's own output names, where it names every output once."""
+    names = [n for n, _ in named]
+    if not names or any(n is None for n in names) or len(set(names)) != len(names):
+        return None
+    return [str(n) for n in names]
 
 
 def output_names_for(count: int) -> list[str]:
