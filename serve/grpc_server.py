@@ -28,7 +28,8 @@ from grpc_health.v1._async import HealthServicer
 from optimize.oip import grpc_service_pb2 as pb
 from optimize.oip import grpc_service_pb2_grpc as pb_grpc
 from optimize.oip import model_config_pb2
-from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of, decode_tensor, encode_bytes
+from serve.protocol import (DATATYPES, InferRequest, ProtocolError, classification_count, datatype_of, decode_tensor,
+                            encode_bytes)
 from serve.service import InferenceService
 
 LOG = logging.getLogger("serve")
@@ -87,7 +88,14 @@ def decode_infer(message: pb.ModelInferRequest) -> InferRequest:
             raise ProtocolError(f"input '{name}' is given twice")
         inputs[name], datatypes[name], shapes[name] = value, datatype, shape
     requested = [o.name for o in message.outputs] or None
-    return InferRequest(message.id or None, inputs, datatypes, shapes, {}, True, requested)
+    classification = {}
+    for output in message.outputs:
+        if "classification" in output.parameters:
+            parameter = output.parameters["classification"]
+            value = parameter.int64_param if parameter.WhichOneof("parameter_choice") == "int64_param" else None
+            classification[output.name] = classification_count(value, output.name)
+    return InferRequest(message.id or None, inputs, datatypes, shapes, {}, True, requested,
+                        classification=classification)
 
 
 def encode_infer(model: str, version: str, request: InferRequest,

@@ -19,7 +19,7 @@ import numpy as np
 
 from optimize.inputs.specs import TensorSpec
 from optimize.deploy.triton import model_config
-from serve.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
+from serve.protocol import DATATYPES, InferRequest, ProtocolError, classify, datatype_of
 
 if TYPE_CHECKING:
     from optimize.bundle.manifest import Manifest
@@ -38,6 +38,7 @@ def bundle_version(bundle: Path, manifest: Manifest, target: str) -> str:
     files = [bundle / record.folder / f for f in (record.files or [])]
     if manifest.text:
         files.append(bundle / manifest.text["tokenizer"])
+    files += [bundle / o["labels"] for o in manifest.outputs if o.get("labels")]
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as handle:
@@ -56,6 +57,7 @@ class ServedModel:
     outputs: list[dict[str, Any]]
     max_batch: int
     text: Any = None  # optimize.inputs.tokenizer.TextEncoder for a token model built with a tokenizer
+    labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # output -> its class names
 
     def signatures(self) -> list[list[dict[str, Any]]]:
         """The input sets this server accepts, each a list of {name, datatype, shape (-1: any)}.
@@ -97,19 +99,35 @@ class ServedModel:
             rows.add(shape[0])
         if len(rows) > 1:
             raise ProtocolError(f"inputs disagree on the batch size: {sorted(rows)}")
+        self._check_classification(request)
         if signature[0]["datatype"] == "BYTES":
             feeds, request.truncated = self.text.encode_counted(request.inputs[self.text.input])
             return feeds
         return {n: np.ascontiguousarray(request.inputs[n], dtype=DATATYPES[r["datatype"]])
                 for n, r in ((r["name"], r) for r in signature)}
 
+    def _check_classification(self, request: InferRequest) -> None:
+        """Triton's classification extension asks for the top k of an output of class scores."""
+        shapes = {o["name"]: o["shape"] for o in self.outputs}
+        for name, count in request.classification.items():
+            shape = shapes.get(name)
+            if shape is None:
+                continue  # an unknown output is answered as such
+            if len(shape) != 2 or shape[1] < 1:
+                raise ProtocolError(f"output '{name}' has shape {shape}: classification needs one row of class "
+                                    f"scores per input [batch, classes]")
+            if count > shape[1]:
+                raise ProtocolError(f"output '{name}': classification {count} asks for more classes than the "
+                                    f"{shape[1]} it has")
+
     def select_outputs(self, request: InferRequest, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if request.requested is None:
-            return outputs
-        unknown = [n for n in request.requested if n not in outputs]
-        if unknown:
-            raise ProtocolError(f"unknown output(s) {unknown}; the model gives {list(outputs)}")
-        return {n: outputs[n] for n in request.requested}
+        if request.requested is not None:
+            unknown = [n for n in request.requested if n not in outputs]
+            if unknown:
+                raise ProtocolError(f"unknown output(s) {unknown}; the model gives {list(outputs)}")
+            outputs = {n: outputs[n] for n in request.requested}
+        return {n: classify(a, request.classification[n], self.labels.get(n)) if n in request.classification else a
+                for n, a in outputs.items()}
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": [self.version], "platform": self.target,
@@ -120,7 +138,18 @@ class ServedModel:
     def config(self, batching: dict[str, Any]) -> dict[str, Any]:
         """The model configuration as Triton's tooling reads it (``/v2/models/{m}/config``): the same
         generator ``optimize export triton`` writes ``config.pbtxt`` from, for what this server takes."""
-        outputs = [{"name": o["name"], "datatype": datatype_of(o["dtype"]), "shape": list(o["shape"])}
-                   for o in self.outputs]
+        outputs = [{"name": o["name"], "datatype": datatype_of(o["dtype"]), "shape": list(o["shape"]),
+                    **({"label_filename": Path(o["labels"]).name} if o.get("labels") else {})} for o in self.outputs]
         return model_config(self.name, self.target, self.max_batch, self.signatures()[0], outputs,
                             batching["max_delay_s"], batching["queue_capacity"], batching["instances"], strict=False)
+
+
+def output_labels(bundle: Path, manifest: Manifest) -> dict[str, list[str]]:
+    """Each output's class names from the labels file the build wrote beside it (``labels.txt``)."""
+    found = {}
+    for output in manifest.outputs:
+        if output.get("labels"):
+            names = (Path(bundle) / output["labels"]).read_text().splitlines()
+            if len(names) == output["shape"][-1]:
+                found[output["name"]] = names
+    return found

@@ -43,6 +43,7 @@ class InferRequest:
     binary_default: bool
     requested: list[str] | None
     truncated: int = 0  # texts cut at the model's serving length (reported in the response's parameters)
+    classification: dict[str, int] = dataclasses.field(default_factory=dict)  # output -> top k (the extension)
 
 
 datatype_of = oip_datatype
@@ -192,11 +193,33 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         requested = [o["name"] for o in outputs] or None  # an empty list asks for every output, as none does
         binary = {o["name"]: _flag(_parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")
                   for o in outputs}
+        top = {o["name"]: _parameters(o, f"output '{o['name']}'").get("classification") for o in outputs}
+        classification = {name: classification_count(k, name) for name, k in top.items() if k is not None}
+    else:
+        classification = {}
     request_id = header.get("id")
     if "id" in header and not isinstance(request_id, str):
         raise ProtocolError(f"'id' must be a string, not {request_id!r}")
     return InferRequest(request_id, decoded, datatypes, shapes, binary,
-                        _flag(parameters, "binary_data_output", "the request"), requested)
+                        _flag(parameters, "binary_data_output", "the request"), requested,
+                        classification=classification)
+
+
+def classification_count(value: Any, name: str) -> int:
+    """The ``classification`` parameter of a requested output: how many top classes to return."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProtocolError(f"output '{name}': parameters.classification must be a positive integer (the number "
+                            f"of top classes to return), not {value!r}")
+    return value
+
+
+def classify(array: np.ndarray, count: int, labels: list[str] | None) -> np.ndarray:
+    """The classification extension's answer for one output: per row, its ``count`` highest values,
+    highest first, each as the string ``value:index`` or ``value:index:label`` (BYTES, [batch, count])."""
+    order = np.argsort(-array, axis=1, kind="stable")[:, :count]
+    rows = [[f"{array[r, i]:f}:{i}" + (f":{labels[i]}" if labels else "") for i in order[r]]
+            for r in range(array.shape[0])]
+    return np.asarray(rows, dtype=object).reshape(array.shape[0], count)
 
 
 def encode_response(model: str, version: str, request: InferRequest,
@@ -204,9 +227,12 @@ def encode_response(model: str, version: str, request: InferRequest,
     """The response body and extra headers (the header length when any output is binary)."""
     entries, chunks = [], []
     for name, array in outputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        text = array.dtype == object  # BYTES: the classification extension's strings
+        entry: dict[str, Any] = {"name": name, "datatype": "BYTES" if text else datatype_of(array.dtype),
+                                 "shape": list(array.shape)}
         if request.binary_outputs.get(name, request.binary_default):
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            raw = (encode_bytes(array.reshape(-1).tolist()) if text
+                   else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

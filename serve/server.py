@@ -33,7 +33,7 @@ from optimize.inputs.tokenizer import pad_values
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
-from serve.model import ServedModel, bundle_version
+from serve.model import ServedModel, bundle_version, output_labels
 from serve.closing import refuse_queued
 from serve.monitor import BackgroundMonitor, DriftMonitor
 from serve.service import InferenceService
@@ -89,7 +89,7 @@ def create_service(config: ServeConfig) -> InferenceService:
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
     model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle, manifest, target), target,
                         precision_text(manifest.record(target, bundle)), inputs, manifest.outputs,
-                        config.batching.max_batch, text_encoder(bundle, manifest))
+                        config.batching.max_batch, text_encoder(bundle, manifest), output_labels(bundle, manifest))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity)
     drift_off = "off"

@@ -22,7 +22,7 @@ from serve.model import ServedModel
 from serve.protocol import InferRequest, ProtocolError
 from serve.statistics import Stats
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 LOG = logging.getLogger("serve")
 Encoded = TypeVar("Encoded")
 

@@ -51,6 +51,8 @@ class ExportResult:
     onnx_sha256: str
     parity: dict[str, Any]
     tolerance: dict[str, Any]
+    route: str = "torch.export"
+    failed_routes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def onnx(self) -> Path:
@@ -65,21 +67,24 @@ def run_export_stage(config: ExportStageConfig, module: "torch.nn.Module", held_
     example = {k: v[:2] if len(v) >= 2 else np.concatenate([v, v]) for k, v in held_out.arrays.items()}
 
     def produce(folder: Path) -> dict:
-        if not config.save_program:
-            program = module
-        else:
-            # A loaded .pt2 is re-exported too, so its axes become the dynamic ones asked for.
-            program = export_pass.export_program(module, example, specs)
-            export_pass.save_program(program, folder / "program.pt2")
-        export_pass.export_onnx(program, example, specs, list(config.output_names), folder / "model.onnx")
         subset = held_out.take(np.arange(min(config.parity_samples, len(held_out))))
-        got = export_pass.onnx_outputs(folder / "model.onnx", subset.batches(8))
         want = {k: v[:len(subset)] for k, v in parity_reference.items()}
-        parity = export_pass.compare_outputs(want, got, export_pass.FP32_EXPORT_TOLERANCE, "ONNX export vs PyTorch")
-        return {"program": "program.pt2" if config.save_program else None,
-                "onnx_sha256": file_sha256(folder / "model.onnx"), "parity": parity,
-                "tolerance": dataclasses.asdict(export_pass.FP32_EXPORT_TOLERANCE)}
+
+        def check(path: Path) -> dict:
+            got = export_pass.onnx_outputs(path, subset.batches(8))
+            return export_pass.compare_outputs(want, got, export_pass.FP32_EXPORT_TOLERANCE, "ONNX export vs PyTorch")
+
+        # A loaded .pt2 is re-exported too, so its axes become the dynamic ones asked for.
+        made = export_pass.export_checked(module, example, specs, list(config.output_names), folder / "model.onnx",
+                                          check, config.save_program)
+        if made.program is not None:
+            export_pass.save_program(made.program, folder / "program.pt2")
+        return {"program": "program.pt2" if made.program is not None else None,
+                "onnx_sha256": file_sha256(folder / "model.onnx"), "parity": made.parity,
+                "tolerance": dataclasses.asdict(export_pass.FP32_EXPORT_TOLERANCE),
+                "route": made.route, "failed_routes": made.failed}
 
     folder, result = cache.run(EXPORT_STAGE, {"model": model_hash, "held_out": held_out.sha256}, config, produce)
     return ExportResult(folder, folder / result["program"] if result.get("program") else None,
-                        result["onnx_sha256"], result["parity"], result["tolerance"])
+                        result["onnx_sha256"], result["parity"], result["tolerance"],
+                        result.get("route", "torch.export"), result.get("failed_routes", []))

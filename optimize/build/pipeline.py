@@ -87,7 +87,13 @@ def _model_stages(plan: BuildPlan, prepared: Prepared, data: validate.GateData,
     export = run_export_stage(config, module, prepared.held_out, reference, model_hash, cache)
     stages["export"] = {"program": "program.pt2" if export.program else None, "onnx": "model.onnx",
                         "onnx_sha256": export.onnx_sha256, "parity": export.parity, "tolerance": export.tolerance,
-                        "checked_against": "pruned PyTorch model" if plan.prune else "PyTorch model"}
+                        "checked_against": "pruned PyTorch model" if plan.prune else "PyTorch model",
+                        "route": export.route, **({"failed_routes": export.failed_routes} if export.failed_routes else {})}
+    if export.failed_routes:
+        said = (f"exported by the {export.route} route, checked against PyTorch, after "
+                f"{'; '.join(export.failed_routes)}")
+        prepared.notes.append(said)
+        log.info(f"note: {said}")
     return stages, export, pruned
 
 

@@ -56,7 +56,8 @@ def model_config(name: str, target: str, max_batch: int, inputs: list[dict[str, 
 
     def tensors(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"name": t["name"], "data_type": triton_type(t["datatype"]),
-                 "dims": [int(d) for d in (t["shape"][1:] if max_batch > 0 else t["shape"])]} for t in items]
+                 "dims": [int(d) for d in (t["shape"][1:] if max_batch > 0 else t["shape"])],
+                 **({"label_filename": t["label_filename"]} if t.get("label_filename") else {})} for t in items]
 
     config: dict[str, Any] = {"name": name}
     if info.platform:
@@ -110,7 +111,8 @@ def to_pbtxt(config: dict[str, Any]) -> str:
 def engine_tensors(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The engine's own inputs and outputs (token ids for a text model: Triton does not tokenize)."""
     return ([{"name": s.name, "datatype": oip_datatype(s.dtype), "shape": list(s.shape)} for s in manifest.inputs],
-            [{"name": o["name"], "datatype": oip_datatype(o["dtype"]), "shape": list(o["shape"])}
+            [{"name": o["name"], "datatype": oip_datatype(o["dtype"]), "shape": list(o["shape"]),
+              **({"label_filename": Path(o["labels"]).name} if o.get("labels") else {})}
              for o in manifest.outputs])
 
 
@@ -143,4 +145,7 @@ def export_repository(bundle: Path, repo: Path, target: str | None = None, max_b
         for file in info.files:
             shutil.copyfile(folder / file, stage / "1" / file)
         (stage / "config.pbtxt").write_text(to_pbtxt(config))
+        for output in manifest.outputs:  # Triton's classification extension names classes from these
+            if output.get("labels"):
+                shutil.copyfile(bundle / output["labels"], stage / Path(output["labels"]).name)
     return {"model": model, "target": target, "path": str(repo / model), "config": config, "notes": notes}

@@ -153,11 +153,6 @@ def _transformers(folder: Path) -> Any:
 def _model_class(transformers: Any, config: dict[str, Any], folder: Path, trust: bool) -> tuple[Any, str]:
     """(the class whose from_pretrained loads the folder, how it was chosen)."""
     remote = config.get("auto_map")
-    if remote and not trust:
-        raise CheckpointError(
-            f"checkpoint {folder} asks for its own Python code (config.json auto_map: "
-            f"{', '.join(sorted(remote)) if isinstance(remote, dict) else remote}), which runs when loaded; "
-            f"refusing to load it. Pass --trust-checkpoint if you trust where this folder came from")
     architectures = config.get("architectures") or []
     if architectures:
         cls = getattr(transformers, str(architectures[0]), None)
@@ -199,6 +194,12 @@ def load_model_folder(folder: Path, trust: bool) -> tuple[torch.nn.Module, list[
         raise CheckpointError(f"checkpoint {folder}: the transformer of its modules.json has no config.json "
                               f"in {model_folder}")
     config = read_config(model_folder)
+    remote = config.get("auto_map")
+    if remote and not trust:
+        raise CheckpointError(
+            f"checkpoint {folder} asks for its own Python code (config.json auto_map: "
+            f"{', '.join(sorted(remote)) if isinstance(remote, dict) else remote}), which runs when loaded; "
+            f"refusing to load it. Pass --trust-checkpoint if you trust where this folder came from")
     transformers = _transformers(folder)
     cls, chosen = _model_class(transformers, config, model_folder, trust)
     weights = _weights(model_folder)

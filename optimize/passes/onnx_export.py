@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 def _quiet_exporter() -> "contextlib.AbstractContextManager[None]":
     """torch's exporters log every torchvision op they cannot register and warn about torch's own
     pytree deprecation: nothing a user can act on. Their errors still raise."""
-    return quieted(loggers=("torch.onnx", "torch.export", "torch._export"),
+    return quieted(loggers=("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
+                            "torch._dynamo", "torch._functorch"),
                    warning_messages=((FutureWarning, r".*treespec.*"),
                                      (UserWarning, r".*were assigned during export")))  # an RNN's own weights
 
@@ -152,7 +154,8 @@ def export_program(module: torch.nn.Module, example: dict[str, np.ndarray], spec
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
     try:
-        with _quiet_exporter():
+        # On failure torch prints the partial graph to stderr; the reason is in the error raised.
+        with _quiet_exporter(), contextlib.redirect_stderr(io.StringIO()):
             return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(specs), strict=False)
     except Exception as exc:
         text = str(exc)
@@ -164,6 +167,93 @@ def export_program(module: torch.nn.Module, example: dict[str, np.ndarray], spec
                               f"constant): use x.shape[0] or x.size(0) directly so the engine takes any batch") from exc
         raise ExportError(f"torch.export failed: {_summarise(exc)}. Models with data-dependent "
                           f"control flow need torch.cond or a fixed shape") from exc
+
+
+def draft_program(module: torch.nn.Module, example: dict[str, np.ndarray], specs: list[TensorSpec]) -> Any:
+    """``torch.export.draft_export``: where strict tracing gives up (a data-dependent shape, an op
+    without a fake kernel), it records the problem and carries on with runtime checks."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[s.name])) for s in specs)
+    try:
+        with _quiet_exporter():
+            return torch.export.draft_export(module, args, dynamic_shapes=_dynamic_shapes(specs))
+    except Exception as exc:
+        raise ExportError(f"draft export failed: {_summarise(exc)}") from exc
+
+
+def _tuple_outputs(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` returning its output tensors as a flat tuple (the TorchScript exporter traces
+    tuples; a dict or a ModelOutput is flattened in the order the outputs are named)."""
+    import torch
+
+    class TupleOutputs(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> tuple:
+            return tuple(t for _, t in _named_outputs(self.inner(*args)))
+
+    return TupleOutputs(module).eval()
+
+
+@dataclasses.dataclass
+class Exported:
+    """What ``export_checked`` made: the program (None from the TorchScript-based exporter), the route
+    that worked, what the check found, and why each route before it failed."""
+
+    program: Any
+    route: str
+    parity: dict[str, Any]
+    failed: list[str]
+
+
+ROUTES = ("torch.export", "draft export", "torchscript")
+
+
+def export_checked(module: Any, example: dict[str, np.ndarray], specs: list[TensorSpec], output_names: list[str],
+                   path: Path, check: Any, with_program: bool = True) -> Exported:
+    """Write ``path`` by the first route that exports and passes ``check(path)`` (the comparison with
+    PyTorch): ``torch.export`` then the ONNX exporter on its program; ``torch.export.draft_export``
+    then the same; the TorchScript-based exporter on the module. Without ``with_program`` (a
+    TorchScript checkpoint) only the last applies. The first route's error is raised when none works."""
+    import torch
+
+    routes = ROUTES if with_program and not isinstance(module, torch.jit.ScriptModule) else ROUTES[2:]
+    failed: list[str] = []
+    first: Exception | None = None
+    for route in routes:
+        try:
+            if route == "torch.export":
+                program = export_program(module, example, specs)
+            elif route == "draft export":
+                program = draft_program(module, example, specs)
+            else:
+                program = None
+            target = program if program is not None else (
+                module if isinstance(module, torch.jit.ScriptModule) else _tuple_outputs(module))
+            export_onnx(target, example, specs, output_names, path)
+            parity = _checked(check, path)
+            return Exported(program, route, parity, failed)
+        except (ExportError, ParityError) as exc:
+            failed.append(f"{route}: {_summarise(exc)}")
+            first = first or exc
+            path.unlink(missing_ok=True)
+    assert first is not None
+    if len(failed) > 1:
+        raise type(first)(f"{first} (also tried: {'; '.join(failed[1:])})") from first
+    raise first
+
+
+def _checked(check: Any, path: Path) -> dict[str, Any]:
+    """``check(path)``; ONNX Runtime refusing to run the file (a shape baked in at export) is a failed check."""
+    try:
+        return check(path)
+    except ParityError:
+        raise
+    except Exception as exc:  # ONNX Runtime's own error on the exported file
+        raise ParityError(f"the exported ONNX does not run on the held-out data: {_summarise(exc)}") from exc
 
 
 def save_program(program: Any, path: Path) -> None:
