@@ -80,7 +80,10 @@ def request_schema(model: ServedModel) -> dict[str, Any]:
                                      for n in names]},
                 "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
                     "name": {"enum": [o["name"] for o in model.outputs]},
-                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}},
+                    "parameters": {"type": "object", "properties": {
+                        "binary_data": {"type": "boolean"},
+                        # Triton's classification extension: the top k of a [batch, classes] output
+                        "classification": {"type": "integer", "minimum": 1}}}}}},
                 "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
             },
         })
