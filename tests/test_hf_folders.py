@@ -36,7 +36,7 @@ def _one_line(result, *words):
 
 def test_a_hub_id_says_models_are_not_downloaded(tmp_path):
     result = run_cli("build", "google/vit-base-patch16-224", "--calib", "x.npy", "--out", tmp_path / "b")
-    _one_line(result, "google/vit-base-patch16-224", "Hub model id", "not downloaded", "save_pretrained")
+    _one_line(result, "google/vit-base-patch16-224", "Hub model id", "not downloaded", "save_pretrained", "no file or folder")
 
 
 def test_remote_code_is_refused_without_trust(tmp_path):

@@ -61,8 +61,8 @@ def looks_like_hub_id(text: str) -> bool:
 
 def hub_id_error(text: str) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {text} does not exist here; it looks like a Hugging Face Hub model id, and models are "
-        f"not downloaded: save it to a folder where it can be downloaded (huggingface-cli download {text} "
+        f"checkpoint {text} is no file or folder here; as a Hugging Face Hub model id it is not fetched (models "
+        f"are not downloaded): save it to a folder where it can be downloaded (huggingface-cli download {text} "
         f"--local-dir DIR, or from_pretrained('{text}').save_pretrained('DIR')) and give DIR")
 
 

@@ -75,15 +75,22 @@ UNSET_LENGTH = 100_000  # transformers writes a huge model_max_length when none 
 
 
 def position_limit(module: torch.nn.Module) -> int | None:
-    """The most positions the model embeds (``max_position_embeddings``), where it says."""
+    """The most positions the model embeds (``max_position_embeddings``), where it says; less the
+    offset of models whose positions count from after the pad id (RoBERTa and its kin: their
+    position embedding table has a ``padding_idx``, and position ``padding_idx + 1`` is the first)."""
+    offset = 0
+    for name, child in module.named_modules():
+        if "position" in name and type(child).__name__ == "Embedding" and child.padding_idx is not None:
+            offset = int(child.padding_idx) + 1
+            break
     for child in module.modules():
         config = getattr(child, "config", None)
         limit = getattr(config, "max_position_embeddings", None)
         if isinstance(limit, int) and limit > 0:
-            return limit
+            return limit - offset
     for name, child in module.named_modules():
         if "position" in name and type(child).__name__ == "Embedding":
-            return int(child.num_embeddings)
+            return int(child.num_embeddings) - offset
     return None
 
 

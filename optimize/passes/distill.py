@@ -24,6 +24,7 @@ import numpy as np
 
 from optimize.quiet import on_terminal
 from optimize.inputs.calibration import Samples
+from optimize.passes.onnx_export import output_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -62,14 +63,13 @@ def default_lr(model_kind: str) -> float:
 
 def task_loss(task: str) -> Callable[[Any, Any | None], Any] | None:
     """Loss of outputs against labels (for Taylor importance); ``None`` where no labels make sense."""
-    import torch
     from torch import nn
 
     if task != "classify":
         return None
 
     def loss(outputs: Any, labels: Any | None) -> Any:
-        first = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        first = output_tensors(outputs)[0]
         target = first.argmax(1).detach() if labels is None else labels
         return nn.functional.cross_entropy(first, target)
     return loss
@@ -204,8 +204,7 @@ def distill(student: torch.nn.Module, data: Samples, teacher: dict[str, np.ndarr
                 cursor += batch
                 for group in optimizer.param_groups:
                     group["lr"] = lr * (0.1 ** cuts) * min(1.0, (step + 1) / warmup)
-                outputs = student(*_trim_padding([x[index] for x in inputs], input_names))
-                outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+                outputs = output_tensors(student(*_trim_padding([x[index] for x in inputs], input_names)))
                 loss = loss_fn(outputs, [t[index] for t in targets], None if labels is None else labels[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

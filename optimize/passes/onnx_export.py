@@ -106,6 +106,11 @@ def _named_outputs(result: Any, prefix: str | None = None) -> list[tuple[str | N
     raise ExportError(f"model output of type {type(result).__name__} is not tensors")
 
 
+def output_tensors(result: Any) -> list[Any]:
+    """A model's output tensors in order (a dict's or a ModelOutput's fields flattened)."""
+    return [t for _, t in _named_outputs(result)]
+
+
 def model_output_names(named: list[tuple[str | None, Any]]) -> list[str] | None:
     """The model's own output names, where it names every output once."""
     names = [n for n, _ in named]
