@@ -62,13 +62,25 @@ def shown(c: dict[str, Any]) -> str:
     return f"{accuracy} (drop {drop}), {c['build_time_s']:.1f} s"
 
 
+def _why(c: dict[str, Any]) -> str:
+    reason = c.get("reason") or ""
+    if reason.startswith("accuracy gate") and c.get("drop") is not None:
+        return f"gate: {c['metric']} drop {c['drop']:.3g} points"
+    return "no layer in INT8" if "no layer computes in INT8" in reason else reason[:80]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default=",".join(hf_folders.IMAGE_ARCHS + hf_folders.TEXT_ARCHS))
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--prune", default="", help="pruning ratios, e.g. 0.3")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--render", action="store_true", help="render the tables again from OUT/hf_zoo.json")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads((Path(args.out) / "hf_zoo.json").read_text())
+        render(results, tuple(t for t in args.targets.split(",") if t), args)
+        return
     targets = tuple(t for t in args.targets.split(",") if t)
     ratios = [float(r) for r in args.prune.split(",") if r]
     results: dict[str, Any] = {"environment": environment(), "command": " ".join(sys.argv[1:]), "archs": {}}
@@ -125,7 +137,7 @@ def render(results: dict[str, Any], targets: tuple[str, ...], args: Any) -> None
                 prune_rows.append([arch, f"{e['ratio']:.0%}", "error: " + e["error"], "", ""])
                 continue
             int8 = ", ".join(f"{t} {c['accuracy_pct']:.1f}%" if c["status"] == "built" and c["accuracy_pct"] is not None
-                             else f"{t} {c['status']}" for t, c in e["int8"].items())
+                             else f"{t} {c['status']} ({_why(c)})" for t, c in e["int8"].items())
             fmt = lambda v: "-" if v is None else f"{v:.1f}%"  # noqa: E731
             prune_rows.append([arch, f"{e['ratio']:.0%}", f"{fmt(e['original'])} -> pruned {fmt(e['pruned'])} -> "
                                f"recovered {fmt(e['recovered'])}", int8, f"{e['build_s']:.0f}"])

@@ -76,6 +76,25 @@ def test_classification_strings_are_tritons():
             classification_count(bad, "logits")
 
 
+def test_optional_arguments_the_data_leaves_out_stay_at_their_defaults():
+    import inspect
+
+    import torch
+
+    from optimize.inputs.binding import bound
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, scale=None, shift=None):
+            return x * (2.0 if scale is None else scale) + (0.0 if shift is None else shift)
+
+    model = Scaled()
+    assert bound(model, ["x", "scale", "shift"], ["x", "scale"]) is model  # a prefix: called as it is
+    fed = bound(model, ["x", "scale", "shift"], ["x", "shift"])
+    assert list(inspect.signature(fed.forward).parameters) == ["x", "shift"]
+    x = torch.ones(2, 3)
+    assert torch.equal(fed(x, torch.full((2, 3), 5.0)), torch.full((2, 3), 7.0))  # scale at its default, 2
+
+
 # --- built from folders -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

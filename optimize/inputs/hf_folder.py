@@ -20,6 +20,7 @@ preprocessing (``preprocessor_config.json``) and the tokenizer (``tokenizer.json
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -242,6 +243,7 @@ def _data_arguments(model: Any) -> list[str]:
     return names
 
 
+@functools.cache
 def _module_class() -> Any:
     import torch
 
