@@ -193,9 +193,11 @@ def text_folder(arch: str, out: Path, epochs: int = 6, data: dict[str, Any] | No
             "class": type(model).__name__, "classes": len(packages)}
 
 
-def make(out: str | Path, names: tuple[str, ...] = ("vit", "text")) -> dict:
+def make(out: str | Path, names: tuple[str, ...] = ("vit", "text"), epochs: int | None = None) -> dict:
     """Each named folder (an architecture of ``IMAGE_ARCHS`` or ``TEXT_ARCHS``, or ``text``: the BERT
-    classifier) trained and saved under ``out``, with the shared data beside them."""
+    classifier) trained and saved under ``out``, with the shared data beside them; ``epochs`` (None:
+    each kind's default) shortens training where only the folder matters, not the model's quality."""
+    more = {} if epochs is None else {"epochs": epochs}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     made, images, texts = {}, None, None
@@ -203,10 +205,10 @@ def make(out: str | Path, names: tuple[str, ...] = ("vit", "text")) -> dict:
         arch = ALIASES.get(name, name)
         if arch in IMAGE_ARCHS:
             images = images or _images(out)
-            made[name] = image_folder(arch, out, data=images)
+            made[name] = image_folder(arch, out, data=images, **more)
         elif arch in TEXT_ARCHS:
             texts = texts or _texts(out)
-            made[name] = text_folder(arch, out, data=texts, name=name)
+            made[name] = text_folder(arch, out, data=texts, name=name, **more)
         else:
             raise KeyError(f"{name}: not one of {', '.join(IMAGE_ARCHS + TEXT_ARCHS)}, text")
     return made

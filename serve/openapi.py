@@ -78,16 +78,23 @@ def request_schema(model: ServedModel) -> dict[str, Any]:
                            "items": {"oneOf": [input_schema(r, model.max_batch) for r in signature]},
                            "allOf": [{"contains": {"properties": {"name": {"const": n}}, "required": ["name"]}}
                                      for n in names]},
-                "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-                    "name": {"enum": [o["name"] for o in model.outputs]},
-                    "parameters": {"type": "object", "properties": {
-                        "binary_data": {"type": "boolean"},
-                        # Triton's classification extension: the top k of a [batch, classes] output
-                        "classification": {"type": "integer", "minimum": 1}}}}}},
+                "outputs": {"type": "array", "items": {"oneOf": [output_schema(o) for o in model.outputs]}},
                 "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
             },
         })
     return sets[0] if len(sets) == 1 else {"oneOf": sets}
+
+
+def output_schema(output: dict[str, Any]) -> dict[str, Any]:
+    """A requested output: its name and parameters. Triton's classification extension (the top k of
+    a [batch, classes] output) where the output is one; elsewhere that parameter is refused."""
+    shape = list(output["shape"])
+    classes = shape[1] if len(shape) == 2 and shape[1] > 0 else None
+    classification = {"type": "integer", "minimum": 1, "maximum": classes} if classes else False
+    return {"type": "object", "required": ["name"], "properties": {
+        "name": {"const": output["name"]},
+        "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"},
+                                                         "classification": classification}}}}
 
 
 def openapi(model: ServedModel) -> dict[str, Any]:

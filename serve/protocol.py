@@ -193,8 +193,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         requested = [o["name"] for o in outputs] or None  # an empty list asks for every output, as none does
         binary = {o["name"]: _flag(_parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")
                   for o in outputs}
-        top = {o["name"]: _parameters(o, f"output '{o['name']}'").get("classification") for o in outputs}
-        classification = {name: classification_count(k, name) for name, k in top.items() if k is not None}
+        given = {o["name"]: _parameters(o, f"output '{o['name']}'") for o in outputs}
+        classification = {name: classification_count(p["classification"], name) for name, p in given.items()
+                          if "classification" in p}
     else:
         classification = {}
     request_id = header.get("id")
@@ -207,6 +208,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
 
 def classification_count(value: Any, name: str) -> int:
     """The ``classification`` parameter of a requested output: how many top classes to return."""
+    if isinstance(value, float) and value.is_integer():  # JSON's 3.0 is the integer 3
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ProtocolError(f"output '{name}': parameters.classification must be a positive integer (the number "
                             f"of top classes to return), not {value!r}")

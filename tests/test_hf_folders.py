@@ -71,6 +71,7 @@ def test_classification_strings_are_tritons():
     got = classify(scores, 2, ["cat", "dog", "eel"])
     assert got.shape == (2, 2) and list(got[0]) == ["2.500000:1:dog", "0.100000:0:cat"]
     assert list(classify(scores, 1, None)[1]) == ["3.000000:0"]
+    assert classification_count(3.0, "logits") == 3  # JSON's 3.0 is an integer
     for bad in (0, -1, True, "2", 1.5):
         with pytest.raises(ProtocolError, match="positive integer"):
             classification_count(bad, "logits")
@@ -103,7 +104,7 @@ def folders(tmp_path_factory):
     from models.hf_folders import make
 
     out = tmp_path_factory.mktemp("hf")
-    made = make(out)
+    made = {**make(out, ("vit",)), **make(out, ("text",), epochs=2)}  # the text classifier's quality is not under test
     return {"root": out, **made}
 
 

@@ -358,6 +358,13 @@ def prune_module(original: torch.nn.Module, example: tuple, config: PruneConfig,
     layers = [{"name": name, "macs_before": layers_before[name][0], "macs_after": layers_after.get(name, (0, 0))[0],
                "params_before": layers_before[name][1], "params_after": layers_after.get(name, (0, 0))[1]}
               for name in layers_before]
+    if granularity == "heads":  # the layers around the heads keep their width: name them
+        whole = [entry["name"] for entry in layers if entry["params_before"] and
+                 entry["params_after"] == entry["params_before"]]
+        if whole:
+            protected_names = whole
+            notes.append(f"head pruning leaves the other layers at their width: {len(whole)} kept whole "
+                         f"({', '.join(whole[:4])}{', ...' if len(whole) > 4 else ''})")
     report = {"config": config.to_json(), "granularity": granularity,
               "kept_whole": protected_names + list(config.ignore),
               "macs_before": macs_before, "macs_after": macs_after,
