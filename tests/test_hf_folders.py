@@ -213,6 +213,78 @@ def test_packaged_minilm_folder_embeds_as_sentence_transformers_does(tmp_path):
     assert cosine.min() > 0.9999, cosine
 
 
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class MineConfig(PretrainedConfig):
+    model_type = "mine"
+
+    def __init__(self, width=4, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+"""
+REMOTE_MODEL = """
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_mine import MineConfig
+
+
+class MineModel(PreTrainedModel):
+    config_class = MineConfig
+    main_input_name = "input_values"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.fc = torch.nn.Linear(config.width, 3)
+        self.post_init()
+
+    def forward(self, input_values=None, return_dict=None):
+        return {"logits": self.fc(input_values).relu()}
+"""
+
+
+@pytest.mark.slow
+def test_remote_code_loads_with_trust(tmp_path):
+    """A folder with its own modeling code (auto_map) builds once the user says they trust it."""
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    from optimize.bundle import read_manifest
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "configuration_mine.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_mine.py").write_text(REMOTE_MODEL)
+    (folder / "__init__.py").write_text("")
+    spec = importlib.util.spec_from_file_location("mine_pkg", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["mine_pkg"] = package
+    try:
+        from mine_pkg.modeling_mine import MineConfig, MineModel  # noqa: F401 (made importable above)
+
+        MineModel(MineConfig()).save_pretrained(folder)
+    finally:
+        for name in [n for n in sys.modules if n.startswith("mine_pkg")]:
+            del sys.modules[name]
+    (folder / "__init__.py").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MineModel"], auto_map={"AutoConfig": "configuration_mine.MineConfig",
+                                                         "AutoModel": "modeling_mine.MineModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32))
+    refused = run_cli("build", folder, "--calib", tmp_path / "x.npy", "--target", "ort-fp32", "--out", tmp_path / "a")
+    _one_line(refused, "auto_map", "--trust-checkpoint")
+    trusted = run_cli("build", folder, "--calib", tmp_path / "x.npy", "--target", "ort-fp32", "--trust-checkpoint",
+                      "--out", tmp_path / "b")
+    assert trusted.returncode == 0, trusted.stderr
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.source["folder"]["chosen_by"] == "auto_map AutoModel (--trust-checkpoint)"
+    assert [s.name for s in manifest.inputs] == ["input_values"] and manifest.output_names == ["logits"]
+
+
 @pytest.mark.slow
 def test_export_falls_back_to_draft_export_and_records_the_route(tmp_path):
     import torch
