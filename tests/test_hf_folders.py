@@ -130,6 +130,17 @@ def test_vit_folder_uses_its_preprocessing_and_labels(folders, tmp_path):
     assert (tmp_path / "a" / "labels.txt").read_text().split()[:3] == ["zero", "one", "two"]
     assert a.source["kind"] == "hf-folder" and a.source["folder"]["class"] == "ViTForImageClassification"
     assert a.stages["export"]["route"] == "torch.export"
+    # The torch-eager baseline of `optimize bench` reads the program's dict output by field.
+    from optimize.bench.torch_runner import TorchProgramRunner
+
+    held = np.load(tmp_path / "a" / "data" / "heldout.npz")
+    runner = TorchProgramRunner(tmp_path / "a" / "program.pt2", a.inputs, a.output_names)
+    try:
+        got = runner.infer({"pixel_values": held["pixel_values"][:4]})["logits"]
+    finally:
+        runner.close()
+    assert got.shape == (4, 10) and np.allclose(got, np.load(tmp_path / "a" / "data" / "reference.npz")["logits"][:4],
+                                                atol=1e-4)
     # The Triton export carries the labels file and names it on the output.
     exported = run_cli("export", "triton", tmp_path / "a", tmp_path / "repo")
     assert exported.returncode == 0, exported.stderr

@@ -14,6 +14,7 @@ import numpy as np
 
 from optimize.errors import BundleError
 from optimize.inputs.specs import TensorSpec
+from optimize.passes.onnx_export import output_tensors
 from optimize.targets.base import Runner, RunnerConfig
 
 
@@ -41,7 +42,7 @@ class TorchProgramRunner(Runner):
 
         with torch.inference_mode():
             result = self._module(*(torch.from_numpy(feeds[s.name]) for s in self.inputs))
-        values = [result] if isinstance(result, torch.Tensor) else list(result)
+        values = output_tensors(result)  # a dict or ModelOutput in its fields' order
         return {name: value.numpy() for name, value in zip(self._names, values)}
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from optimize.inputs.calibration import Samples
 from optimize.errors import BuildError, BundleError
 from optimize.inputs.specs import TensorSpec
+from optimize.passes.onnx_export import output_tensors
 from optimize.quiet import quieted
 from optimize.targets.base import Backend, BuildConfig, BuildInputs, Engine, Runner, RunnerConfig
 from optimize.targets.coverage import Coverage, Layer
@@ -49,7 +50,7 @@ class TorchCompileBackend(Backend):
 
     name = "torch"
     modules = ("optimize.targets.torch_compile", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
-               "optimize.errors", "optimize.validate", "optimize.cpu")
+               "optimize.errors", "optimize.validate", "optimize.cpu", "optimize.passes.onnx_export")
     triton = None  # Triton's PyTorch backend takes TorchScript, not an AOTInductor package
     fixed_batch_profile = True  # the package's batch axis is dynamic up to the largest of --batch-sizes
 
@@ -256,7 +257,7 @@ class TorchCompileRunner(Runner):
             args.append(tensor.to(self._dtype) if self._dtype is not None and tensor.is_floating_point() else tensor)
         with torch.inference_mode():
             result = self._model(*args)
-        values = [result] if isinstance(result, torch.Tensor) else list(result)
+        values = output_tensors(result)  # a dict or ModelOutput in its fields' order
         return {name: value.float().cpu().numpy() for name, value in zip(self._record["outputs"], values)}
 
     def coverage(self, sample: dict[str, np.ndarray]) -> Coverage | None:
