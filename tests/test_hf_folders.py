@@ -59,6 +59,10 @@ def test_a_folder_without_config_is_said_so(tmp_path):
 @pytest.mark.slow
 def test_a_folder_without_weights_is_said_so(tmp_path):
     folder = _folder(tmp_path)
+    pytest.importorskip("transformers")
+    (folder / "model.safetensors").write_bytes(b"garbage, not safetensors")  # a damaged weights file
+    _one_line(run_cli("build", folder, "--calib", "x.npy", "--out", tmp_path / "d"), "could not load it as BertModel",
+              "SafetensorError", "model.safetensors")
     (folder / "model.safetensors").unlink()
     pytest.importorskip("transformers")
     _one_line(run_cli("build", folder, "--calib", "x.npy", "--out", tmp_path / "c"), "no weights", "save_pretrained")

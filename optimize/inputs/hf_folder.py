@@ -211,9 +211,10 @@ def load_model_folder(folder: Path, trust: bool) -> tuple[torch.nn.Module, list[
         transformers.utils.logging.disable_progress_bar()  # no per-tensor progress bar on the console
         with quieted(loggers=("transformers",)):
             model = cls.from_pretrained(str(model_folder), attn_implementation="eager", **options)
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+    except Exception as exc:  # transformers' or safetensors' own refusal of the user's files (--debug shows why)
         text = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"checkpoint {folder}: transformers could not load it as {cls.__name__} ({text})") from None
+        raise CheckpointError(f"checkpoint {folder}: transformers could not load it as {cls.__name__} "
+                              f"({type(exc).__name__}: {text}); is {weights} complete and saved by save_pretrained?") from exc
     model.eval()
     names = _data_arguments(model)
     module = HuggingFaceModel(model, names, pooling)
