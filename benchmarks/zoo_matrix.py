@@ -119,7 +119,7 @@ def main() -> None:
                         original=acc["original"][key].get(metric), pruned=acc["pruned"][key].get(metric),
                         recovered=acc.get("recovered", {}).get(key, {}).get(metric),
                         steps=recovery.get("steps"), seconds=recovery.get("seconds"), stopped=recovery.get("stopped"),
-                        advice=recovery.get("advice"),
+                        advice=recovery.get("advice"), recovered_gate=recovery.get("gate"),
                         curve=[(c["step"], c["drop"]) for c in recovery.get("curve", [])],
                         int8={t: {**cell(e), "value": ((e.get("accuracy") or {}).get(key) or {}).get(metric)}
                               for t, e in pruned["manifest"]["targets"].items()})

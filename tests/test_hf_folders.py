@@ -1,7 +1,7 @@
 """Hugging Face model folders as checkpoints: refused where they should be (one line each), and
 built from the folder alone where they can be: a ViT image classifier with its preprocessing, a
 BERT text classifier with its tokenizer and label names (served through Triton's classification
-extension), and the packaged all-MiniLM-L6-v2 as its sentence-transformers folder."""
+extension). The packaged all-MiniLM-L6-v2 folder is built in tests/test_reference_models.py."""
 
 from __future__ import annotations
 
@@ -197,35 +197,6 @@ def test_text_classifier_folder_is_served_with_label_names(folders, tmp_path):
 
         status, answer, _ = post("POST", server.url + "/v2/models/docs/infer", body)
         assert status == 400 and "more classes than the 8" in json.loads(answer)["error"]
-
-
-@pytest.mark.slow
-def test_packaged_minilm_folder_embeds_as_sentence_transformers_does(tmp_path):
-    pytest.importorskip("sentence_transformers")
-    import tritonclient.http as triton_http
-    from sentence_transformers import SentenceTransformer
-
-    import models.minilm as minilm
-    from support import Server
-
-    texts = minilm.corpus()[:160]
-    np.savez(tmp_path / "text.npz", **minilm.tokenize(texts))
-    out = tmp_path / "bundle"
-    result = run_cli("build", minilm.model_dir(), "--calib", tmp_path / "text.npz", "--target", "ort-fp32",
-                     "--name", "minilm", "--out", out)
-    assert result.returncode == 0, result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["outputs"][0]["name"] == "sentence_embedding"
-    assert manifest["source"]["folder"]["sentence_transformers"] == {"mode": "mean", "normalize": True}
-    asked = minilm.extra_corpus()[:6]
-    want = SentenceTransformer(str(minilm.model_dir()), device="cpu").encode(asked)
-    with Server(out) as server:
-        client = triton_http.InferenceServerClient(server.url[len("http://"):])
-        tensor = triton_http.InferInput("text", [len(asked), 1], "BYTES")
-        tensor.set_data_from_numpy(np.asarray(asked, dtype=object).reshape(-1, 1))
-        got = client.infer("minilm", [tensor]).as_numpy("sentence_embedding")
-    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-    assert cosine.min() > 0.9999, cosine
 
 
 REMOTE_CONFIG = """

@@ -1,5 +1,6 @@
 """Structured pruning and recovery on tiny models: real torch-pruning, real shapes, real errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -36,6 +37,10 @@ def test_channel_pruning_shrinks_tensors_and_keeps_the_head():
     conv2 = next(layer for layer in report["layers"] if layer["name"] == "conv2")
     assert conv2["macs_after"] * 3 < conv2["macs_before"]
     assert outcome.module(*X).shape == (2, 5)
+    # What recovery's advice names for --prune-ignore: conv2 lost 3/4 of its weights, conv1 1/2, the head
+    # a little less (its bias keeps its width).
+    from optimize.build.prune_stage import hardest_layers
+    assert hardest_layers(model, report["layers"]) == ["conv2", "conv1", "head"]
 
 
 def test_round_to_global_scope_and_importance_choices():
@@ -107,7 +112,7 @@ def test_pruned_checkpoint_rebuilds_from_the_original_class(tmp_path, tiny_check
 def _judge(model, x, budget):
     """A selection-split check of a student: agreement with ``model`` on ``x``."""
     from optimize import validate
-    from optimize.passes.distill import Check
+    from optimize.passes.distill import Check, teacher_distance
 
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
@@ -116,8 +121,8 @@ def _judge(model, x, budget):
         with torch.no_grad():
             got = student(torch.from_numpy(x)).numpy()
         result, verdict = validate.judge("classify", reference, got, None, budget)
-        distance = float(((got - reference) ** 2).mean() / reference.var())
-        return Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, result, 0.0)
+        distance = teacher_distance("classify", got, reference)
+        return Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, result, 0.0, samples=len(x))
     return judge
 
 
@@ -140,7 +145,10 @@ def test_distillation_pulls_the_pruned_model_towards_the_original():
     assert not pruned.training and summary["samples"] == 256 and summary["steps"] <= 80
     curve = summary["curve"]
     assert curve[0]["step"] == 0 and curve[-1]["step"] == summary["steps"] and len(curve) >= 3
-    best = min(curve, key=lambda c: c["distance"])
+    # 64 selection samples: judged by the distance pooled with the training probe, and the closest is kept.
+    assert all(c["signal"] == pytest.approx((64 * c["distance"] + 256 * c["train_distance"]) / 320) for c in curve)
+    assert "steps of 1.6 points" in summary["signal"] and "pooled with 256 samples" in summary["signal"]
+    best = min(curve, key=lambda c: c["signal"])
     assert summary["best"]["step"] == best["step"] == summary["best_step"]  # the closest check is what is kept
     assert abs(_judge(model, selection, 1.0)(pruned).distance - best["distance"]) < 1e-6
 
@@ -160,11 +168,49 @@ def test_distillation_stops_when_good_on_a_plateau_and_at_the_time_limit():
 
     good = run(DistillConfig(), 99.0)  # any model is within a 99-point budget with a margin: no step taken
     assert good["steps"] == 0 and good["stopped"].startswith("met the budget") and good["advice"] is None
-    flat = run(DistillConfig(check_every=25, patience=2), 0.0)  # a zero budget is never met with a margin
-    assert flat["stopped"].startswith("plateaued") and flat["steps"] < 10_000
-    assert "more recovery data" in flat["advice"]  # 64 samples, many epochs
-    timed = run(DistillConfig(time_limit_s=0.5, check_every=25), 0.0)
-    assert timed["stopped"] == "reached --recover-time 0.5s" and timed["seconds"] < 5
+    # A zero budget is never met with a margin: it stops when flat at the third learning rate.
+    flat = run(DistillConfig(check_every=25, patience=3, time_limit_s=60), 0.0)
+    assert flat["stopped"].startswith("flattened: ") and flat["lr_cuts"] == 2, flat["stopped"]
+    assert [c["lr"] for c in flat["curve"]][-1] == pytest.approx(1e-5)
+    assert "more recovery data" in flat["advice"] and "--prune-ignore" in flat["advice"]  # 64 samples, many epochs
+    timed = run(DistillConfig(time_limit_s=1.0, check_every=25), 0.0)
+    assert timed["stopped"] == "reached --recover-time 1s" and timed["seconds"] < 5
+    assert timed["trend"]["improving"] and "still improving" in timed["advice"], timed["advice"]
+
+
+def test_the_distance_is_what_recovery_minimises_and_the_trend_decides():
+    from optimize.passes.distill import Check, advice, flattened, rate, teacher_distance
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((100, 10))
+    # A classifier's distance is blind to a shift of all of a sample's logits, as its loss is.
+    assert teacher_distance("classify", logits + 5.0, logits) == pytest.approx(0.0, abs=1e-12)
+    assert teacher_distance("classify", logits * 0.5, logits) > 0.01
+    assert teacher_distance("regress", logits + 5.0, logits) > 1.0
+
+    def checks(values, seconds_per_check=10.0):
+        return [Check(i * 50, i * seconds_per_check, 2.0, (1.0, 3.0), False, v, {}, 1e-3, samples=1000, signal=v)
+                for i, v in enumerate(values)]
+    falling = checks([1.0 * 0.9 ** i for i in range(8)])
+    noisy = checks([1.0, 0.7, 1.1, 0.8, 1.2, 0.75, 1.05, 0.9])
+    flat = checks([0.5, 0.501, 0.499, 0.5, 0.5005, 0.4995])
+    assert flattened(falling, 6, False) is None and flattened(noisy, 6, False) is None  # noise is not flat
+    assert flattened(flat, 6, False).startswith("the distance to the original fell 0.")
+    assert flattened(flat[:5], 6, False) is None  # too few checks to judge
+    # Still improving when the time ran out: the advice gives the time it would likely need, from the
+    # curve's own drop per unit of distance and its rate.
+    summary = {"stopped": "reached --recover-time 1m", "seconds": 70.0, "samples": 900, "epochs": 20,
+               "labelled_samples": 0, "curve": [c.to_json() for c in falling], "trend": rate(falling[1:])}
+    for c, check in zip(summary["curve"], falling):
+        c["drop"] = 2.0 * check.distance  # drop 2 points per unit of distance
+    best = dataclasses.replace(falling[-1], drop=2.0 * falling[-1].distance)
+    said = advice(summary, 0.5, best)
+    assert "still falling 10.0% a check" in said and "--recover-time " in said, said
+    # 0.9**7 = 0.478 to 0.2 (80% of the budget over 2): 8.3 checks of 10 s more, 153 s in all -> 3m
+    assert said.endswith("--recover-time 3m"), said
+    levelled = advice({**summary, "stopped": "flattened: ..."}, 0.5, best, ["conv2", "conv1"])
+    assert "--prune-ignore conv2 --prune-ignore conv1 (the layers that lost most)" in levelled
+    assert "more recovery data" in levelled  # 20 epochs over the data
 
 
 def test_build_with_prune_records_each_step_and_reloads(tmp_path, tiny_checkpoint):
@@ -179,6 +225,11 @@ def test_build_with_prune_records_each_step_and_reloads(tmp_path, tiny_checkpoin
     assert stage["recovered"] and recovery["steps"] <= 40 and recovery["steps_cap"] == 40
     assert recovery["curve"][0]["step"] == 0 and recovery["stopped"]
     assert "recovery on the " in result.stderr and "step -> drop" in result.stderr
+    # The curve keeps the held-out drop beside the selection's (for the report), and what it was judged by.
+    assert all(c["held_out"]["drop"] is not None and c["train_distance"] >= 0 for c in recovery["curve"])
+    assert "(held-out " in result.stderr and "recovery judged by its distance" in result.stderr
+    assert recovery["gate"]["drop"] == pytest.approx(stage["accuracy"]["original"]["eval"]["accuracy_pct"]
+                                                     - stage["accuracy"]["recovered"]["eval"]["accuracy_pct"])
     assert set(stage["accuracy"]) == {"original", "pruned", "recovered"}
     assert stage["macs_after"] < stage["macs_before"] / 2
     assert any("only 96 samples" in w for w in stage["warnings"]) and "warning: recovery saw only" in result.stderr

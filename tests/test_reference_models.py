@@ -91,19 +91,28 @@ def manifest_winner(bundle: Path) -> str:
 
 
 def test_minilm_int8_keeps_embeddings(tmp_path):
-    from models.minilm import make_checkpoint
+    """The packaged all-MiniLM-L6-v2 folder as a user has it (a sentence-transformers model): every CPU
+    target keeps its embeddings, and the served FP32 engine answers as sentence-transformers does."""
+    pytest.importorskip("sentence_transformers")
+    import numpy as np
+    import tritonclient.http as triton_http
+    from sentence_transformers import SentenceTransformer
 
-    make_checkpoint(tmp_path)
+    import models.minilm as minilm
+    from support import Server
+
+    np.savez(tmp_path / "text.npz", **minilm.tokenize(minilm.corpus()))
     out = tmp_path / "bundle"
     # torch-compile in BF16 where the CPU has it natively (it re-exports the program in BF16, which a
     # float32 cast recorded inside attention once broke); elsewhere it is FP32, measured in other tests.
     bf16 = ("torch-compile",) if native_bf16() else ()
-    result = run_cli("build", tmp_path / "minilm.pt", "--arch", "models.minilm:MiniLM",
-                     "--calib", tmp_path / "minilm_text.npz", "--target", ",".join((*CPU_TARGETS, *bf16)),
-                     "--out", out)
+    result = run_cli("build", minilm.model_dir(), "--calib", tmp_path / "text.npz",
+                     "--target", ",".join((*CPU_TARGETS, *bf16)), "--name", "minilm", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["task"] == "embed" and manifest["model_kind"] == "transformer"
+    assert manifest["outputs"][0]["name"] == "sentence_embedding"
+    assert manifest["source"]["folder"]["sentence_transformers"] == {"mode": "mean", "normalize": True}
     for name in bf16:
         entry = manifest["targets"][name]
         assert entry["status"] == "built" and entry["precision"] == "bf16", (name, entry.get("reason"))
@@ -114,6 +123,15 @@ def test_minilm_int8_keeps_embeddings(tmp_path):
         held = manifest["targets"][name]["accuracy"]["held_out"]
         assert held["mean_cosine"] >= 0.99, name
         assert held["retrieval_agreement_pct"] >= 95, name
+    asked = minilm.extra_corpus()[:6]
+    want = SentenceTransformer(str(minilm.model_dir()), device="cpu").encode(asked)
+    with Server(out, "--target", "ort-fp32") as server:
+        client = triton_http.InferenceServerClient(server.url[len("http://"):])
+        tensor = triton_http.InferInput("text", [len(asked), 1], "BYTES")
+        tensor.set_data_from_numpy(np.asarray(asked, dtype=object).reshape(-1, 1))
+        got = client.infer("minilm", [tensor]).as_numpy("sentence_embedding")
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.9999, cosine
     # The scheme is chosen by measurement on this CPU; weight-only INT8 on ONNX Runtime dequantizes
     # once at load (QDQ fusions off), not per run.
     record = manifest["targets"]["ort-int8"]

@@ -103,7 +103,8 @@ def _taylor_batches(samples: Samples | None, config: PruneStageConfig, data: Gat
 
 
 def _recover(original: "torch.nn.Module", pruned: "torch.nn.Module", samples: Samples | None, data: GateData,
-             config: PruneStageConfig, accuracy: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+             config: PruneStageConfig, accuracy: dict[str, Any],
+             hardest: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
     """Distil the pruned model towards the original; (the recovery report or None, warnings)."""
     distill_config = config.distill
     if not distill_config.enabled or samples is None:
@@ -111,11 +112,14 @@ def _recover(original: "torch.nn.Module", pruned: "torch.nn.Module", samples: Sa
         return None, [f"the pruned model was NOT recovered ({why}): expect a large accuracy drop"]
     names = [s.name for s in config.inputs]
     teacher = run_reference(original, samples, list(data.held_out.reference))
+    budget = config.max_accuracy_drop
     recovery = distill_pass.distill(pruned, samples, teacher, names, config.task, distill_config, config.model_kind,
-                                    selection_judge(data, config.max_accuracy_drop), config.max_accuracy_drop)
+                                    selection_judge(data, budget, distill_config.temperature), budget,
+                                    watch=held_out_watch(data, budget), hardest=hardest)
     recovery["selection"] = {"data": data.selection.name, "samples": len(data.selection)}
-    recovered = evaluate_module(pruned, data, config.max_accuracy_drop)
+    recovered = evaluate_module(pruned, data, budget)
     accuracy["recovered"] = recovered["accuracy"]
+    recovery["gate"] = recovered["gate"]
     warnings = [w for w in [distill_pass.too_little_data(len(samples))] if w]
     if not recovered["gate"]["passed"]:
         lever = recovery["advice"] or ("it met the budget on the selection split, so the gap may be the held-out "
@@ -125,20 +129,52 @@ def _recover(original: "torch.nn.Module", pruned: "torch.nn.Module", samples: Sa
     return recovery, warnings
 
 
-def selection_judge(data: GateData, budget: float | None) -> Callable[["torch.nn.Module"], distill_pass.Check]:
+def selection_judge(data: GateData, budget: float | None,
+                    temperature: float = 2.0) -> Callable[["torch.nn.Module"], distill_pass.Check]:
     """The student judged against the original on the selection split (a recovery step's check)."""
     split, first, names = data.selection, data.output, list(data.held_out.reference)
-    ref = split.reference[first].astype(np.float64)
-    spread = max(float(ref.var()), 1e-12)
 
     def check(student: "torch.nn.Module") -> distill_pass.Check:
         got = run_reference(student, split.samples, names)[first]
         result, verdict = judge(data.task, split.reference[first], got, split.samples.labels, budget)
-        distance = float(((got.astype(np.float64) - ref) ** 2).mean() / spread)
+        distance = distill_pass.teacher_distance(data.task, got, split.reference[first], temperature)
         shown = {k: v for k, v in result.items() if k in ("top1_agreement_pct", "accuracy_pct", "mean_cosine",
                                                           "mean_abs_error")}
-        return distill_pass.Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, shown, 0.0)
+        return distill_pass.Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, shown, 0.0,
+                                  samples=len(split))
     return check
+
+
+# The held-out drop in the recovery curve is measured on at most this many of the gate's samples.
+WATCHED_SAMPLES = 512
+
+
+def held_out_watch(data: GateData, budget: float | None) -> Callable[["torch.nn.Module"], dict[str, Any]]:
+    """The student's drop on the gate's held-out data at a recovery check: recorded for the curve,
+    never used to choose (that would spend the gate's data)."""
+    split, first, names = data.held_out, data.output, list(data.held_out.reference)
+    count = min(len(split), WATCHED_SAMPLES)
+    index = np.sort(np.random.default_rng(0).choice(len(split), count, replace=False))  # data may be in class order
+    samples, reference = split.samples.take(index), split.reference[first][index]
+
+    def watch(student: "torch.nn.Module") -> dict[str, Any]:
+        got = run_reference(student, samples, names)[first]
+        _, verdict = judge(data.task, reference, got, samples.labels, budget)
+        return {"drop": verdict.drop, "interval": list(verdict.interval) if verdict.interval else None,
+                "samples": count}
+    return watch
+
+
+def hardest_layers(module: "torch.nn.Module", layers: list[dict[str, Any]]) -> list[str]:
+    """The convolutions and linear layers pruning took the largest share of weights from (most
+    compute removed first among equals): the candidates for ``--prune-ignore``."""
+    from torch import nn
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    weighted = {n for n, m in module.named_modules() if isinstance(m, kinds)}
+    lost = [(1 - e["params_after"] / e["params_before"], e["macs_before"] - e["macs_after"], e["name"])
+            for e in layers if e["name"] in weighted and e["params_before"] and e["params_after"] < e["params_before"]]
+    return [name for *_, name in sorted(lost, reverse=True)]
 
 
 def _prune_and_recover(folder: Path, original: "torch.nn.Module", samples: Samples | None, data: GateData,
@@ -159,7 +195,8 @@ def _prune_and_recover(folder: Path, original: "torch.nn.Module", samples: Sampl
         log.info(f"note: {note}")
     accuracy = {"original": evaluate_module(original, data, None)["accuracy"],
                 "pruned": evaluate_module(outcome.module, data, None)["accuracy"]}
-    recovery, warnings = _recover(original, outcome.module, samples, data, config, accuracy)
+    recovery, warnings = _recover(original, outcome.module, samples, data, config, accuracy,
+                                  hardest_layers(original, outcome.report["layers"]))
     pruned_checkpoint.save_pruned(original, outcome.module, folder / PRUNED_FILE)
     return {**outcome.report, "model_kind": config.model_kind, "recovered": recovery is not None,
             "recovery": recovery, "recovery_data": None if samples is None else {"samples": len(samples),
@@ -206,7 +243,8 @@ def run_prune_stage(config: PruneStageConfig, loaded: LoadedModel, data: GateDat
 
 
 def curve_lines(recovery: dict[str, Any]) -> list[str]:
-    """The recovery curve in a few console lines: step -> drop on the selection split, and why it stopped."""
+    """The recovery curve in a few console lines: step -> drop on the selection split (and on the
+    held-out data, watched only), what it was judged by, and why it stopped."""
     curve = recovery["curve"]
     shown = curve if len(curve) <= 8 else [*curve[:3], *curve[-5:]]
     points = []
@@ -214,11 +252,16 @@ def curve_lines(recovery: dict[str, Any]) -> list[str]:
         extra = "".join(f", {k.replace('_pct', '')} {v:.4g}" for k, v in check["metrics"].items()
                         if k in ("top1_agreement_pct", "accuracy_pct"))
         drop = "-" if check["drop"] is None else f"{check['drop']:.3g}"
-        points.append(f"{check['step']}: drop {drop}{extra}")
+        held = (check.get("held_out") or {}).get("drop")
+        held = "" if held is None else f" (held-out {held:.3g})"
+        points.append(f"{check['step']}: drop {drop}{held}{extra}")
     lines = [f"  recovery on the {recovery['selection']['data']} ({recovery['selection']['samples']} samples), "
-             f"step -> drop: " + "; ".join(points),
-             f"  recovery {recovery['stopped']} after {recovery['steps']} steps ({recovery['epochs']:g} epochs "
-             f"over {recovery['samples']} samples, {recovery['seconds']:g} s); kept step {recovery['best_step']}"]
+             f"step -> drop: " + "; ".join(points)]
+    if recovery.get("signal"):
+        lines.append(f"  recovery judged by {recovery['signal']}")
+    lines.append(f"  recovery {recovery['stopped']} after {recovery['steps']} steps ({recovery['epochs']:g} epochs "
+                 f"over {recovery['samples']} samples, {recovery['seconds']:g} s of {recovery['time_limit_s']:g} s); "
+                 f"kept step {recovery['best_step']}")
     if recovery.get("advice"):
         lines.append(f"  recovery stopped short: {recovery['advice']}")
     return lines

@@ -216,6 +216,10 @@ def load_model_folder(folder: Path, trust: bool) -> tuple[torch.nn.Module, list[
         raise CheckpointError(f"checkpoint {folder}: transformers could not load it as {cls.__name__} "
                               f"({type(exc).__name__}: {text}); is {weights} complete and saved by save_pretrained?") from exc
     model.eval()
+    if pooling is not None and isinstance(getattr(model, "pooler", None), torch.nn.Module):
+        # sentence-transformers pools the hidden states; the model's own pooler (a dense layer and a
+        # tanh) would be computed and thrown away. transformers' encoders skip a pooler set to None.
+        model.pooler = None
     names = _data_arguments(model)
     module = HuggingFaceModel(model, names, pooling)
     labels = config.get("id2label") if cls.__name__.endswith("Classification") or "ForImage" in cls.__name__ else None

@@ -6,12 +6,18 @@ classifiers, the embedding itself for encoders, the values for regressors). Labe
 (``--train-data``) add a cross-entropy term.
 
 It runs until it is good, not for a fixed count: about once an epoch the student is judged on
-the selection split (never the gate's held-out data), and training stops when the drop's 95%
-interval lies below the budget (met with a margin), when it plateaus (its outputs no closer to the
-teacher's for ``patience`` checks, once more after the learning rate is cut tenfold), at ``steps`` (an explicit cap) or at
-``time_limit_s``. The best checkpoint on the selection split is kept. The curve (step -> drop,
-agreement, labelled accuracy) and the reason it stopped are reported, and when it stops short,
-which lever would help.
+the selection split (never the gate's held-out data). The signal it is judged by is continuous: the
+distance of its outputs to the teacher's (mean squared error over the outputs' variance), not the
+agreement, which on a few hundred samples moves in steps of whole samples; when the selection split
+is small, the distance on a fixed probe of the training pool (no labels needed) is pooled in. The
+checkpoint closest to the teacher on that signal is kept. Training stops when the drop's 95%
+interval lies below the budget (met with a margin), when the signal's trend has clearly flattened
+(its fitted slope over the last checks, at its optimistic end, promises less than ``FLAT_GAIN`` more
+over as many checks again) after the learning rate was cut tenfold twice, at ``steps`` (an explicit
+cap) or at ``time_limit_s``: otherwise it uses the time it was given. The curve (step, time,
+selection and held-out drop, distances) and the reason it stopped are reported, and when it stops
+short, which lever would help: the time it would likely need, or more data, a lower ratio or
+``--prune-ignore`` of the layers that lost most.
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ if TYPE_CHECKING:
 # original's accuracy on the digits CNN (benchmarks/results/prune_digits.md: 200 samples left it
 # 1.3 points below, 400 within 0.6, 800 level with it); bigger models need more.
 MIN_RECOVERY_SAMPLES = 500
+# A selection split smaller than this is pooled with a probe of the training pool for the signal
+# (at 500 samples a whole sample is 0.2 points of agreement).
+SMOOTH_SAMPLES = 500
+PROBE_SAMPLES = 512
+# Flat: the trend's optimistic end (slope less two standard errors) promises under 3% less distance
+# over as many checks again.
+FLAT_GAIN = 0.03
+MAX_CUTS = 2  # learning-rate cuts (tenfold each) before a flat curve stops recovery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +60,7 @@ class DistillConfig:
     temperature: float = 2.0
     label_weight: float = 0.5
     seed: int = 0
-    patience: int = 3  # checks without improvement before the learning rate is cut, then before stopping
+    patience: int = 6  # the fewest checks a trend is judged over (per learning rate)
     check_every: int | None = None  # steps between checks (None: about one epoch, 25 to 250)
 
     @property
@@ -110,14 +124,22 @@ class Check:
     drop: float | None
     interval: tuple[float, float] | None
     passed: bool
-    distance: float  # mean squared error to the teacher's outputs over their variance: continuous, for plateaus
+    distance: float  # to the teacher's outputs (``teacher_distance``): continuous, for the trend
     metrics: dict[str, float]
     lr: float
+    samples: int = 0  # in the selection split
+    train_distance: float | None = None  # on the probe of the training pool
+    signal: float | None = None  # what is judged: the distance, pooled with the probe's on a small split
+    held_out: dict[str, Any] | None = None  # the gate's data, watched for the report, never for choices
 
     def better_than(self, other: "Check | None") -> bool:
-        """Closer to the teacher by at least 1%. The distance, not the drop: on a few hundred samples
+        """Closer to the teacher on the signal. The distance, not the drop: on a few hundred samples
         agreement moves in steps of whole samples, and a noisy best would be kept by chance."""
-        return other is None or self.distance < other.distance * 0.99
+        return other is None or self.judged < other.judged
+
+    @property
+    def judged(self) -> float:
+        return self.distance if self.signal is None else self.signal
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -136,10 +158,13 @@ def margin_met(check: Check, budget: float | None) -> bool:
 
 def distill(student: torch.nn.Module, data: Samples, teacher: dict[str, np.ndarray], input_names: list[str],
             task: str, config: DistillConfig, model_kind: str, judge: Callable[[Any], Check | None],
-            budget: float | None, progress: bool = True) -> dict[str, Any]:
+            budget: float | None, progress: bool = True, watch: Callable[[Any], dict[str, Any]] | None = None,
+            hardest: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune ``student`` in place towards ``teacher`` (outputs on ``data``) until ``judge``
-    (the student on the selection split) says it is good or stops improving; returns a summary
-    with the curve and the reason it stopped."""
+    (the student on the selection split) says it is good or its distance to the teacher has clearly
+    flattened, or the time runs out; returns a summary with the curve and the reason it stopped.
+    ``watch`` (the gate's held-out data) is recorded per check, never used to choose; ``hardest``
+    names the layers pruning took most from, for the advice."""
     import torch
     from tqdm.auto import tqdm
 
@@ -158,27 +183,36 @@ def distill(student: torch.nn.Module, data: Samples, teacher: dict[str, np.ndarr
     batch = min(config.batch_size, count)
     check_every = config.check_every or int(np.clip(round(count / batch), 25, 250))
     warmup = max(1, min(100, check_every // 2))
+    window = max(3, config.patience)
+    probe = _probe(inputs, targets[0], input_names, count, config, task)
     losses: list[float] = []
     start = time.perf_counter()
     order = torch.randperm(count, generator=generator)
-    cursor, step, cuts, stale = 0, 0, 0, 0
+    cursor, step, cuts, phase_start = 0, 0, 0, 0
     curve: list[Check] = []
     best_state, best = None, None
+    pooled = False
 
     def check() -> Check:
-        nonlocal best_state, best, stale
+        nonlocal best_state, best, pooled
         student.eval()
         with torch.no_grad():
             result = judge(student)
+            train_distance = probe(student)
+            held = watch(student) if watch is not None else None
         student.train()
+        pooled = result.samples < SMOOTH_SAMPLES
+        signal = result.distance
+        if pooled:
+            signal = ((result.distance * result.samples + train_distance * probe.samples)
+                      / max(1, result.samples + probe.samples))
         result = dataclasses.replace(result, step=step, seconds=round(time.perf_counter() - start, 2),
-                                     lr=optimizer.param_groups[0]["lr"])
+                                     lr=optimizer.param_groups[0]["lr"], train_distance=train_distance,
+                                     signal=signal, held_out=held)
         curve.append(result)
         if result.better_than(best):
-            best, stale = result, 0
+            best = result
             best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        else:
-            stale += 1
         return result
 
     bar = tqdm(total=config.steps, desc="recovering (distillation)", unit="step", disable=not (progress and on_terminal()),
@@ -214,11 +248,12 @@ def distill(student: torch.nn.Module, data: Samples, teacher: dict[str, np.ndarr
                 bar.update(1)
             latest = check()
             bar.set_postfix(drop=f"{latest.drop:.3g}" if latest.drop is not None else "-", loss=f"{np.mean(losses[-20:]):.4f}")
-            if stale >= config.patience:
-                if cuts == 0:
-                    cuts, stale = 1, 0
+            flat = flattened(curve[phase_start:], window, pooled)
+            if flat is not None:
+                if cuts < MAX_CUTS:
+                    cuts, phase_start = cuts + 1, len(curve)
                 else:
-                    stopped = f"plateaued: no better on the selection split for {config.patience} checks"
+                    stopped = f"flattened: {flat}"
     finally:
         bar.close()
         if best_state is not None:
@@ -227,32 +262,164 @@ def distill(student: torch.nn.Module, data: Samples, teacher: dict[str, np.ndarr
     head = float(np.mean(losses[:20])) if losses else None
     tail = float(np.mean(losses[-20:])) if losses else None
     summary = {"steps": step, "best_step": best.step, "samples": count, "epochs": round(step * batch / count, 2),
-               "lr": lr, "batch_size": batch, "check_every": check_every,
+               "lr": lr, "batch_size": batch, "check_every": check_every, "lr_cuts": cuts,
                "labelled_samples": int((labels >= 0).sum()) if labels is not None else 0,
                "loss_first": head, "loss_last": tail, "seconds": round(time.perf_counter() - start, 2),
                "stopped": stopped, "best": best.to_json(), "curve": [c.to_json() for c in curve],
-               "steps_cap": config.steps, "time_limit_s": config.time_limit_s}
-    summary["advice"] = advice(summary, budget, best)
+               "steps_cap": config.steps, "time_limit_s": config.time_limit_s,
+               "signal": signal_note(curve[0].samples, probe.samples if pooled else 0)}
+    trained = curve[max(1, phase_start):]  # the checks at this learning rate, after training began
+    summary["trend"] = rate(trained if len(trained) >= 3 else curve[1:][-window:])
+    summary["advice"] = advice(summary, budget, best, hardest or [])
     return summary
 
 
-def advice(summary: dict[str, Any], budget: float | None, best: Check) -> str | None:
+def teacher_distance(task: str, got: np.ndarray, reference: np.ndarray, temperature: float = 2.0) -> float:
+    """How far a student's outputs are from the teacher's, in the terms recovery minimises: for a
+    classifier the KL divergence of the softened class scores (times T^2, as the loss), blind to a
+    shift of all of a sample's logits as the loss is; otherwise the mean squared error over the
+    teacher's variance. Continuous, unlike agreement."""
+    got, reference = np.asarray(got, np.float64), np.asarray(reference, np.float64)
+    if task == "classify" and reference.ndim >= 2 and reference.shape[1] > 1:
+        teacher, student = _log_softmax(reference / temperature), _log_softmax(got / temperature)
+        kl = (np.exp(teacher) * (teacher - student)).sum(1)
+        return float(kl.mean() * temperature ** 2)
+    return float(((got - reference) ** 2).mean() / max(float(reference.var()), 1e-12))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    top = x.max(1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(1, keepdims=True))
+
+
+class _Probe:
+    """The student's distance to the teacher on a fixed sample of the training pool."""
+
+    def __init__(self, inputs: list[Any], target: Any, names: list[str], index: Any, task: str, temperature: float):
+        self.inputs, self.names = [x[index] for x in inputs], names
+        self.target = target[index].numpy()
+        self.samples, self.task, self.temperature = len(index), task, temperature
+
+    def __call__(self, student: Any) -> float:
+        got = [output_tensors(student(*_trim_padding([x[first:first + 128] for x in self.inputs], self.names)))[0]
+               for first in range(0, self.samples, 128)]
+        return teacher_distance(self.task, np.concatenate([g.numpy() for g in got]), self.target, self.temperature)
+
+
+def _probe(inputs: list[Any], target: Any, names: list[str], count: int, config: DistillConfig, task: str) -> _Probe:
+    rng = np.random.default_rng(config.seed + 7)
+    index = np.sort(rng.choice(count, min(count, PROBE_SAMPLES), replace=False))
+    return _Probe(inputs, target, names, index, task, config.temperature)
+
+
+def signal_note(selection: int, probe: int) -> str:
+    """What recovery was judged by, and how a small selection split limits the choice."""
+    if not probe:
+        return f"its distance to the original's outputs on the {selection} samples it is judged on"
+    step = 100.0 / max(1, selection)
+    return (f"its distance to the original's outputs on the {selection} samples it is judged on, pooled with "
+            f"{probe} samples of the recovery data: on {selection} samples agreement moves in steps of {step:.2g} "
+            f"points and cannot tell checkpoints apart by less (more --calib data makes a bigger selection split)")
+
+
+def _slope(values: list[float]) -> tuple[float, float]:
+    """Least-squares slope of log(values) per check, and its standard error."""
+    y = np.log(np.maximum(np.asarray(values, np.float64), 1e-12))
+    x = np.arange(len(y), dtype=np.float64)
+    x -= x.mean()
+    b = float((x * (y - y.mean())).sum() / (x * x).sum())
+    residual = y - y.mean() - b * x
+    se = float(np.sqrt((residual ** 2).sum() / max(1, len(y) - 2) / (x * x).sum()))
+    return b, se
+
+
+def flattened(phase: list[Check], window: int, pooled: bool) -> str | None:
+    """Why the curve has clearly flattened over the last ``window`` checks of this learning rate
+    (None while it may still be improving): the signal's fitted slope, at its optimistic end, promises
+    less than ``FLAT_GAIN`` over as many checks again; or, on a pooled signal, the selection split
+    alone is clearly getting further from the teacher (the recovery data is being memorised)."""
+    if len(phase) < window:
+        return None
+    last = phase[-window:]
+    b, se = _slope([c.judged for c in last])
+    if pooled:
+        bs, ses = _slope([c.distance for c in last])
+        if bs - 2 * ses > 0:
+            return "the selection split moved away from the original while the recovery data moved closer"
+    gain = 1 - np.exp((b - 2 * se) * window)
+    if gain < FLAT_GAIN:
+        return (f"the distance to the original fell {max(0.0, 1 - np.exp(b * window)):.1%} over the last {window} "
+                f"checks, at the lowest learning rate")
+    return None
+
+
+def rate(checks: list[Check]) -> dict[str, Any] | None:
+    """The signal's trend at the end: relative change per minute, from the last checks."""
+    if len(checks) < 3 or checks[-1].seconds <= checks[0].seconds:
+        return None
+    b, se = _slope([c.judged for c in checks])
+    per_check_s = (checks[-1].seconds - checks[0].seconds) / (len(checks) - 1)
+    per_minute = float(np.exp(b * 60 / per_check_s) - 1)
+    return {"change_per_minute": per_minute, "improving": bool(b + 2 * se < 0), "seconds_per_check": per_check_s,
+            "slope_per_check": b}
+
+
+def time_needed(summary: dict[str, Any], budget: float | None, best: Check) -> float | None:
+    """Seconds more that recovery would likely need to bring the selection drop under ``budget``
+    with a margin, extrapolated from the end of the curve (drop roughly proportional to the distance
+    on the selection split; distance falling at its last rate). None where it cannot be said."""
+    trend = summary.get("trend")
+    if budget is None or not trend or not trend["improving"] or best.drop is None:
+        return None
+    pairs = [(c["distance"], c["drop"]) for c in summary["curve"] if c["drop"] is not None and c["distance"] > 0]
+    d = np.asarray([p[0] for p in pairs])
+    drops = np.asarray([p[1] for p in pairs])
+    if len(pairs) < 3 or (d * drops).sum() <= 0:
+        return None
+    k = float((d * drops).sum() / (d * d).sum())  # drop per unit of distance
+    wanted = 0.8 * budget / k
+    if wanted <= 0:
+        return None
+    if wanted >= best.distance:
+        return 0.0
+    checks = np.log(wanted / best.distance) / trend["slope_per_check"]
+    return float(checks * trend["seconds_per_check"])
+
+
+def advice(summary: dict[str, Any], budget: float | None, best: Check, hardest: list[str] | None = None) -> str | None:
     """Which lever would help, from the curve, when recovery stopped short of the budget."""
     if best.passed:
         return None
-    curve = summary["curve"]
-    improving = len(curve) >= 2 and curve[-1]["step"] == summary["best_step"]
     stopped = summary["stopped"]
-    if improving and stopped.startswith("reached --recover-time"):
-        return "it was still improving when the time ran out: a longer --recover-time would help"
-    if improving and stopped.startswith("reached --recover-steps"):
-        return "it was still improving at the step cap: more --recover-steps (or none, to run until good) would help"
+    trend = summary.get("trend") or {}
+    if trend.get("improving") and stopped.startswith(("reached --recover-time", "reached --recover-steps")):
+        change = (f"its distance to the original was still falling {1 - np.exp(trend['slope_per_check']):.1%} a check, "
+                  f"one every {trend['seconds_per_check']:.2g} s")
+        more = time_needed(summary, budget, best)
+        lever = "--recover-time" if stopped.startswith("reached --recover-time") else "--recover-steps (or none)"
+        if more is None:
+            return f"it was still improving when it stopped ({change}): a longer {lever} would help"
+        total = summary["seconds"] + more
+        if total > 12 * 3600:
+            return (f"it was still improving when it stopped ({change}), but at that rate the budget is more than "
+                    f"12 hours away: a smaller --prune ratio would help more than time")
+        return (f"it was still improving when it stopped ({change}); at that rate it would likely need about "
+                f"{_duration(_round_up(total))} in all: --recover-time {_duration(_round_up(total))}")
+    levers = []
     if summary["samples"] < MIN_RECOVERY_SAMPLES or summary["epochs"] >= 10:
-        more = (" (labelled --train-data adds a cross-entropy term)" if not summary["labelled_samples"] else "")
-        return (f"it levelled off after {summary['epochs']:g} epochs over {summary['samples']} samples: more "
-                f"recovery data would help, unlabelled is enough (--calib){more}; or a smaller --prune ratio")
-    return (f"it levelled off at a drop of {best.drop:.3g} with {summary['samples']} samples: a smaller --prune "
-            f"ratio, or --prune-ignore on the layers pruning hurt most, would help")
+        labelled = (" (labelled --train-data adds a cross-entropy term)" if not summary["labelled_samples"] else "")
+        levers.append(f"more recovery data, unlabelled is enough (--calib){labelled}")
+    levers.append("a smaller --prune ratio")
+    levers.append(f"--prune-ignore {' --prune-ignore '.join(hardest[:3])} (the layers that lost most)" if hardest
+                  else "--prune-ignore on the layers that lost most")
+    drop = "" if best.drop is None else f" at a drop of {best.drop:.3g}"
+    return (f"it levelled off{drop} after {summary['epochs']:g} epochs over {summary['samples']} samples; "
+            f"what would help: {'; '.join(levers[:-1])}; or {levers[-1]}")
+
+
+def _round_up(seconds: float) -> float:
+    """Up to a whole minute (a few seconds for short runs), to quote as a --recover-time."""
+    return float(np.ceil(seconds / 60) * 60) if seconds > 60 else float(np.ceil(seconds / 10) * 10)
 
 
 def parse_duration(text: str) -> float:
