@@ -175,7 +175,8 @@ def test_distillation_stops_when_good_on_a_plateau_and_at_the_time_limit():
     assert "more recovery data" in flat["advice"] and "--prune-ignore" in flat["advice"]  # 64 samples, many epochs
     timed = run(DistillConfig(time_limit_s=1.0, check_every=25), 0.0)
     assert timed["stopped"] == "reached --recover-time 1s" and timed["seconds"] < 5
-    assert timed["trend"]["improving"] and "still improving" in timed["advice"], timed["advice"]
+    # What the advice says follows the curve's trend at the end (how far 1 s got depends on the machine).
+    assert ("still improving" in timed["advice"]) == timed["trend"]["improving"], (timed["trend"], timed["advice"])
 
 
 def test_the_distance_is_what_recovery_minimises_and_the_trend_decides():
