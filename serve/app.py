@@ -6,7 +6,8 @@ route also answers under ``/versions/{v}``):
 
     GET  /v2/health/live    /v2/health/ready    /v2    /metrics    /openapi.json
     GET  /v2/models/{m}     /v2/models/{m}/ready     /v2/models/{m}/config     /v2/models/{m}/stats
-    POST /v2/models/{m}/infer
+    GET  /v2/models/stats   (every model's statistics, as Triton answers)
+    POST /v2/models/{m}/infer    /v2/repository/index
 
 Caller mistakes are a 4xx with ``{"error": "..."}`` (a 405 names the allowed method in ``Allow``);
 a full queue is a 503 at once. While the server drains, every answer carries ``Connection: close``,
@@ -30,7 +31,8 @@ LOG = logging.getLogger("serve")
 ACCESS = logging.getLogger("serve.access")  # JSON lines, one per request, with --access-log
 JSON = b"application/json"
 BINARY = b"application/octet-stream"
-SERVER_ROUTES = ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/openapi.json")
+SERVER_ROUTES = {"/v2/health/live": "GET", "/v2/health/ready": "GET", "/v2": "GET", "/metrics": "GET",
+                 "/openapi.json": "GET", "/v2/models/stats": "GET", "/v2/repository/index": "POST"}
 MODEL_ROUTES = ("", "/ready", "/config", "/stats")
 
 
@@ -59,7 +61,9 @@ class InferenceApp:
             if method != allowed:
                 raise ProtocolError(f"{method} {path} is not allowed; this route takes {allowed}", 405,
                                     {"Allow": allowed})
-            if allowed == "POST":
+            if path == "/v2/repository/index":  # Triton's repository extension: what is served, and its state
+                await self._index(receive, dict(scope["headers"]), send)
+            elif allowed == "POST":
                 await self._infer(scope, receive, send, note)
             else:
                 await self._get(path, tail, send)
@@ -73,7 +77,7 @@ class InferenceApp:
         """The route under the model's prefix (``None`` for a server route) and the method it takes;
         a ``ProtocolError`` (404) for anything else, naming the model when it is the wrong one."""
         if path in SERVER_ROUTES:
-            return None, "GET"
+            return None, SERVER_ROUTES[path]
         if not path.startswith("/v2/models/"):
             raise ProtocolError(f"{path} is not a route of this server", 404)
         parts = path[len("/v2/models/"):].split("/")
@@ -116,6 +120,20 @@ class InferenceApp:
                 await _respond(send, 200, json.dumps(service.config()).encode())
             else:
                 await _respond(send, 200, json.dumps(service.statistics()).encode())
+
+    async def _index(self, receive: Callable, headers: dict[bytes, bytes], send: Callable) -> None:
+        body = await _read_body(receive, headers, 1 << 16)
+        ready = False
+        if body.strip():
+            try:
+                asked = json.loads(body)
+            except ValueError:
+                raise ProtocolError("the repository index request is not valid JSON") from None
+            if not isinstance(asked, dict) or not isinstance(asked.get("ready", False), bool):
+                raise ProtocolError('the repository index request must be a JSON object like {"ready": true}')
+            ready = asked.get("ready", False)
+        models = [m for m in self.service.repository_index() if not ready or m["state"] == "READY"]
+        await _respond(send, 200, json.dumps(models).encode())
 
     async def _infer(self, scope: dict, receive: Callable, send: Callable, note: dict[str, Any]) -> None:
         headers = dict(scope["headers"])

@@ -156,6 +156,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.service.find_model(request.name, request.version)
         return json_format.ParseDict(self.service.statistics(), pb.ModelStatisticsResponse())
 
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        models = [m for m in self.service.repository_index() if not request.ready or m["state"] == "READY"]
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models])
+
     @_answers
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         self.last_call = time.monotonic()

@@ -31,7 +31,7 @@ class ServerMetrics(BatchObserver):
     """Every series of one served model; ``render()`` is the ``/metrics`` body."""
 
     def __init__(self, model: str, version: str, target: str, precision: str, bundle: str,
-                 queue_capacity: int, registry: CollectorRegistry | None = None):
+                 queue_capacity: int, registry: CollectorRegistry | None = None, content: str = ""):
         self.registry = registry or CollectorRegistry()
         labels = ("model", "version")
         self.requests = Counter("inference_requests", "Inference requests by protocol and outcome.",
@@ -48,13 +48,13 @@ class ServerMetrics(BatchObserver):
                                registry=self.registry)
         self.capacity = Gauge("inference_queue_capacity", "Requests the queue holds before rejecting.", labels,
                               registry=self.registry)
-        self.info = Gauge("model_info", "The model served (always 1).", (*labels, "target", "precision", "bundle"),
-                          registry=self.registry)
+        self.info = Gauge("model_info", "The model served (always 1); content_hash: what answers requests.",
+                          (*labels, "target", "precision", "bundle", "content_hash"), registry=self.registry)
         self.truncated = Counter("inference_text_truncated", "Texts cut at the model's serving length.", labels,
                                  registry=self.registry)
         self._labels = {"model": model, "version": version}
         self.capacity.labels(**self._labels).set(queue_capacity)
-        self.info.labels(**self._labels, target=target, precision=precision, bundle=bundle).set(1)
+        self.info.labels(**self._labels, target=target, precision=precision, bundle=bundle, content_hash=content).set(1)
         self.texts_truncated = self.truncated.labels(**self._labels)
         self._duration = {p: self.duration.labels(**self._labels, protocol=p) for p in PROTOCOLS}
         self._queue = self.queue.labels(**self._labels)

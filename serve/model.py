@@ -1,8 +1,11 @@
 """What the served model does: check a request's tensors against its inputs, run, describe itself.
 
-The name is the manifest's model name (or ``--model-name``); the version is a short hash of what
-answers requests (``bundle_version``), so two builds of the same model never answer as one. The
-target is the model's ``platform``.
+The name is the manifest's model name (or ``--model-name``). The version is a canonical decimal
+integer, as Triton's are (folder names of a model repository; its tools parse them as integers):
+the build's UTC time and the target's place in the bundle (``version_number``), so a later build
+is a larger version and two targets of one build differ. The content hash of what answers requests
+(``content_hash``) is kept beside it: in the model's config parameters, the ``model_info`` metric,
+and as an alias in versioned routes. The target is the model's ``platform``.
 A token model built with a tokenizer takes one BYTES input (``text``, shape [-1, 1]: one string
 per row) and tokenizes it here; its token inputs are still accepted as they are.
 """
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from optimize.bundle.manifest import Manifest
 
 
-def bundle_version(bundle: Path, manifest: Manifest, target: str) -> str:
+def content_hash(bundle: Path, manifest: Manifest, target: str) -> str:
     """The first 12 hex digits of a hash of what answers requests: the target, its engine files, the
     engine settings, the inputs and outputs, the tokenizer. Benchmark results, a new winner elsewhere
     or a rewritten manifest leave it alone; a rebuilt engine moves it."""
@@ -58,6 +61,7 @@ class ServedModel:
     max_batch: int
     text: Any = None  # optimize.inputs.tokenizer.TextEncoder for a token model built with a tokenizer
     labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # output -> its class names
+    content_hash: str = ""  # what answers requests (``content_hash``): an alias of the version in routes
 
     def signatures(self) -> list[list[dict[str, Any]]]:
         """The input sets this server accepts, each a list of {name, datatype, shape (-1: any)}.
@@ -141,7 +145,8 @@ class ServedModel:
         outputs = [{"name": o["name"], "datatype": datatype_of(o["dtype"]), "shape": list(o["shape"]),
                     **({"label_filename": Path(o["labels"]).name} if o.get("labels") else {})} for o in self.outputs]
         return model_config(self.name, self.target, self.max_batch, self.signatures()[0], outputs,
-                            batching["max_delay_s"], batching["queue_capacity"], batching["instances"], strict=False)
+                            batching["max_delay_s"], batching["queue_capacity"], batching["instances"], strict=False,
+                            parameters={"content_hash": self.content_hash} if self.content_hash else None)
 
 
 def output_labels(bundle: Path, manifest: Manifest) -> dict[str, list[str]]:

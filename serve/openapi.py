@@ -121,6 +121,14 @@ def openapi(model: ServedModel) -> dict[str, Any]:
             f"{base}/ready": get("Model ready", not_ready),
             f"{base}/config": get("Model configuration (Triton's layout)"),
             f"{base}/stats": get("Inference statistics (Triton's layout)"),
+            "/v2/models/stats": get("Every served model's inference statistics (Triton's layout)"),
+            "/v2/repository/index": {"post": {
+                "summary": "The models served, their versions and states (Triton's repository index)",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"ready": {"type": "boolean"}}}}}},
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {
+                    "type": "array", "items": {"type": "object", "required": ["name", "version", "state"]}}}}},
+                              "400": error}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
                 "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             f"{base}/infer": {"post": {

@@ -25,7 +25,7 @@ from typing import Iterator, TYPE_CHECKING
 import numpy as np
 import uvicorn
 
-from optimize.bundle.folder import choose_target, load_runner, read_manifest, text_encoder
+from optimize.bundle.folder import version_number, choose_target, load_runner, read_manifest, text_encoder
 from optimize.bundle.table import precision_text
 from optimize.drift.profile import DRIFT_DIR, Profile
 from optimize.errors import BundleError
@@ -33,7 +33,7 @@ from optimize.inputs.tokenizer import pad_values
 from serve.app import InferenceApp
 from serve.batching import Batcher, BatchingConfig
 from serve.metrics import ServerMetrics
-from serve.model import ServedModel, bundle_version, output_labels
+from serve.model import ServedModel, content_hash, output_labels
 from serve.closing import refuse_queued
 from serve.monitor import BackgroundMonitor, DriftMonitor
 from serve.service import InferenceService
@@ -87,11 +87,12 @@ def create_service(config: ServeConfig) -> InferenceService:
     inputs = list(manifest.inputs)
     held = np.load(bundle / "data" / "heldout.npz")
     warmup = {s.name: np.ascontiguousarray(held[s.name][:1]) for s in inputs}
-    model = ServedModel(config.model_name or manifest.model_name, bundle_version(bundle, manifest, target), target,
+    model = ServedModel(config.model_name or manifest.model_name, version_number(manifest, target), target,
                         precision_text(manifest.record(target, bundle)), inputs, manifest.outputs,
-                        config.batching.max_batch, text_encoder(bundle, manifest), output_labels(bundle, manifest))
+                        config.batching.max_batch, text_encoder(bundle, manifest), output_labels(bundle, manifest),
+                        content_hash(bundle, manifest, target))
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
-                            config.batching.queue_capacity)
+                            config.batching.queue_capacity, content=model.content_hash)
     drift_off = "off"
     if config.drift and (bundle / DRIFT_DIR / f"{target}.json").is_file():
         try:

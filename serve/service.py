@@ -87,12 +87,17 @@ class InferenceService:
         if name != self.model.name:
             raise ProtocolError(f"model '{name}' is not served here; this server serves '{self.model.name}' "
                                 f"version {self.model.version}", 404)
-        if version and version != self.model.version:
+        if version and version not in (self.model.version, self.model.content_hash):
             raise ProtocolError(f"model '{name}' has no version '{version}'; this server serves version "
                                 f"{self.model.version}", 404)
 
     def config(self) -> dict[str, Any]:
         return self.model.config(self.batcher.config.to_json())
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Triton's repository index: the one model served, its version and state."""
+        return [{"name": self.model.name, "version": self.model.version,
+                 "state": "READY" if self.ready else "UNAVAILABLE", "reason": "" if self.ready else "not ready"}]
 
     def statistics(self) -> dict[str, Any]:
         return self.stats.to_json(self.model.name, self.model.version)

@@ -161,13 +161,14 @@ def test_ctrl_c_keeps_what_was_measured(bundle):
 
 
 def _served(bundle):
-    """(the target ``optimize serve`` would serve, the version it would answer as)."""
+    """(the target ``optimize serve`` would serve, the version it would answer as, its content hash)."""
     from optimize.bundle import choose_target, read_manifest
-    from serve.model import bundle_version
+    from optimize.bundle.folder import version_number
+    from serve.model import content_hash
 
     manifest = read_manifest(bundle)
     target = choose_target(manifest, None, bundle)
-    return target, bundle_version(bundle, manifest, target)
+    return target, version_number(manifest, target), content_hash(bundle, manifest, target)
 
 
 @pytest.mark.slow
@@ -177,7 +178,7 @@ def test_bench_changes_the_winner_only_when_asked(tiny_checkpoint, tmp_path):
     built = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target",
                     "ort-fp32,openvino-fp32", "--latency-slo", "p99=1000ms", "--out", out)
     assert built.returncode == 0, built.stderr
-    winner, version = _served(out)
+    winner, version, _ = _served(out)
     other = ({"ort-fp32", "openvino-fp32"} - {winner}).pop()
     quick = ("--no-torch", "--no-cross-check", "--duration", "0.3s", "--batch-sizes", "1", "--concurrency", "1",
              "--rate", "20")
@@ -188,7 +189,7 @@ def test_bench_changes_the_winner_only_when_asked(tiny_checkpoint, tmp_path):
     assert missed.returncode == 0 and f"winner unchanged: {winner} (no target qualified in this run" in missed.stdout
     other_load = run_cli("bench", out, *quick, "--load", "concurrency=1")
     assert "differ from those the winner was chosen by (batch=1, p99 <= 1000 ms)" in other_load.stdout
-    assert _served(out) == (winner, version)  # benchmark results were added; what is served did not move
+    assert _served(out)[:2] == (winner, version)  # benchmark results were added; what is served did not move
     report = json.loads((out / "bench" / "report.json").read_text())
     assert report["winner_applied"] is False and report["winner"]["load"] == "concurrency=1"
     chosen = run_cli("bench", out, "--target", other, *quick, "--select")
@@ -197,18 +198,19 @@ def test_bench_changes_the_winner_only_when_asked(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_version_moves_with_the_engine_not_with_the_manifest(tiny_checkpoint, tmp_path):
+def test_the_version_grows_per_build_and_the_content_hash_moves_with_the_engine(tiny_checkpoint, tmp_path):
     import torch
 
     t = tiny_checkpoint
     flags = ("--arch", t["arch"], "--calib", t["calib"], "--target", "ort-fp32")
     assert run_cli("build", t["ckpt"], *flags, "--out", tmp_path / "a").returncode == 0
     assert run_cli("build", t["ckpt"], *flags, "--out", tmp_path / "a2").returncode == 0
-    # Another build of the same model: another manifest (its time stamp), the same engine, the same version.
+    # Another build of the same model: a later (larger) decimal version, the same engine, the same content hash.
     assert (tmp_path / "a" / "manifest.json").read_bytes() != (tmp_path / "a2" / "manifest.json").read_bytes()
-    assert _served(tmp_path / "a") == _served(tmp_path / "a2")
+    (target, first, content), (target2, second, content2) = _served(tmp_path / "a"), _served(tmp_path / "a2")
+    assert target == target2 and content == content2 and int(second) > int(first) and str(int(first)) == first
     state = torch.load(t["ckpt"])
     state["head.bias"] = state["head.bias"] + 0.5
     torch.save(state, tmp_path / "changed.pt")
     assert run_cli("build", tmp_path / "changed.pt", *flags, "--out", tmp_path / "c").returncode == 0
-    assert _served(tmp_path / "c")[1] != _served(tmp_path / "a")[1]
+    assert _served(tmp_path / "c")[2] != content

@@ -39,6 +39,9 @@ DIFFERENT: dict[str, str] = {
     "http body not json": "as above: Triton's 500 for a body that is not JSON; ours is 400",
     "grpc health (unknown service)": "Triton answers SERVING for any service name; grpc.health.v1 says NOT_FOUND "
                                      "for a service the server does not know, which ours answers",
+    "http repository index": "PyTriton starts Triton with its repository API restricted (403); an open "
+                             "Triton lists each model's name, version and state, which ours answers",
+    "grpc repository index": "as above (UNAVAILABLE from PyTriton's Triton)",
     "while draining: http ready": "PyTriton stops Triton at once on SIGTERM, so there is no drain to compare; ours "
                                   "keeps answering for --drain-delay with readiness false",
     "while draining: grpc health": "as above",
@@ -283,6 +286,15 @@ def _cases() -> dict[str, Callable[[Endpoint], Any]]:
         "http body not json": lambda e: _status(e.http("POST", f"{m}/infer", b"{not json")),
         "http no inputs": lambda e: _status(e.http("POST", f"{m}/infer", b'{"inputs": []}')),
         "http GET on the infer route": lambda e: e.http("GET", f"{m}/infer")[0],
+        # What perf_analyzer and Triton's repository tools read: a decimal version, the all-models
+        # statistics route, statistics by version, the repository index.
+        "http version is a canonical integer": lambda e: (lambda v: v == str(int(v)))(_version(e)),
+        "http all-models stats": lambda e: _picked(e.http("GET", "/v2/models/stats"), lambda b: [
+            (s["name"], s["version"] == _version(e)) for s in b["model_stats"] if s["name"] == MODEL]),
+        "http stats by version": lambda e: _picked(e.http("GET", f"{m}/versions/{_version(e)}/stats"), lambda b: [
+            (s["name"], s["version"] == _version(e)) for s in b["model_stats"]]),
+        "http repository index": lambda e: _picked(e.http("POST", "/v2/repository/index", b"{}"), lambda b: [
+            (i["name"], i.get("version") == _version(e), i.get("state")) for i in b if i["name"] == MODEL]),
         "http stats after a batch-4 request": lambda e: _stats_delta(
             e, lambda: e.http("POST", f"{m}/infer", _json_infer(X4)), lambda: _http_stats(e)),
         # gRPC
@@ -318,12 +330,29 @@ def _cases() -> dict[str, Callable[[Endpoint], Any]]:
         "grpc batch above max_batch_size": lambda e: _grpc_code(e.grpc("ModelInfer", _infer_request(
             np.zeros((9, 3, 16, 16), np.float32)))),
         "grpc no inputs": lambda e: _grpc_code(e.grpc("ModelInfer", pb.ModelInferRequest(model_name=MODEL))),
+        "grpc all-models stats": lambda e: (lambda a: a[0] if a[0] != "OK" else [
+            (x.name, x.version == _version(e)) for x in a[1].model_stats if x.name == MODEL])(
+            e.grpc("ModelStatistics", pb.ModelStatisticsRequest())),
+        "grpc repository index": lambda e: (lambda a: a[0] if a[0] != "OK" else [
+            (x.name, x.version == _version(e), x.state) for x in a[1].models if x.name == MODEL])(
+            e.grpc("RepositoryIndex", pb.RepositoryIndexRequest())),
         "grpc stats after a batch-4 request": lambda e: _stats_delta(
             e, lambda: e.grpc("ModelInfer", _infer_request(X4)), lambda: _grpc_stats(e)),
         "grpc health (server)": lambda e: _health(e),
         "grpc health (unknown service)": lambda e: _health(e, "nope"),
     }
     return cases
+
+
+def _picked(answer: tuple, pick: Callable[[Any], Any]) -> Any:
+    """``pick`` of a 200 answer's JSON body; else its status, or what could not be read."""
+    status, body = answer[0], answer[2]
+    if status != 200:
+        return status
+    try:
+        return pick(json.loads(body))
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable ({type(exc).__name__}): {body[:200]!r}"
 
 
 def _version(endpoint: Endpoint) -> str:

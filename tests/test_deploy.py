@@ -37,7 +37,11 @@ def test_triton_repository_matches_triton_schema_and_the_engine(bundle, tmp_path
     assert config.name == "tiny" and config.max_batch_size == 16
     assert config.dynamic_batching.max_queue_delay_microseconds == 500
     assert config.instance_group[0].count == 2 and config.instance_group[0].kind == 2  # KIND_CPU
-    files = sorted(p.name for p in (repo / "tiny" / "1").iterdir())
+    # The version folder is the version `optimize serve` answers as: a decimal integer that grows per build.
+    from optimize.bundle.folder import read_manifest, version_number
+    version = version_number(read_manifest(bundle), target)
+    assert [p.name for p in (repo / "tiny").iterdir() if p.is_dir()] == [version] and len(version) == 19
+    files = sorted(p.name for p in (repo / "tiny" / version).iterdir())
     assert files == sorted(config.default_model_filename.split() + (["model.bin"] if target.startswith("openvino") else []))
     proto = triton_proto()
     dtype = {v: k for k, v in proto.DataType.items()}
@@ -45,7 +49,7 @@ def test_triton_repository_matches_triton_schema_and_the_engine(bundle, tmp_path
         import onnx
 
         assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime"
-        graph = onnx.load(str(repo / "tiny" / "1" / "model.onnx")).graph
+        graph = onnx.load(str(repo / "tiny" / version / "model.onnx")).graph
         engine_inputs = {i.name: ([d.dim_value for d in i.type.tensor_type.shape.dim][1:],
                                   onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
                          for i in graph.input}
@@ -54,7 +58,7 @@ def test_triton_repository_matches_triton_schema_and_the_engine(bundle, tmp_path
         import openvino as ov
 
         assert config.backend == "openvino" and not config.platform
-        model = ov.Core().read_model(str(repo / "tiny" / "1" / "model.xml"))
+        model = ov.Core().read_model(str(repo / "tiny" / version / "model.xml"))
         engine_inputs = {p.get_any_name(): ([d.get_length() for d in list(p.get_partial_shape())[1:]],
                                             p.get_element_type().to_dtype().name) for p in model.inputs}
         engine_outputs = {p.get_any_name(): [d.get_length() for d in list(p.get_partial_shape())[1:]]

@@ -35,9 +35,9 @@ inference_requests_in_flight{model="digits",version="abc123"} 0.0
 # HELP inference_queue_capacity Requests the queue holds before rejecting.
 # TYPE inference_queue_capacity gauge
 inference_queue_capacity{model="digits",version="abc123"} 64.0
-# HELP model_info The model served (always 1).
+# HELP model_info The model served (always 1); content_hash: what answers requests.
 # TYPE model_info gauge
-model_info{bundle="bundle",model="digits",precision="int8",target="openvino-int8",version="abc123"} 1.0
+model_info{bundle="bundle",content_hash="",model="digits",precision="int8",target="openvino-int8",version="abc123"} 1.0
 '''
 
 

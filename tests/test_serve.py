@@ -211,8 +211,10 @@ def test_metrics_count_outcomes_and_batches(server):
     ok_after, batches_after, rows_after, text = counters()
     assert ok_after - ok_before == 80
     assert f'inference_queue_capacity{{{labels}}} 64.0' in text
-    assert (f'model_info{{bundle="bundle",model="tiny",precision="fp32",target="ort-fp32",version="{version}"}} 1.0'
-            in text)
+    content = json.loads(http("GET", server.url + "/v2/models/tiny/config")[1])["parameters"]["content_hash"]
+    assert (f'model_info{{bundle="bundle",content_hash="{content["string_value"]}",model="tiny",precision="fp32",'
+            f'target="ort-fp32",version="{version}"}} 1.0' in text)
+    assert version == str(int(version)) and len(content["string_value"]) == 12  # Triton's decimal; the hash beside it
     assert rows_after - rows_before == 80  # every row went through exactly one engine call
     assert 10 <= batches_after - batches_before <= 80  # at most 8 rows a call (max batch 8), at most one call a row
     for name in ("inference_request_duration_seconds_bucket", "inference_queue_duration_seconds_count",
@@ -260,11 +262,11 @@ def test_overload_gets_prompt_503_and_sigterm_drains(slow_bundle):
 
 def test_bench_drives_the_server_with_the_same_loads(server, bundles, tmp_path):
     from optimize.bundle import read_manifest
-    from serve.model import bundle_version
+    from serve.model import content_hash
 
     bundle = bundles.copy(tmp_path / "bundle", *SERVED)  # bench writes its report into the bundle
     before = read_manifest(bundle)
-    version = bundle_version(bundle, before, "ort-fp32")
+    version = content_hash(bundle, before, "ort-fp32")
     result = run_cli("bench", bundle, "--url", server.url, "--target", "ort-fp32", "--no-torch", "--no-cross-check",
                      "--duration", "0.5s", "--batch-sizes", "1,4", "--concurrency", "1,2", "--rate", "50", "--rounds", "1")
     assert result.returncode == 0, result.stderr
@@ -278,7 +280,7 @@ def test_bench_drives_the_server_with_the_same_loads(server, bundles, tmp_path):
     assert "Server over its own engine" in (bundle / "bench" / "report.md").read_text()
     after = read_manifest(bundle)
     assert after.winner == before.winner and "winner unchanged" in result.stdout and "(--url)" in result.stdout
-    assert after.bench["winner_applied"] is False and bundle_version(bundle, after, "ort-fp32") == version
+    assert after.bench["winner_applied"] is False and content_hash(bundle, after, "ort-fp32") == version
 
 
 def mutations(rng: np.random.Generator, x: np.ndarray):

@@ -284,7 +284,7 @@ def _write_bundle(root: Path, plan: BuildPlan, prepared: Prepared, export: Expor
         outputs[0]["labels"] = labels
     manifest = Manifest(
         model_name=plan.name or loaded.path.stem,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),  # the version's
         source={"checkpoint": str(loaded.path), "sha256": loaded.sha256, "kind": loaded.format,
                 "arch": plan.source.arch, "arch_kwargs": plan.source.arch_kwargs,
                 **({"folder": loaded.folder} if loaded.folder else {})},

@@ -17,6 +17,7 @@ the stage cache lives beside it in ``<out>.cache/``.
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,3 +115,19 @@ def text_encoder(bundle: Path, manifest: Manifest) -> "TextEncoder | None":
     from optimize.inputs.tokenizer import TextEncoder
 
     return TextEncoder(Path(bundle), manifest.text, list(manifest.inputs))
+
+
+def version_number(manifest: Manifest, target: str) -> str:
+    """The served version: the build's UTC time to the millisecond, YYYYMMDDHHMMSSmmm, followed by
+    the target's place among the bundle's targets (two digits), e.g. ``2026120322150412302``. It
+    grows with each build (a Triton "latest" policy means the newest) and fits Triton's int64
+    versions (19 digits, below 9.2e18)."""
+    try:
+        created = datetime.datetime.fromisoformat(manifest.created)
+    except (TypeError, ValueError):
+        created = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)  # a manifest without its time
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.timezone.utc)
+    place = list(manifest.targets).index(target) + 1 if target in manifest.targets else 0
+    created = created.astimezone(datetime.timezone.utc)
+    return f"{created:%Y%m%d%H%M%S}{created.microsecond // 1000:03d}{place:02d}"

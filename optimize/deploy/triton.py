@@ -2,7 +2,8 @@
 ``optimize export triton``, and the model repository writer.
 
 A repository holds ``<model>/config.pbtxt`` (protobuf text of Triton's ``ModelConfig``) and the
-engine under a version folder ``<model>/1/``. How Triton runs each backend's engine (platform,
+engine under a version folder ``<model>/<version>/``, the version `optimize serve` answers as
+(``version_number``: the build's UTC time and the target's place). How Triton runs each backend's engine (platform,
 backend, files, instance kind) is the backend's own ``TritonEntry``: ONNX Runtime and OpenVINO
 engines on the CPU, TensorRT plans on the GPU and TensorRT version they were built with.
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize import atomic
-from optimize.bundle.folder import choose_target, read_manifest
+from optimize.bundle.folder import choose_target, read_manifest, version_number
 from optimize.errors import BundleError, InputSpecError
 from optimize.bundle.manifest import Manifest
 from optimize.inputs.specs import oip_datatype
@@ -119,7 +120,7 @@ def engine_tensors(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[
 def export_repository(bundle: Path, repo: Path, target: str | None = None, max_batch: int = 8,
                       instances: int = 1, max_delay_s: float = 0.0, queue_capacity: int = 64,
                       name: str | None = None) -> dict[str, Any]:
-    """Write ``repo/<model>/`` (config.pbtxt, 1/<engine files>) for one built target of ``bundle``."""
+    """Write ``repo/<model>/`` (config.pbtxt, <version>/<engine files>) for one built target of ``bundle``."""
     bundle, repo = Path(bundle), Path(repo)
     manifest = read_manifest(bundle)
     target = choose_target(manifest, target, bundle)
@@ -140,12 +141,14 @@ def export_repository(bundle: Path, repo: Path, target: str | None = None, max_b
                           parameters=registry.facts(target).triton_parameters(folder))
     notes = [f"{target}: {note}" for note in registry.facts(target).triton_notes(folder)]
     repo.mkdir(parents=True, exist_ok=True)
+    version = version_number(manifest, target)  # the number `optimize serve` answers as
     with atomic.StagedFolder(repo / model) as stage:
-        (stage / "1").mkdir()
+        (stage / version).mkdir()
         for file in info.files:
-            shutil.copyfile(folder / file, stage / "1" / file)
+            shutil.copyfile(folder / file, stage / version / file)
         (stage / "config.pbtxt").write_text(to_pbtxt(config))
         for output in manifest.outputs:  # Triton's classification extension names classes from these
             if output.get("labels"):
                 shutil.copyfile(bundle / output["labels"], stage / Path(output["labels"]).name)
-    return {"model": model, "target": target, "path": str(repo / model), "config": config, "notes": notes}
+    return {"model": model, "target": target, "path": str(repo / model), "version": version, "config": config,
+            "notes": notes}

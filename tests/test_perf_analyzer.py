@@ -1,0 +1,100 @@
+"""Triton's own load generator, perf_analyzer, unchanged against ``optimize serve`` over HTTP and
+gRPC: it finds the model by name and decimal version, reads the server-side statistics around each
+measurement, and what it prints of them agrees with what the server counted.
+
+perf_analyzer is the C++ binary that tritonclient's wheel installs beside Python; it needs
+Debian's libb64-0d and a CUDA runtime library (PyPI's nvidia-cuda-runtime-cu12), no GPU. The
+README's test command installs both (the CUDA library in .venv-perf/, out of the CPU install);
+where either is missing the test says so and skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support import ROOT, SERVED, Server, http
+
+pytestmark = pytest.mark.service
+MODEL = "tiny"
+
+
+def perf_analyzer() -> tuple[Path, dict[str, str]]:
+    """The binary and the environment it runs in, or a skip naming what is missing."""
+    exe = Path(sys.executable).parent / "perf_analyzer"
+    if not exe.is_file():
+        pytest.skip("perf_analyzer is not installed (tritonclient's wheel ships it: pip install -e '.[test]')")
+    env = dict(os.environ)
+    lib = ROOT / ".venv-perf" / "nvidia" / "cuda_runtime" / "lib"  # scripts/test.sh puts it there
+    env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+    probe = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=env, timeout=30)
+    if probe.returncode != 0:
+        line = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"perf_analyzer cannot start here ({line}): it needs Debian's libb64-0d and "
+                    f"nvidia-cuda-runtime-cu12, which scripts/test.sh installs")
+    return exe, env
+
+
+def input_data(bundle: Path, path: Path, rows: int = 16) -> Path:
+    """Held-out samples in perf_analyzer's ``--input-data`` JSON: real inputs, not random bytes."""
+    held = np.load(bundle / "data" / "heldout.npz")
+    names = [n for n in held.files if n != "labels"]
+    count = min(rows, len(held[names[0]]))
+    data = [{n: {"content": held[n][i].ravel().tolist(), "shape": list(held[n][i].shape)} for n in names}
+            for i in range(count)]
+    path.write_text(json.dumps({"data": data}))
+    return path
+
+
+def server_section(output: str) -> dict[str, float]:
+    """The numbers perf_analyzer prints under ``Server:`` for the (last) concurrency measured."""
+    section = output.rsplit("Server:", 1)[1]
+    numbers = {key: float(re.search(rf"{key}: (\d+)", section).group(1))
+               for key in ("Inference count", "Execution count", "Successful request count")}
+    latency = re.search(r"Avg request latency: (\d+) usec \(overhead (\d+) usec \+ queue (\d+) usec \+ "
+                        r"compute input (\d+) usec \+ compute infer (\d+) usec \+ compute output (\d+) usec\)", section)
+    numbers.update(zip(("request", "overhead", "queue", "input", "infer", "output"), map(float, latency.groups())))
+    numbers["client_avg_us"] = float(re.findall(r"Avg latency: (\d+) usec", output)[-1])
+    return numbers
+
+
+def _stats(server: Server) -> dict:
+    return json.loads(http("GET", server.url + f"/v2/models/{MODEL}/stats")[1])["model_stats"][0]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_measures_the_server_and_reads_its_statistics(bundles, tmp_path, protocol):
+    exe, env = perf_analyzer()
+    bundle = bundles.get(*SERVED)
+    data = input_data(bundle, tmp_path / "input.json")
+    with Server(bundle, "--target", "ort-fp32") as server:
+        url = server.url[len("http://"):] if protocol == "http" else server.grpc_url
+        before = _stats(server)
+        # A noisy two-core machine: short windows, a loose stability bound, a few trials.
+        result = subprocess.run([str(exe), "-m", MODEL, "-u", url, "-i", protocol, "--input-data", str(data),
+                                 "--concurrency-range", "1:2:1", "--measurement-interval", "500",
+                                 "--stability-percentage", "50", "--max-trials", "6"],
+                                capture_output=True, text=True, env=env, timeout=180)
+        after = _stats(server)
+        server.stop()
+        stderr = server.process.stderr.read()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "missing statistics" not in output and "Request concurrency: 2" in output, output[-3000:]
+    printed = server_section(output)
+    answered = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    # What perf_analyzer read from the server's statistics is a window of what the server counted.
+    assert 0 < printed["Successful request count"] <= answered
+    assert printed["Inference count"] >= printed["Successful request count"]
+    # The server's own time for a request is inside the client's, and the parts add up to it.
+    assert 0 < printed["request"] <= printed["client_avg_us"]
+    parts = sum(printed[k] for k in ("overhead", "queue", "input", "infer", "output"))
+    assert abs(parts - printed["request"]) <= 5, printed
+    assert "Traceback" not in stderr, stderr[-2000:]
