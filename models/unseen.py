@@ -15,33 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.zoo_nets import ChannelsLayerNorm, ConvNeXtBlock, SqueezeExcite
-
-
-class GeluMBConv(nn.Module):
-    """MBConv with GELU instead of SiLU."""
-
-    def __init__(self, cin: int, cout: int, expand: int, stride: int = 1):
-        super().__init__()
-        hidden = cin * expand
-        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.GELU())
-        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-                                       nn.BatchNorm2d(hidden), nn.GELU())
-        self.se = SqueezeExcite(hidden, max(4, cin // 4))
-        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.se(self.depthwise(self.expand(x))))
-        return x + y if self.residual else y
+from models.zoo_nets import ChannelsLayerNorm, ConvNeXtBlock, MBConv
 
 
 class MBConvGelu(nn.Module):
     def __init__(self, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.GELU())
-        self.blocks = nn.Sequential(GeluMBConv(24, 24, 3), GeluMBConv(24, 40, 6, stride=2), GeluMBConv(40, 40, 3),
-                                    GeluMBConv(40, 64, 6, stride=2))
+        self.blocks = nn.Sequential(MBConv(24, 24, 3, activation=nn.GELU), MBConv(24, 40, 6, 2, nn.GELU),
+                                    MBConv(40, 40, 3, activation=nn.GELU), MBConv(40, 64, 6, 2, nn.GELU))
         self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(64, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,12 +26,12 @@ class SqueezeExcite(nn.Module):
 class MBConv(nn.Module):
     """EfficientNet's block: 1x1 expansion, depthwise 3x3, squeeze-excitation, 1x1 projection."""
 
-    def __init__(self, cin: int, cout: int, expand: int = 4, stride: int = 1):
+    def __init__(self, cin: int, cout: int, expand: int = 4, stride: int = 1, activation: type = nn.SiLU):
         super().__init__()
         hidden = cin * expand
-        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), activation())
         self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-                                       nn.BatchNorm2d(hidden), nn.SiLU())
+                                       nn.BatchNorm2d(hidden), activation())
         self.se = SqueezeExcite(hidden, max(4, cin // 4))
         self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
         self.residual = stride == 1 and cin == cout
