@@ -10,6 +10,7 @@ where either is missing the test says so and skips.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import ROOT, SERVED, Server, http
+from support import ROOT, SERVED, Server, http, run_cli
 
 pytestmark = pytest.mark.service
 MODEL = "tiny"
@@ -40,17 +41,6 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
         pytest.skip(f"perf_analyzer cannot start here ({line}): it needs Debian's libb64-0d and "
                     f"nvidia-cuda-runtime-cu12, which scripts/test.sh installs")
     return exe, env
-
-
-def input_data(bundle: Path, path: Path, rows: int = 16) -> Path:
-    """Held-out samples in perf_analyzer's ``--input-data`` JSON: real inputs, not random bytes."""
-    held = np.load(bundle / "data" / "heldout.npz")
-    names = [n for n in held.files if n != "labels"]
-    count = min(rows, len(held[names[0]]))
-    data = [{n: {"content": held[n][i].ravel().tolist(), "shape": list(held[n][i].shape)} for n in names}
-            for i in range(count)]
-    path.write_text(json.dumps({"data": data}))
-    return path
 
 
 def server_section(output: str) -> dict[str, float]:
@@ -73,7 +63,8 @@ def _stats(server: Server) -> dict:
 def test_perf_analyzer_measures_the_server_and_reads_its_statistics(bundles, tmp_path, protocol):
     exe, env = perf_analyzer()
     bundle = bundles.get(*SERVED)
-    data = input_data(bundle, tmp_path / "input.json")
+    data = tmp_path / "input.json"  # real held-out samples, as a user makes them
+    assert run_cli("export", "perf-data", bundle, data, "--rows", "16").returncode == 0
     with Server(bundle, "--target", "ort-fp32") as server:
         url = server.url[len("http://"):] if protocol == "http" else server.grpc_url
         before = _stats(server)
@@ -98,3 +89,18 @@ def test_perf_analyzer_measures_the_server_and_reads_its_statistics(bundles, tmp
     parts = sum(printed[k] for k in ("overhead", "queue", "input", "infer", "output"))
     assert abs(parts - printed["request"]) <= 5, printed
     assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_perf_data_is_the_held_out_samples_byte_for_byte(bundles, tmp_path):
+    bundle = bundles.get(*SERVED)
+    assert run_cli("export", "perf-data", bundle, tmp_path / "perf.json", "--rows", "5").returncode == 0
+    data = json.loads((tmp_path / "perf.json").read_text())["data"]
+    held = np.load(bundle / "data" / "heldout.npz")["x"]
+    assert len(data) == 5
+    for row, entry in enumerate(data):
+        assert entry["x"]["shape"] == list(held.shape[1:])
+        sent = np.frombuffer(base64.b64decode(entry["x"]["b64"]), dtype=held.dtype).reshape(held.shape[1:])
+        assert np.array_equal(sent, held[row])
+    wrong = run_cli("export", "perf-data", bundle, tmp_path / "none.json", "--rows", "0")
+    assert wrong.returncode == 2 and "--rows 0 must be at least 1" in wrong.stderr
+    assert not (tmp_path / "none.json").exists()

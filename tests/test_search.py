@@ -205,3 +205,21 @@ def _run_when_up(args: list) -> subprocess.CompletedProcess | None:
     if result.returncode != 0 and "cannot reach the Ray cluster" in result.stderr:
         return None  # the head is still starting
     return result
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_it_not_in_the_current_folder(tiny_checkpoint, tmp_path, monkeypatch):
+    """MLflow's default artifact root for a database store is ``./mlruns`` of the current folder."""
+    from mlflow.tracking import MlflowClient
+
+    from support import build_tiny
+
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    (tmp_path / "runs").mkdir()
+    build_tiny(tiny_checkpoint, tmp_path / "bundle", "--target", "ort-fp32", "--mlflow", store)
+    assert list(work.iterdir()) == []
+    experiment = MlflowClient(tracking_uri=store).get_experiment_by_name("optimize")
+    assert experiment.artifact_location == (tmp_path / "runs" / "mlflow-artifacts").as_uri()
+    assert list((tmp_path / "runs" / "mlflow-artifacts").rglob("manifest.json"))

@@ -177,6 +177,14 @@ def test_server_takes_strings_and_answers_as_the_engine_does(tokenizer_file, tmp
         assert re.search(r'inference_text_truncated_total\{model="words",version="\w+"\} 1\.0', metrics), metrics
         status, answer, _ = http("POST", server.url + "/v2/models/words/infer", infer_text([texts[0]]))
         assert "parameters" not in json.loads(answer)
+        # perf_analyzer's load data for a text model: the held-out token ids decoded into strings it sends as BYTES.
+        assert run_cli("export", "perf-data", out, tmp_path / "perf.json", "--rows", "4").returncode == 0
+        data = json.loads((tmp_path / "perf.json").read_text())["data"]
+        assert len(data) == 4 and all(set(d) == {"text"} and d["text"]["shape"] == [1] for d in data)
+        sent = [d["text"]["content"][0] for d in data]
+        assert all(isinstance(t, str) and len(t.split()) >= 3 for t in sent)
+        body = json.dumps({"inputs": [{"name": "text", "shape": [4, 1], "datatype": "BYTES", "data": sent}]}).encode()
+        assert http("POST", server.url + "/v2/models/words/infer", body)[0] == 200
         # gRPC takes BYTES too: raw (tritonclient's 4-byte length prefixes) and typed bytes_contents.
         import tritonclient.grpc as triton_grpc
 

@@ -1,4 +1,5 @@
-"""``optimize export triton`` and ``optimize export kserve``: hand a bundle to Triton or Kubernetes."""
+"""``optimize export triton``, ``kserve`` and ``perf-data``: hand a bundle to Triton or Kubernetes, and its
+held-out samples to Triton's load generator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from optimize.errors import InputSpecError
 
 @click.group("export")
 def command() -> None:
-    """Export a bundle for another server: a Triton model repository, or Kubernetes manifests."""
+    """Export a bundle for another server: a Triton model repository, Kubernetes manifests, or load data."""
 
 
 @command.command("triton")
@@ -111,3 +112,21 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
     for file, text in files.items():
         atomic.write_text(out / file, text)
         click.echo(str(out / file))
+
+
+@command.command("perf-data")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rows", type=int, default=64, show_default=True, help="Held-out samples to write (at most all).")
+def perf_data(bundle: Path, out: Path, rows: int) -> None:
+    """Write the bundle's held-out samples as perf_analyzer's --input-data JSON, so a load test sends
+    real inputs (perf_analyzer's default random bytes hold NaN and inf and values no real input has).
+
+    \b
+      optimize export perf-data bundle/ perf.json
+      perf_analyzer -m digits -u localhost:8000 --input-data perf.json --concurrency-range 1:8
+    """
+    from optimize.deploy.perf_data import write_perf_data
+
+    count = write_perf_data(bundle, out, rows)
+    click.echo(f"{count} held-out samples -> {out}")

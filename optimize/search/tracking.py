@@ -46,13 +46,39 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(mlflow: Any, name: str = EXPERIMENT) -> str:
+def artifact_location(uri: str, out: Path) -> str | None:
+    """Where a new experiment keeps its artifacts. A database store used directly has no artifact
+    store of its own, and MLflow's default is ``./mlruns`` of whatever folder the command runs in:
+    for a SQLite file, a folder beside it (``runs/mlflow.db`` -> ``runs/mlflow-artifacts/``); for
+    another database, ``out``'s ``mlflow-artifacts/``. A tracking server (``http:``) and a file
+    store keep their own (None)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite" and ":///" in uri:
+        path = uri.split(":///", 1)[1].split("?", 1)[0]
+        if path and path != ":memory:":
+            db = Path(path).resolve()
+            return (db.parent / f"{db.stem}-artifacts").as_uri()
+    if scheme in ("sqlite", "postgresql", "mysql", "mssql"):
+        return (Path(out).resolve() / "mlflow-artifacts").as_uri()
+    return None
+
+
+def experiment_id(mlflow: Any, out: Path, name: str = EXPERIMENT) -> str:
+    """The experiment's id, created with ``artifact_location`` when new; an existing one whose
+    artifacts land in the current folder is said."""
     try:
         found = mlflow.get_experiment_by_name(name)
-        return found.experiment_id if found else mlflow.create_experiment(name)
+        if found is None:
+            return mlflow.create_experiment(name, artifact_location=artifact_location(mlflow.tracking_uri, out))
     except Exception as exc:  # the server's own exception types vary with the store
         raise TrackingError(f"MLflow at {mlflow.tracking_uri}: {type(exc).__name__}: {str(exc)[:200]}; "
                             f"is the tracking server running?") from exc
+    location = found.artifact_location or ""
+    if "://" not in location and not Path(location.removeprefix("file:")).is_absolute():
+        log.warning("MLflow experiment '%s' at %s keeps its artifacts in '%s', relative to the folder a command "
+                    "runs in (set when it was created); give it an absolute location or use a new store",
+                    name, mlflow.tracking_uri, location)
+    return found.experiment_id
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -118,7 +144,7 @@ def log_search(plan: SearchPlan, state: dict[str, Any], records: list[dict[str, 
     if runs.get("uri") != uri:
         runs.clear()
         runs["uri"] = uri
-    experiment = experiment_id(mlflow)
+    experiment = experiment_id(mlflow, Path(plan.plan.out))
     try:
         parent = runs.get("parent")
         if parent is None:
@@ -185,7 +211,7 @@ def _log_trial(mlflow: Any, experiment: str, parent: str, plan: SearchPlan, reco
 def log_bundle_run(uri: str, kind: str, bundle: Path, metrics: dict[str, float], artifacts: list[Path]) -> str:
     """One run for an ``optimize build`` or ``optimize bench`` of ``bundle``."""
     mlflow = client(uri)
-    experiment = experiment_id(mlflow)
+    experiment = experiment_id(mlflow, Path(bundle))
     manifest_path = Path(bundle) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     try:
