@@ -11,7 +11,7 @@ functions too); groups on one line are siblings that do not import each other. A
     cli                               one file per command: flags -> configs; owns the console
     search                            many builds as trials (Ray Tune, Optuna, MLflow)
     auto                              build, then benchmark and pick the winner (--target auto)
-    build | serve (top-level)         the build's stages | the server: bundles and Runners only
+    build | tune | serve (top-level)  the build's stages | the serving configuration, measured | the server
     bench | deploy | inspect          measuring engines, load models, reports | Triton, Kubernetes | per-layer error
     select | drift                    the winner's rule | drift profiles and tests
     bundle                            the bundle folder, the typed manifest, the stage cache

@@ -96,7 +96,7 @@ class InferenceApp:
         line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
                 "client": client[0], "method": method, "route": path, "status": note.get("status", 0),
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                **{k: note[k] for k in ("rows", "text_truncated") if k in note}}
+                **{k: note[k] for k in ("rows", "text_truncated", "non_finite") if k in note}}
         ACCESS.info(json.dumps(line, separators=(",", ":")))
 
     async def _get(self, path: str, tail: str | None, send: Callable) -> None:

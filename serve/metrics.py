@@ -52,10 +52,15 @@ class ServerMetrics(BatchObserver):
                           (*labels, "target", "precision", "bundle", "content_hash"), registry=self.registry)
         self.truncated = Counter("inference_text_truncated", "Texts cut at the model's serving length.", labels,
                                  registry=self.registry)
+        self.non_finite = Counter("inference_non_finite_samples", "Samples holding NaN or an infinity, in their "
+                                  "inputs (answered, or refused with --reject-non-finite) or in the engine's outputs.",
+                                  (*labels, "tensor"), registry=self.registry)
         self._labels = {"model": model, "version": version}
         self.capacity.labels(**self._labels).set(queue_capacity)
         self.info.labels(**self._labels, target=target, precision=precision, bundle=bundle, content_hash=content).set(1)
         self.texts_truncated = self.truncated.labels(**self._labels)
+        self.non_finite_inputs = self.non_finite.labels(**self._labels, tensor="input")
+        self.non_finite_outputs = self.non_finite.labels(**self._labels, tensor="output")
         self._duration = {p: self.duration.labels(**self._labels, protocol=p) for p in PROTOCOLS}
         self._queue = self.queue.labels(**self._labels)
         self._compute = self.compute.labels(**self._labels)

@@ -8,6 +8,9 @@ is a larger version and two targets of one build differ. The content hash of wha
 and as an alias in versioned routes. The target is the model's ``platform``.
 A token model built with a tokenizer takes one BYTES input (``text``, shape [-1, 1]: one string
 per row) and tokenizes it here; its token inputs are still accepted as they are.
+Samples whose float inputs hold NaN or an infinity are counted on the request (``non_finite``) and
+answered like any other (a load generator's random bytes hold them), unless the server refuses them
+(``reject_non_finite``: a 400 naming the input, its count and the first row).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
+from optimize.drift.features import non_finite_rows
 from optimize.inputs.specs import TensorSpec
 from optimize.deploy.triton import model_config
 from serve.protocol import DATATYPES, InferRequest, ProtocolError, classify, datatype_of
@@ -62,6 +66,7 @@ class ServedModel:
     text: Any = None  # optimize.inputs.tokenizer.TextEncoder for a token model built with a tokenizer
     labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # output -> its class names
     content_hash: str = ""  # what answers requests (``content_hash``): an alias of the version in routes
+    reject_non_finite: bool = False  # a NaN or infinity in an input is a 400, not answered and counted
 
     def signatures(self) -> list[list[dict[str, Any]]]:
         """The input sets this server accepts, each a list of {name, datatype, shape (-1: any)}.
@@ -107,8 +112,22 @@ class ServedModel:
         if signature[0]["datatype"] == "BYTES":
             feeds, request.truncated = self.text.encode_counted(request.inputs[self.text.input])
             return feeds
-        return {n: np.ascontiguousarray(request.inputs[n], dtype=DATATYPES[r["datatype"]])
-                for n, r in ((r["name"], r) for r in signature)}
+        feeds = {n: np.ascontiguousarray(request.inputs[n], dtype=DATATYPES[r["datatype"]])
+                 for n, r in ((r["name"], r) for r in signature)}
+        self._count_non_finite(request, feeds)
+        return feeds
+
+    def _count_non_finite(self, request: InferRequest, feeds: dict[str, np.ndarray]) -> None:
+        """``request.non_finite``: samples holding a NaN or an infinity; a 400 when they are refused."""
+        flagged = {name: rows for name, rows in ((n, non_finite_rows(a)) for n, a in feeds.items()) if rows.any()}
+        if not flagged:
+            return
+        request.non_finite = int(np.logical_or.reduce(list(flagged.values())).sum())
+        if self.reject_non_finite:
+            name, rows = next(iter(flagged.items()))
+            values = int(np.count_nonzero(~np.isfinite(feeds[name])))
+            raise ProtocolError(f"input '{name}' holds {values} NaN or infinite value(s), first in row "
+                                f"{int(rows.argmax())}; this server refuses them (--reject-non-finite)")
 
     def _check_classification(self, request: InferRequest) -> None:
         """Triton's classification extension asks for the top k of an output of class scores."""

@@ -158,7 +158,14 @@ def openapi(model: ServedModel) -> dict[str, Any]:
             "infer_response": {"type": "object", "required": ["model_name", "outputs"], "properties": {
                 "model_name": {"const": model.name}, "model_version": {"const": model.version},
                 "id": {"type": "string"},
-                "outputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"]}}}},
+                "outputs": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "datatype", "shape"],
+                    "properties": {"data": {"type": "array", "description": "Row-major values; a NaN or an "
+                                            "infinity is null (strict JSON has neither), counted in "
+                                            "parameters.non_finite; binary outputs carry them as they are"},
+                                   "parameters": {"type": "object", "properties": {
+                                       "binary_data_size": {"type": "integer"},
+                                       "non_finite": {"type": "integer"}}}}}}}},
             "error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
             **{f"data_{d}": _nested(d) for d in datatypes},
         }},

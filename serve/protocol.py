@@ -44,6 +44,7 @@ class InferRequest:
     requested: list[str] | None
     truncated: int = 0  # texts cut at the model's serving length (reported in the response's parameters)
     classification: dict[str, int] = dataclasses.field(default_factory=dict)  # output -> top k (the extension)
+    non_finite: int = 0  # samples whose inputs hold NaN or an infinity
 
 
 datatype_of = oip_datatype
@@ -225,6 +226,21 @@ def classify(array: np.ndarray, count: int, labels: list[str] | None) -> np.ndar
     return np.asarray(rows, dtype=object).reshape(array.shape[0], count)
 
 
+def json_values(array: np.ndarray) -> tuple[list, int]:
+    """A tensor's values for a JSON body, and how many were not finite. Strict JSON has no NaN or
+    infinity (JavaScript's and Go's parsers reject Python's ``NaN`` literal), so each is ``null``
+    and the output's ``parameters.non_finite`` counts them; binary outputs carry them exactly."""
+    flat = array.reshape(-1)
+    if flat.dtype.kind != "f":
+        return flat.tolist(), 0
+    bad = ~np.isfinite(flat)
+    if not bad.any():
+        return flat.tolist(), 0
+    values = flat.astype(object)
+    values[bad] = None
+    return values.tolist(), int(bad.sum())
+
+
 def encode_response(model: str, version: str, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """The response body and extra headers (the header length when any output is binary)."""
@@ -239,14 +255,16 @@ def encode_response(model: str, version: str, request: InferRequest,
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"], missing = json_values(array)
+            if missing:
+                entry["parameters"] = {"non_finite": missing}
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request.truncated:
         response["parameters"] = {"text_truncated": request.truncated}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, {}
     return header + b"".join(chunks), {"Inference-Header-Content-Length": str(len(header))}

@@ -67,6 +67,8 @@ class ServeConfig:
     drift_accuracy_drop: float = 0.05
     access_log: bool = False  # one JSON line per request on the serve.access logger
     reselect: bool = False  # time the built targets on this CPU and serve the fastest within budget
+    reject_non_finite: bool = False  # a NaN or infinity in an input: 400 (default: answered and counted)
+    threads: int = 0  # threads per engine instance; 0: the build's setting
 
 
 def create_service(config: ServeConfig) -> InferenceService:
@@ -90,7 +92,7 @@ def create_service(config: ServeConfig) -> InferenceService:
     model = ServedModel(config.model_name or manifest.model_name, version_number(manifest, target), target,
                         precision_text(manifest.record(target, bundle)), inputs, manifest.outputs,
                         config.batching.max_batch, text_encoder(bundle, manifest), output_labels(bundle, manifest),
-                        content_hash(bundle, manifest, target))
+                        content_hash(bundle, manifest, target), config.reject_non_finite)
     metrics = ServerMetrics(model.name, model.version, target, model.precision, bundle.name,
                             config.batching.queue_capacity, content=model.content_hash)
     drift_off = "off"
@@ -106,7 +108,7 @@ def create_service(config: ServeConfig) -> InferenceService:
             # Large inputs (images) on a thread of their own: binning them would hold up answers. Small
             # ones inline: a thread's wake-ups would cost the request path more than the binning does.
             metrics.attach(BackgroundMonitor(monitor) if _row_bytes(inputs) >= BACKGROUND_ROW_BYTES else monitor)
-    runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup)  # the batcher closes them
+    runners = _load_runners(bundle, target, max(1, config.batching.instances), warmup, config.threads)  # the batcher closes them
     batcher = Batcher(runners, config.batching, metrics, pad_values(manifest.text) if manifest.text else None)
 
     async def warm() -> None:
@@ -132,15 +134,16 @@ def _row_bytes(inputs: list) -> int:
     return sum(int(np.prod([d if d > 0 else 1 for d in s.shape[1:]])) * np.dtype(s.dtype).itemsize for s in inputs)
 
 
-def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.ndarray]) -> list:
+def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.ndarray], threads: int = 0) -> list:
     """Engine instances. ONNX Runtime's threads stop spinning when a call returns: the spin would
     take a core from answering the request just computed (0.5 ms for ResNet-18 here). Stopping it
     costs a thread wake at the start of the next call, which a tiny model's call (well under a
     millisecond) cannot afford, so those keep spinning. On any failure the engines opened are closed."""
     runners: list = []
+    given = {"threads": threads} if threads else {}
     try:
         for _ in range(count):
-            runners.append(load_runner(bundle, target, idle_spin=False))
+            runners.append(load_runner(bundle, target, idle_spin=False, **given))
         times = []
         for _ in range(WARMUP_CALLS):
             start = time.perf_counter()
@@ -150,7 +153,7 @@ def _load_runners(bundle: Path, target: str, count: int, warmup: dict[str, np.nd
             while runners:
                 runners.pop().close()
             for _ in range(count):
-                runners.append(load_runner(bundle, target))
+                runners.append(load_runner(bundle, target, **given))
         return runners
     except BaseException:
         for runner in runners:
@@ -210,7 +213,9 @@ def serve(config: ServeConfig) -> None:
         LOG.info("text: input '%s', tokenizer %s, up to %d tokens (%s), longer texts cut and counted",
                  model.text.input, model.text.section["tokenizer"], model.text.max_length,
                  model.text.section.get("max_length_source", "the built length"))
-    LOG.info("access log: %s", "JSON lines on stderr" if config.access_log else "off (--access-log)")
+    LOG.info("access log: %s; NaN or infinite inputs: %s", "JSON lines on stderr" if config.access_log else
+             "off (--access-log)", "refused (400)" if config.reject_non_finite else
+             "answered and counted (--reject-non-finite refuses them)")
     if not config.reselect:
         _warn_if_measured_elsewhere(read_manifest(Path(config.bundle)), model.target)
     uvloop.run(_serve(service, config))

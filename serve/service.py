@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import numpy as np
 
 from optimize import __version__
+from optimize.drift.features import non_finite_rows
 from serve.batching import Batcher, Overloaded, Timing
 from serve.metrics import ServerMetrics
 from serve.model import ServedModel
@@ -44,6 +45,7 @@ class InferenceService:
         self.precision_read = "not read"  # the engine's precision read back at start-up, for the log
         self.drift = "off"
         self._engine_errors: dict[str, int] = {}
+        self._non_finite_said: set[str] = set()
         metrics.on_execution = lambda rows, timing: self.stats.executed(rows, timing) if self.ready else None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class InferenceService:
         outcome = "client_error"
         gauge = self.metrics.gauge_in_flight
         gauge.inc()
-        timing, phases = Timing(), None
+        timing, phases, request = Timing(), None, None
         try:
             request = await decode()
             feeds = self.model.check(request)
@@ -132,6 +134,7 @@ class InferenceService:
                 self._log_engine_error(exc)
                 raise ProtocolError(f"the engine failed: {type(exc).__name__}: {str(exc)[:200]}", 500) from None
             answered = time.perf_counter()
+            self._count_non_finite_outputs(outputs)
             encoded = encode(request, self.model.select_outputs(request, outputs))
             outcome = "ok"
             phases = {"queue": timing.queue_s, "compute_input": (checked - started) + timing.input_s,
@@ -139,10 +142,34 @@ class InferenceService:
                       "compute_output": timing.output_s + (time.perf_counter() - answered)}
             return encoded
         finally:
+            if request is not None and request.non_finite:
+                self._count_non_finite_inputs(request.non_finite, outcome)
+                note["non_finite"] = request.non_finite
             gauge.dec()
             elapsed = time.perf_counter() - started
             self.metrics.finished(outcome, elapsed, protocol)
             self.stats.record(outcome, elapsed, note.get("rows", 0), phases)
+
+    def _count_non_finite_inputs(self, samples: int, outcome: str) -> None:
+        self.metrics.non_finite_inputs.inc(samples)
+        if "input" not in self._non_finite_said:  # said once; the counter and the drift monitor keep count
+            self._non_finite_said.add("input")
+            LOG.warning("a request holds NaN or infinite input values (%s); such samples are counted in "
+                        "inference_non_finite_samples_total{tensor=\"input\"} and watched by the drift monitor%s",
+                        "refused" if outcome == "client_error" else "answered",
+                        "" if self.model.reject_non_finite else "; --reject-non-finite refuses them")
+
+    def _count_non_finite_outputs(self, outputs: dict[str, np.ndarray]) -> None:
+        flags = [non_finite_rows(a) for a in outputs.values() if isinstance(a, np.ndarray)]
+        samples = int(np.logical_or.reduce(flags).sum()) if flags else 0
+        if not samples:
+            return
+        self.metrics.non_finite_outputs.inc(samples)
+        if "output" not in self._non_finite_said:
+            self._non_finite_said.add("output")
+            LOG.warning("engine %s answered NaN or infinite values for %d sample(s) of a request; JSON answers carry "
+                        "them as null (counted in the output's parameters.non_finite), binary ones as they are; "
+                        "counted in inference_non_finite_samples_total{tensor=\"output\"}", self.model.target, samples)
 
     def _log_engine_error(self, exc: Exception) -> None:
         """The traceback of each distinct engine error once (a failing engine fails every request:

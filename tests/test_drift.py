@@ -68,17 +68,18 @@ def test_extractor_profile_bins_and_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     extractor = Extractor.plan([{"name": "x", "shape": [-1, 2, 4, 4], "dtype": "float32"}],
                                [{"name": "logits", "shape": [-1, 5]}], "classify")
-    assert extractor.names == IMAGE_FEATURES + ["logits.class", "logits.confidence", "logits.entropy",
-                                                *[f"logits.p{k}" for k in range(5)]]
+    assert extractor.names == IMAGE_FEATURES + ["inputs.non_finite", "logits.class", "logits.confidence",
+                                                "logits.entropy", *[f"logits.p{k}" for k in range(5)]]
     x = rng.random((100, 2, 4, 4)).astype(np.float32)
     logits = rng.standard_normal((100, 5)).astype(np.float32)
     values = extractor.values({"x": x}, {"logits": logits})
-    assert values.shape == (100, 19)
+    assert values.shape == (100, 20) and (values[:, 11] == 0).all()
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    assert np.allclose(values[:, 0], x[:, 0].mean(axis=(1, 2))) and (values[:, 11] == logits.argmax(1)).all()
-    assert np.allclose(values[:, 14:], probs, atol=1e-6) and np.allclose(values[:, 12], probs.max(axis=1), atol=1e-6)
+    assert np.allclose(values[:, 0], x[:, 0].mean(axis=(1, 2))) and (values[:, 12] == logits.argmax(1)).all()
+    assert np.allclose(values[:, 15:], probs, atol=1e-6) and np.allclose(values[:, 13], probs.max(axis=1), atol=1e-6)
     found = extractor.features(values)
-    profile = Profile("ort-fp32", extractor, found, np.zeros((0, 19), np.int64), None)
+    assert found[11].kind == "categorical" and found[11].bins == 2
+    profile = Profile("ort-fp32", extractor, found, np.zeros((0, 20), np.int64), None)
     profile.reference_bins = profile.bins(values)
     counts = np.bincount(profile.reference_bins[:, 0], minlength=8)
     assert found[0].bins == 8 and counts.min() >= 10  # quantile edges: about an eighth per bin
@@ -86,6 +87,35 @@ def test_extractor_profile_bins_and_round_trip(tmp_path):
     loaded = Profile.load(tmp_path, "ort-fp32")
     assert loaded.names == profile.names and (loaded.reference_bins == profile.reference_bins).all()
     assert (loaded.sample_bins({"x": x}, {"logits": logits}) == profile.reference_bins).all()
+
+
+def test_any_float32_input_is_binned_without_warnings_and_non_finite_samples_are_a_feature():
+    """perf_analyzer's default data: random bytes, so NaN, infinities and values near float32's limits."""
+    import warnings
+
+    rng = np.random.default_rng(4)
+    extractor = Extractor.plan([{"name": "x", "shape": [-1, 3, 16, 16], "dtype": "float32"},
+                                {"name": "t", "shape": [-1, 40], "dtype": "float32"}],
+                               [{"name": "logits", "shape": [-1, 10]}], "classify")
+    x = rng.random((50, 3, 16, 16)).astype(np.float32)
+    t = rng.random((50, 40)).astype(np.float32)
+    logits = rng.standard_normal((50, 10)).astype(np.float32)
+    reference = extractor.values({"x": x, "t": t}, {"logits": logits})
+    found = extractor.features(reference)
+    profile = Profile("ort-fp32", extractor, found, np.zeros((0, reference.shape[1]), np.int64), None)
+    noise = {"x": rng.integers(0, 256, (8, 3, 16, 16, 4), dtype=np.uint8).view(np.float32)[..., 0],
+             "t": np.full((8, 40), np.finfo(np.float32).max, np.float32)}
+    noise["t"][1::2] *= -1
+    bad = np.full((8, 10), np.nan, np.float32)
+    bad[:, 1] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = extractor.values(noise, {"logits": bad})
+        bins = profile.bins(values)
+    column = extractor.names.index("inputs.non_finite")
+    assert np.isfinite(values).all() and values[:, column].tolist() == [
+        float(not np.isfinite(noise["x"][i]).all()) for i in range(8)]
+    assert bins.shape == (8, len(found)) and (bins[:, column] <= 1).all()
 
 
 def test_layout_features_see_what_moves_and_blurs_where_channel_statistics_cannot():
@@ -112,16 +142,16 @@ def test_layout_features_see_what_moves_and_blurs_where_channel_statistics_canno
 def test_many_classes_are_grouped_and_their_spread_is_the_top_probabilities():
     extractor = Extractor.plan([{"name": "x", "shape": [-1, 4], "dtype": "float32"}],
                                [{"name": "logits", "shape": [-1, 1000]}], "classify")
-    assert extractor.names[4:] == ["logits.class", "logits.confidence", "logits.entropy", "logits.top2",
+    assert extractor.names[5:] == ["logits.class", "logits.confidence", "logits.entropy", "logits.top2",
                                    "logits.top3", "logits.top4", "logits.top5"]
     logits = np.zeros((2, 1000), np.float32)
     logits[0, 999], logits[1, 3] = 10, 10
     values = extractor.values({"x": np.zeros((2, 4), np.float32)}, {"logits": logits})
-    assert values[:, 4].tolist() == [15, 0]  # 1000 classes in 16 ranges
-    feature = extractor.features(values)[4]
+    assert values[:, 5].tolist() == [15, 0]  # 1000 classes in 16 ranges
+    feature = extractor.features(values)[5]
     assert feature.kind == "categorical" and feature.bins == 16
     probs = np.ones((2, 1000), np.float32) / 1000
-    assert extractor.values({"x": np.zeros((2, 4), np.float32)}, {"logits": probs})[0, 6] > 6.9  # entropy ln 1000
+    assert extractor.values({"x": np.zeros((2, 4), np.float32)}, {"logits": probs})[0, 7] > 6.9  # entropy ln 1000
 
 
 def test_scales_share_the_false_alarm_budget_and_long_ones_catch_what_the_fast_window_misses():

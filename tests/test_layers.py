@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("optimize.cli",),
     ("optimize.search",),
     ("optimize.auto",),
-    ("optimize.build", "serve"),
+    ("optimize.build", "optimize.tune", "serve"),
     ("optimize.bench", "optimize.deploy", "optimize.inspect"),
     ("optimize.select", "optimize.drift"),
     ("optimize.bundle",),

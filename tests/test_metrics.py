@@ -40,6 +40,12 @@ inference_queue_capacity{model="digits",version="abc123"} 64.0
 model_info{bundle="bundle",content_hash="",model="digits",precision="int8",target="openvino-int8",version="abc123"} 1.0
 '''
 
+EXPECTED_NON_FINITE = '''# HELP inference_non_finite_samples_total Samples holding NaN or an infinity, in their inputs (answered, or refused with --reject-non-finite) or in the engine's outputs.
+# TYPE inference_non_finite_samples_total counter
+inference_non_finite_samples_total{model="digits",tensor="input",version="abc123"} 3.0
+inference_non_finite_samples_total{model="digits",tensor="output",version="abc123"} 0.0
+'''
+
 
 def test_exposition_is_exactly_as_designed():
     metrics = ServerMetrics("digits", "abc123", "openvino-int8", "int8", "bundle", 64)
@@ -50,6 +56,7 @@ def test_exposition_is_exactly_as_designed():
     metrics.computed(0.002, 1)
     metrics.computed(0.004, 3)
     metrics.queued(0.0007)
+    metrics.non_finite_inputs.inc(3)
     text = metrics.render().decode()
     assert EXPECTED_COUNTERS in text
     assert EXPECTED_BATCH in text
@@ -62,4 +69,6 @@ def test_exposition_is_exactly_as_designed():
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     assert families == {"inference_requests_total", "inference_request_duration_seconds", "inference_queue_duration_seconds",
                         "inference_compute_duration_seconds", "inference_batch_size", "inference_requests_in_flight",
-                        "inference_queue_capacity", "inference_text_truncated_total", "model_info"}
+                        "inference_queue_capacity", "inference_text_truncated_total",
+                        "inference_non_finite_samples_total", "model_info"}
+    assert EXPECTED_NON_FINITE in text

@@ -74,9 +74,18 @@ def test_perf_analyzer_measures_the_server_and_reads_its_statistics(bundles, tmp
                                  "--stability-percentage", "50", "--max-trials", "6"],
                                 capture_output=True, text=True, env=env, timeout=180)
         after = _stats(server)
+        if protocol == "http":  # perf_analyzer's own random bytes: NaN, inf, values near float32's limits
+            noise = subprocess.run([str(exe), "-m", MODEL, "-u", url, "--concurrency-range", "1",
+                                    "--measurement-interval", "300", "--stability-percentage", "100", "--max-trials",
+                                    "3"], capture_output=True, text=True, env=env, timeout=120)
+            assert "Request concurrency: 1" in noise.stdout, (noise.stdout + noise.stderr)[-3000:]
+            metrics = http("GET", server.url + "/metrics")[1].decode()
+            assert re.search(r'inference_non_finite_samples_total\{model="tiny",tensor="input",version="\d+"\} [1-9]',
+                             metrics), metrics
         server.stop()
         stderr = server.process.stderr.read()
     output = result.stdout + result.stderr
+    assert "Warning:" not in stderr and "overflow" not in stderr, stderr[-3000:]
     assert result.returncode == 0, output[-3000:]
     assert "missing statistics" not in output and "Request concurrency: 2" in output, output[-3000:]
     printed = server_section(output)

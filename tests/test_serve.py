@@ -397,3 +397,43 @@ def test_a_wrong_method_is_a_405_naming_the_allowed_one(server):
     status, body, headers = http("POST", server.url + "/v2/health/ready", b"{}")
     assert status == 405 and {k.lower(): v for k, v in headers.items()}["allow"] == "GET" and "this route takes GET" in json.loads(body)["error"]
     assert http("DELETE", server.url + "/v2/nothing")[0] == 404  # not a route at all: no Allow to give
+
+
+def _counted(metrics: str, tensor: str) -> float:
+    line = next((ln for ln in metrics.splitlines()
+                 if ln.startswith("inference_non_finite_samples_total{") and f'tensor="{tensor}"' in ln), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_nan_and_inf_are_counted_answered_in_strict_json_or_refused(server, bundle):
+    def strict(raw: bytes):
+        def refuse(constant):
+            raise AssertionError(f"not strict JSON: {constant}")
+        return json.loads(raw, parse_constant=refuse)
+
+    x = np.load(bundle / "data" / "heldout.npz")["x"][:3].copy()
+    x[0, 0, 0, 0], x[2, 1, 2, 3] = np.nan, np.inf
+    before = http("GET", server.url + "/metrics")[1].decode()
+    status, body, _ = http("POST", server.url + "/v2/models/tiny/infer", infer_body(x))  # NaN and Infinity literals
+    assert status == 200, body
+    (output,) = strict(body)["outputs"]
+    missing = sum(v is None for v in output["data"])
+    assert missing > 0 and output["parameters"] == {"non_finite": missing}
+    assert all(v is not None for v in output["data"][len(output["data"]) // 3:2 * len(output["data"]) // 3])
+    raw, headers = binary_body(x)
+    status, answer, got = http("POST", server.url + "/v2/models/tiny/infer", raw, headers)
+    header = int({k.lower(): v for k, v in got.items()}["inference-header-content-length"])
+    values = np.frombuffer(answer[header:], np.float32).reshape(3, -1)
+    assert status == 200 and not np.isfinite(values[0]).all() and np.isfinite(values[1]).all()
+    after = http("GET", server.url + "/metrics")[1].decode()
+    assert _counted(after, "input") - _counted(before, "input") == 4  # two samples, twice
+    assert _counted(after, "output") - _counted(before, "output") == 4
+    with Server(bundle, "--target", "ort-fp32", "--reject-non-finite", "--no-grpc") as refusing:
+        status, body, _ = http("POST", refusing.url + "/v2/models/tiny/infer", infer_body(x))
+        assert status == 400 and json.loads(body)["error"] == (
+            "input 'x' holds 2 NaN or infinite value(s), first in row 0; this server refuses them (--reject-non-finite)")
+        assert http("POST", refusing.url + "/v2/models/tiny/infer", infer_body(x[1:2]))[0] == 200
+        assert _counted(http("GET", refusing.url + "/metrics")[1].decode(), "input") == 2
+        refusing.stop()
+    log = refusing.process.stderr.read()
+    assert "NaN or infinite inputs: refused (400)" in log and "a request holds NaN or infinite input values (refused)" in log

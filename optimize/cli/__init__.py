@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": "optimize.cli.inspect",
     "search": "optimize.cli.search",
     "serve": "optimize.cli.serve",
+    "tune": "optimize.cli.tune",
 }
 
 

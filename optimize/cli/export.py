@@ -24,22 +24,34 @@ def command() -> None:
 @click.option("--instances", type=int, default=1, show_default=True, help="Instances in the instance group.")
 @click.option("--max-delay-ms", type=float, default=0.0, show_default=True, help="Dynamic batching queue delay.")
 @click.option("--queue-capacity", type=int, default=64, show_default=True, help="Requests queued before rejecting.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Threads per instance, as the backend's parameter (0: the backend's default).")
 def triton(bundle: Path, repo: Path, target: str | None, name: str | None, max_batch: int, instances: int,
-           max_delay_ms: float, queue_capacity: int) -> None:
-    """Write REPO/<model>/config.pbtxt and REPO/<model>/1/<engine> for Triton Inference Server.
+           max_delay_ms: float, queue_capacity: int, threads: int) -> None:
+    """Write REPO/<model>/config.pbtxt and REPO/<model>/<version>/<engine> for Triton Inference Server.
+    --max-batch, --instances, --max-delay-ms and --threads default to what optimize tune recorded
+    for the target (serving.json).
 
     \b
       optimize export triton bundle/ model_repository/ --target ort-int8
       tritonserver --model-repository model_repository/
     """
+    from optimize.cli.serving_options import tuned_values
     from optimize.deploy.triton import export_repository
 
-    if max_batch < 1 or instances < 1 or max_delay_ms < 0 or queue_capacity < 1:
-        raise InputSpecError("--max-batch, --instances and --queue-capacity must be positive, --max-delay-ms not negative")
-    result = export_repository(bundle, repo, target, max_batch, instances, max_delay_ms / 1000, queue_capacity, name)
+    if max_batch < 1 or instances < 1 or max_delay_ms < 0 or queue_capacity < 1 or threads < 0:
+        raise InputSpecError("--max-batch, --instances and --queue-capacity must be positive, --max-delay-ms and "
+                             "--threads not negative")
+    knobs, record = tuned_values(bundle, target, {"max_batch": max_batch, "instances": instances,
+                                                  "max_delay_ms": max_delay_ms, "threads": threads})
+    result = export_repository(bundle, repo, target, knobs["max_batch"], knobs["instances"],
+                               knobs["max_delay_ms"] / 1000, queue_capacity, name, threads=knobs["threads"])
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"{result['target']} -> {result['path']} (config.pbtxt, 1/)")
+    if record is not None:
+        click.echo(f"note: serving configuration from {bundle / 'serving.json'} (optimize tune on "
+                   f"{record['measured_on'].get('cpu')}): {record['label']}", err=True)
+    click.echo(f"{result['target']} -> {result['path']} (config.pbtxt, {result['version']}/)")
 
 
 @command.command("kserve")
@@ -51,7 +63,8 @@ def triton(bundle: Path, repo: Path, target: str | None, name: str | None, max_b
 @click.option("--namespace", help="Namespace to set on every object.")
 @click.option("--target", help="Target to serve (default: the winner, else the first built).")
 @click.option("--storage-uri", help="KServe: fetch the bundle from here into /mnt/models (default: baked into the image at /bundle).")
-@click.option("--cpu", default="2", show_default=True, help="CPU request.")
+@click.option("--cpu", default="2", show_default=True,
+              help="CPU request (default with a tuned bundle: its instances x threads per instance).")
 @click.option("--memory", default="2Gi", show_default=True, help="Memory request and limit.")
 @click.option("--gpus", type=int, default=0, show_default=True, help="nvidia.com/gpu limit (TensorRT targets need 1).")
 @click.option("--min-replicas", type=int, default=1, show_default=True)
@@ -98,6 +111,14 @@ def kserve(bundle: Path, image: str, out: Path, name: str | None, namespace: str
     from optimize.targets import registry
 
     target = choose_target(read_manifest(bundle), target, bundle)
+    from optimize.bundle.serving import tuned_knobs
+
+    tuned = tuned_knobs(bundle, target)
+    source = click.get_current_context().get_parameter_source("cpu")
+    if tuned is not None and tuned.threads and source is click.core.ParameterSource.DEFAULT:
+        cpu = str(tuned.instances * tuned.threads)  # the cores the tuned engines were measured with
+        click.echo(f"note: CPU request {cpu}: {tuned.label} (serving.json, which the served bundle also carries)",
+                   err=True)
     if registry.facts(target).needs_gpu_to_serve and gpus == 0:
         gpus = 1  # e.g. a TensorRT engine needs its GPU
     config = DeployConfig(image, name, namespace, target, storage_uri, cpu, memory, gpus, min_replicas, max_replicas,

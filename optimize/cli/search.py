@@ -73,6 +73,8 @@ def budget(text: str | None) -> tuple[float | None, bool]:
 @click.option("--duration", default="3s", show_default=True, help="Benchmark time per trial and engine.")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Benchmark rounds per trial, engine and torch eager interleaved; the spread is their range.")
+@click.option("--tune", "tune_time", help="End by tuning the winner's serving configuration for this long "
+              "(e.g. 3m; optimize tune at the --latency-slo, default p99=50ms), recorded in OUT/serving.json.")
 @recovery_options
 def command(checkpoint: Path, out: Path, **o) -> None:
     """Search pruning, target, INT8 scheme, calibration and threads for the accuracy/latency frontier.
@@ -140,3 +142,11 @@ def command(checkpoint: Path, out: Path, **o) -> None:
         sys.exit(1)
     if not result.records:
         raise InputSpecError("the search finished no trial")
+    if o["tune_time"]:
+        from optimize.tune.search import TuneConfig, tune
+
+        slo = search.slo or parse_slo("p99=50ms")
+        record = tune(Path(result.bundle), TuneConfig(slo_ms=slo.limit_ms, percentile=slo.percentile,
+                                                      time_budget_s=parse_duration(o["tune_time"])),
+                      progress=lambda line: click.echo(f"tune: {line}", err=True))
+        click.echo(f"serving configuration of {record['target']}: {record['label']} ({Path(result.bundle) / 'serving.json'})")

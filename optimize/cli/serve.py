@@ -25,12 +25,17 @@ from optimize.errors import InputSpecError
 @click.option("--no-grpc", is_flag=True, help="No gRPC front end.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="What the server logs (to stderr): start-up, readiness, drain and a summary at info.")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="Most rows per engine call (1: no batching).")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Most rows per engine call (1: no batching). This and --max-delay-ms, --instances and --threads "
+                   "default to what optimize tune recorded for the target (serving.json), else to these.")
 @click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
               help="How long a part-full batch may wait for company while engines are busy.")
 @click.option("--queue-capacity", type=int, default=64, show_default=True,
               help="Requests waiting before new ones get 503 at once.")
 @click.option("--instances", type=int, default=1, show_default=True, help="Engine instances fed by the batching loop.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Threads per engine instance (0: the build's setting).")
+@click.option("--untuned", is_flag=True, help="Ignore the bundle's tuned serving configuration (serving.json).")
 @click.option("--max-body-mb", type=float, default=64, show_default=True, help="Largest request body (413 above).")
 @click.option("--drain-delay", type=float, default=5.0, show_default=True,
               help="Seconds requests are still accepted after SIGTERM, with readiness false.")
@@ -47,13 +52,16 @@ from optimize.errors import InputSpecError
 @click.option("--no-drift", is_flag=True, help="Do not monitor drift.")
 @click.option("--access-log", is_flag=True,
               help="Log every request as one JSON line on stderr: time, client, method, route, status, duration_ms, "
-                   "rows (and text_truncated).")
+                   "rows (and text_truncated, non_finite).")
+@click.option("--reject-non-finite", is_flag=True,
+              help="Answer 400 to a request whose inputs hold NaN or an infinity (default: answer it; such samples are "
+                   "counted in inference_non_finite_samples_total and are a drift feature).")
 def command(bundle: Path, target: str | None, model_name: str | None, host: str, port: int, grpc_port: int,
             no_http: bool, no_grpc: bool, max_batch: int,
             max_delay_ms: float, queue_capacity: int, instances: int, max_body_mb: float, drain_delay: float,
             grace: float, drift_window: int, drift_scales: str | None, drift_false_alarm_every: float,
             drift_accuracy_drop: float, no_drift: bool, log_level: str,
-            access_log: bool, reselect: bool) -> None:
+            access_log: bool, reselect: bool, reject_non_finite: bool, threads: int, untuned: bool) -> None:
     """Serve a bundle's engine over the Open Inference Protocol (KServe v2), HTTP and gRPC, with
     Prometheus metrics.
 
@@ -83,6 +91,10 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
     for flag, value in (("--max-batch", max_batch), ("--queue-capacity", queue_capacity), ("--instances", instances)):
         if value < 1:
             raise InputSpecError(f"{flag} {value} must be at least 1")
+    if threads < 0:
+        raise InputSpecError(f"--threads {threads} must not be negative")
+    if not untuned and not reselect:
+        max_batch, max_delay_ms, instances, threads = _tuned(bundle, target, max_batch, max_delay_ms, instances, threads)
     if no_http and no_grpc:
         raise InputSpecError("--no-http and --no-grpc together leave nothing to serve; drop one")
     if not no_http and not no_grpc and port == grpc_port:
@@ -104,4 +116,30 @@ def command(bundle: Path, target: str | None, model_name: str | None, host: str,
                       max_body_bytes=int(max_body_mb * (1 << 20)), drain_delay_s=drain_delay, grace_s=grace,
                       drift=not no_drift, drift_window=drift_window, drift_scales=scales,
                       drift_false_alarm_every=drift_false_alarm_every, drift_accuracy_drop=drift_accuracy_drop,
-                      access_log=access_log, reselect=reselect))
+                      access_log=access_log, reselect=reselect, reject_non_finite=reject_non_finite, threads=threads))
+
+
+def _tuned(bundle: Path, target: str | None, max_batch: int, max_delay_ms: float, instances: int,
+           threads: int) -> tuple[int, float, int, int]:
+    """The flags not given on the command line, from the bundle's tuned configuration for the target
+    served; a warning when it was tuned on another machine."""
+    import logging
+
+    from optimize.bundle.serving import ServingKnobs, measured_elsewhere
+    from optimize.cli.serving_options import given, tuned_values
+
+    asked = {"max_batch": max_batch, "max_delay_ms": max_delay_ms, "instances": instances, "threads": threads}
+    picked, record = tuned_values(bundle, target, asked)
+    if record is None:
+        return max_batch, max_delay_ms, instances, threads
+    log = logging.getLogger("serve")
+    flags = given(asked)
+    log.info("serving configuration tuned by optimize tune on %s (%s, p%g <= %g ms over %s)%s: %s",
+             record["measured_on"].get("cpu"), record["created"], record["slo"]["percentile"], record["slo"]["ms"],
+             record["protocol"], f"; flags given win: {', '.join(flags)}" if flags else "",
+             ServingKnobs(picked["instances"], picked["threads"], picked["max_batch"], picked["max_delay_ms"]).label)
+    changed = measured_elsewhere(record)
+    if changed:
+        log.warning("the serving configuration was tuned on %s and this machine differs: %s; it may not be the best "
+                    "here (rerun optimize tune here, or --untuned)", record["measured_on"].get("cpu"), "; ".join(changed))
+    return picked["max_batch"], picked["max_delay_ms"], picked["instances"], picked["threads"]

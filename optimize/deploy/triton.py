@@ -119,8 +119,9 @@ def engine_tensors(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[
 
 def export_repository(bundle: Path, repo: Path, target: str | None = None, max_batch: int = 8,
                       instances: int = 1, max_delay_s: float = 0.0, queue_capacity: int = 64,
-                      name: str | None = None) -> dict[str, Any]:
-    """Write ``repo/<model>/`` (config.pbtxt, <version>/<engine files>) for one built target of ``bundle``."""
+                      name: str | None = None, threads: int = 0) -> dict[str, Any]:
+    """Write ``repo/<model>/`` (config.pbtxt, <version>/<engine files>) for one built target of ``bundle``;
+    ``threads`` > 0 sets the backend's threads-per-instance parameter."""
     bundle, repo = Path(bundle), Path(repo)
     manifest = read_manifest(bundle)
     target = choose_target(manifest, target, bundle)
@@ -137,8 +138,11 @@ def export_repository(bundle: Path, repo: Path, target: str | None = None, max_b
     if profile:
         max_batch = min(max_batch, min(int(shapes[2][0]) for shapes in profile.values()))
     inputs, outputs = engine_tensors(manifest)
+    parameters = dict(registry.facts(target).triton_parameters(folder) or {})
+    if threads and info.threads_parameter:
+        parameters[info.threads_parameter] = str(threads)
     config = model_config(model, target, max_batch, inputs, outputs, max_delay_s, queue_capacity, instances,
-                          parameters=registry.facts(target).triton_parameters(folder))
+                          parameters=parameters or None)
     notes = [f"{target}: {note}" for note in registry.facts(target).triton_notes(folder)]
     repo.mkdir(parents=True, exist_ok=True)
     version = version_number(manifest, target)  # the number `optimize serve` answers as

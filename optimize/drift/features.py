@@ -14,7 +14,13 @@ Each feature is one number per sample, cheap to compute on a batch:
   confidence (top probability), the entropy, and the whole probability vector: each class's
   probability for up to 16 classes, else the 2nd to 5th largest probabilities;
 - embedding outputs: the cosine to the reference's mean embedding, and 4 fixed random projections;
-- regression outputs: each column (up to 8).
+- regression outputs: each column (up to 8);
+- whether the sample's inputs hold a NaN or an infinity (categorical; none in the reference, so one
+  such sample in a window is a shift).
+
+Any float32 input is taken without overflow or warnings: an input with non-finite values, or with
+values so large that sums of squares could overflow float32, is computed in float64 with its NaN
+and infinities as 0 (the non-finite feature says they were there).
 
 Outputs that are already probabilities (non-negative rows summing to 1, seen on the reference) are
 taken as such; others are logits and go through a softmax. Binned features use the reference's
@@ -36,6 +42,8 @@ TOP_K = 5
 PROJECTIONS = 4
 POOLED = 8
 SEED = 20240917
+SAFE = 1e15  # inputs within this size keep float32: a sum of a million squares stays below float32's limit
+NON_FINITE = "non_finite"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,22 @@ class Feature:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Feature":
         return cls(data["name"], data["kind"], tuple(data["edges"]), int(data["categories"]))
+
+
+def arithmetic(x: np.ndarray) -> np.ndarray:
+    """``x`` as the features compute in: float32 when every value is finite and within ``SAFE``,
+    else float64 with NaN and infinities as 0."""
+    if x.size and not (-SAFE < x.min() and x.max() < SAFE):  # NaN fails both comparisons
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return x.astype(np.float32, copy=False)
+
+
+def non_finite_rows(x: np.ndarray) -> np.ndarray:
+    """Per sample (first axis) of a float array, whether it holds a NaN or an infinity (bool)."""
+    if x.dtype.kind != "f" or not x.size:
+        return np.zeros(len(x), bool)
+    return ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
 
 
 def probabilities(y: np.ndarray, already: bool, temperature: float = 1.0) -> np.ndarray:
@@ -138,6 +162,8 @@ class Extractor:
                 else:
                     spec["inputs"].append({"name": s["name"], "method": "projections", "width": shape[1],
                                            "features": [f"{s['name']}.proj{i}" for i in range(8)]})
+        if any(np.dtype(s["dtype"]).kind == "f" for s in inputs):
+            spec["inputs"].append({"name": NON_FINITE, "method": NON_FINITE, "features": [f"inputs.{NON_FINITE}"]})
         for o in outputs[:1]:  # the first output carries the prediction
             width = int(np.prod(o["shape"][1:])) if len(o["shape"]) > 1 else 1
             if task == "classify" and width >= 2:
@@ -173,8 +199,8 @@ class Extractor:
     def _spatial(self, item: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
         # Sums and one matmul, not ``mean``: numpy's mean costs several times a sum on windows this small.
         n, height, width = len(x), item["height"], item["columns"]
-        image = x.reshape(n, -1, height, width).astype(np.float32, copy=False)
-        image = image[:, 0] if image.shape[1] == 1 else image.sum(axis=1) / np.float32(image.shape[1])
+        image = x.reshape(n, -1, height, width)
+        image = image[:, 0] if image.shape[1] == 1 else image.sum(axis=1) / image.dtype.type(image.shape[1])
         flat = image.reshape(n, -1)
         low = flat.min(axis=1)
         weights = self._weights(item)
@@ -200,7 +226,12 @@ class Extractor:
     def values(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                mean_embedding: np.ndarray | None = None) -> np.ndarray:
         columns: list[np.ndarray] = []
+        safe: dict[str, np.ndarray] = {}
         for item in self.spec["inputs"]:
+            if item["method"] == NON_FINITE:
+                flags = [non_finite_rows(x) for x in feeds.values()]
+                columns.append(np.logical_or.reduce(flags).astype(np.float32))
+                continue
             x = feeds[item["name"]]
             n = len(x)
             if item["method"] == "tokens":
@@ -210,20 +241,24 @@ class Extractor:
                 length = real.sum(axis=1)
                 logs = np.log1p(np.maximum(x, 0).astype(np.float32))
                 columns += [length.astype(np.float32), (logs * real).sum(axis=1) / np.maximum(length, 1)]
-            elif item["method"] == "channels":
-                mean, std = self._moments(x.reshape(n, item["channels"], -1).astype(np.float32, copy=False))
+                continue
+            if item["name"] not in safe:
+                safe[item["name"]] = arithmetic(x)
+            x = safe[item["name"]]
+            if item["method"] == "channels":
+                mean, std = self._moments(x.reshape(n, item["channels"], -1))
                 for c in range(item["channels"]):
                     columns += [mean[:, c], std[:, c]]
             elif item["method"] == "spatial":
                 columns += self._spatial(item, x)
             elif item["method"] == "global":
-                columns += list(self._moments(x.reshape(n, -1).astype(np.float32, copy=False)))
+                columns += list(self._moments(x.reshape(n, -1)))
             elif item["method"] == "columns":
-                columns += list(x.astype(np.float32, copy=False).T)
+                columns += list(x.T)
             else:
-                columns += list((x.reshape(n, -1).astype(np.float32) @ self.projections[item["name"]]).T)
+                columns += list((x.reshape(n, -1) @ self.projections[item["name"]]).T)
         for item in self.spec["outputs"]:
-            y = outputs[item["name"]].reshape(len(outputs[item["name"]]), -1).astype(np.float32, copy=False)
+            y = arithmetic(outputs[item["name"]].reshape(len(outputs[item["name"]]), -1))
             if item["method"] == "classes":
                 probs = probabilities(y, item["probabilities"])
                 predicted = probs.argmax(axis=1)
@@ -250,6 +285,9 @@ class Extractor:
         for i, name in enumerate(self.names):
             if name.endswith(".class") and self.classes is not None:
                 out.append(Feature(name, "categorical", categories=min(self.classes["classes"], MAX_CLASS_BINS)))
+                continue
+            if name == f"inputs.{NON_FINITE}":
+                out.append(Feature(name, "categorical", categories=2))
                 continue
             column = reference_values[:, i]
             edges = np.unique(np.quantile(column, np.arange(1, BINS) / BINS))

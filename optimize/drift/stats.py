@@ -44,6 +44,7 @@ POOL = 20000  # simulated windows kept to build the next scale's sums
 CHUNK_ELEMENTS = 4_000_000
 TAIL = 50  # largest simulated statistics per feature that the exponential tail is fitted to
 REQUESTS_PER_FALSE_ALARM = 20000
+ROUNDING = 1e-5  # relative: a live statistic and a simulated one computed in other float orders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,9 @@ class Null:
         test); above the ``TAIL`` largest simulated ones, an exponential tail fitted to them (peaks
         over threshold), so p-values far below one over the simulated windows stay ranked."""
         total = self.ranked.shape[1]
+        if total:  # within rounding of the largest simulated one is not beyond it (a constant feature's p is 1)
+            largest = self.ranked[:, -1]
+            statistics = np.where(statistics <= largest * (1 + ROUNDING), np.minimum(statistics, largest), statistics)
         p = (1 + self._at_least(statistics)) / (1 + total)
         tail, start, excess = self._tail
         above = statistics > start

@@ -98,6 +98,7 @@ class TritonEntry:
     default_model_filename: str
     kind: str = "KIND_CPU"
     platform: str | None = None
+    threads_parameter: str | None = None  # the backend's config parameter for threads per instance
 
 
 class Runner(abc.ABC):

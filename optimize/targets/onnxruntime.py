@@ -58,7 +58,7 @@ class OnnxRuntimeBackend(Backend):
                "optimize.passes.ort_calibration", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs", "optimize.errors",
                "optimize.validate")
     triton = TritonEntry(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename=ENGINE_FILE,
-                         files=(ENGINE_FILE,))
+                         files=(ENGINE_FILE,), threads_parameter="intra_op_thread_count")
 
     int8_schemes = INT8_SCHEMES
 

@@ -60,7 +60,8 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     modules = ("optimize.targets.openvino", "optimize.quiet", "optimize.targets.base", "optimize.targets.coverage", "optimize.targets.openvino_runtime", "optimize.targets.openvino_layers", "optimize.targets.layer_error", "optimize.targets.candidates", "optimize.inputs.calibration", "optimize.inputs.factory", "optimize.inputs.specs",
                "optimize.errors", "optimize.validate")
-    triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES))
+    triton = TritonEntry(backend="openvino", default_model_filename="model.xml", files=tuple(ENGINE_FILES),
+                         threads_parameter="INFERENCE_NUM_THREADS")
 
     int8_schemes = ("static", "weights")
 
