@@ -18,10 +18,6 @@ measured and stated.
 from __future__ import annotations
 
 import argparse
-import http.client
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,36 +33,14 @@ from optimize.bundle import read_manifest
 from optimize.build.pipeline import run_build
 from optimize.build.plan import BuildPlan, DataConfig, SourceConfig
 from optimize.targets.base import RunnerConfig
+from optimize.tune.search import ServerUnderTest, free_port  # noqa: F401 (free_port: the other benchmarks' import)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class ServerProcess(ServerUnderTest):
+    """``optimize serve`` of ``target`` with ``flags``, ready; ``rss_mb`` reads its memory."""
 
-
-class ServerProcess:
     def __init__(self, bundle: Path, target: str, *flags: str):
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "optimize", "serve", str(bundle), "--target", target,
-                                         "--host", "127.0.0.1", "--port", str(self.port),
-                                         "--grpc-port", str(self.grpc_port), *flags],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.process.stderr.read())
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                connection.request("GET", "/v2/health/ready")
-                if connection.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not become ready")
+        super().__init__(bundle, target, *flags)
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -74,9 +48,6 @@ class ServerProcess:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
 
 
 def build(work: Path, kind: str, targets: tuple[str, ...]) -> Path:

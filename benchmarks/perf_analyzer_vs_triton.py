@@ -92,7 +92,7 @@ def measure(bundle: Path, rounds: int, work: Path) -> dict:
     finally:
         ours.stop()
         triton.stop()
-    stderr = ours.process.stderr.read()
+    stderr = ours.stderr_text()
     warnings = [line for line in stderr.splitlines() if "Warning" in line or "Traceback" in line]
     return {"target": TARGET, "threads": threads, "engine_p50_ms": engine, "cells": results,
             "random_data_run": noise, "server_warning_lines": warnings,

@@ -104,9 +104,12 @@ def test_perf_data_is_the_held_out_samples_byte_for_byte(bundles, tmp_path):
     bundle = bundles.get(*SERVED)
     assert run_cli("export", "perf-data", bundle, tmp_path / "perf.json", "--rows", "5").returncode == 0
     data = json.loads((tmp_path / "perf.json").read_text())["data"]
+    from optimize.deploy.perf_data import sample_order
+
     held = np.load(bundle / "data" / "heldout.npz")["x"]
-    assert len(data) == 5
-    for row, entry in enumerate(data):
+    order = sample_order(len(held), 5)
+    assert len(data) == 5 and len(set(order.tolist())) == 5
+    for row, entry in zip(order, data):
         assert entry["x"]["shape"] == list(held.shape[1:])
         sent = np.frombuffer(base64.b64decode(entry["x"]["b64"]), dtype=held.dtype).reshape(held.shape[1:])
         assert np.array_equal(sent, held[row])

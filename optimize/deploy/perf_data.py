@@ -4,7 +4,10 @@ or inf, and one buffer is sent with every request).
 
 Each sample is one entry of ``data``: per input its raw bytes in base64 (exact, and a quarter of
 the size of decimal text) and its shape without the batch axis, as perf_analyzer expects for a
-model with ``max_batch_size`` > 0. perf_analyzer cycles through the entries in order. A text
+model with ``max_batch_size`` > 0. perf_analyzer cycles through the entries in order, so they are
+drawn across the whole held-out set in a fixed random order (``sample_order``): the first rows of
+a held-out split can be all of a few classes, which the server's drift monitor would rightly call
+a shift. A text
 model (served with one BYTES input) gets its held-out token ids decoded back into strings with the
 bundle's tokenizer, so the server's tokenizer runs as it does for real traffic.
 """
@@ -22,6 +25,11 @@ from optimize.bundle.folder import read_manifest, text_encoder
 from optimize.errors import BundleError, InputSpecError
 
 
+def sample_order(available: int, rows: int) -> np.ndarray:
+    """The held-out rows written, in the order written: a seeded permutation's first ``rows``."""
+    return np.random.default_rng(0).permutation(available)[:rows]
+
+
 def perf_data(bundle: Path, rows: int = 64) -> dict:
     """``{"data": [...]}`` with the first ``rows`` held-out samples of ``bundle`` (all of them when fewer)."""
     if rows < 1:
@@ -35,14 +43,14 @@ def perf_data(bundle: Path, rows: int = 64) -> dict:
     missing = [n for n in names if n not in held.files]
     if missing:
         raise BundleError(f"{path} lacks the model's input(s) {missing}: the bundle is damaged (rebuild it)")
-    count = min(rows, len(held[names[0]]))
+    order = sample_order(len(held[names[0]]), rows)
     encoder = text_encoder(bundle, manifest)
     if encoder is not None:
-        ids = held[next(n for n, f in encoder.fields.items() if f == "ids")][:count]
+        ids = held[next(n for n, f in encoder.fields.items() if f == "ids")][order]
         texts = encoder.tokenizer.decode_batch([row.tolist() for row in ids], skip_special_tokens=True)
         return {"data": [{encoder.input: {"content": [t], "shape": [1]}} for t in texts]}
     data = []
-    for i in range(count):
+    for i in order:
         entry = {}
         for name in names:
             sample = np.ascontiguousarray(held[name][i])

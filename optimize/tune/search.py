@@ -85,29 +85,34 @@ class Trial:
                 "tail_ms": best["tail_ms"] if best else None}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def knob_flags(knobs: ServingKnobs) -> list[str]:
+    """``optimize serve`` flags for ``knobs`` (the tuned record itself ignored: ``--untuned``)."""
+    flags = ["--instances", str(knobs.instances), "--max-batch", str(knobs.max_batch), "--max-delay-ms",
+             str(knobs.max_delay_ms), "--queue-capacity", str(max(64, 4 * knobs.max_batch)), "--untuned"]
+    return flags + (["--threads", str(knobs.threads)] if knobs.threads else [])
+
+
 class ServerUnderTest:
-    """``optimize serve`` of one configuration in a process of its own, on loopback ports."""
+    """``optimize serve`` in a process of its own on loopback ports, ready when constructed; its
+    stderr goes to a file (a pipe left unread would block a chatty server)."""
 
-    def __init__(self, bundle: Path, target: str, knobs: ServingKnobs, protocol: str):
-        import socket
-
-        def free_port() -> int:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                return sock.getsockname()[1]
-
+    def __init__(self, bundle: Path, target: str, *flags: str, protocol: str = "http"):
         self.port, self.grpc_port = free_port(), free_port()
+        self.url, self.grpc_url = f"http://127.0.0.1:{self.port}", f"grpc://127.0.0.1:{self.grpc_port}"
         self.protocol = protocol
         started = time.perf_counter()
-        flags = ["--instances", str(knobs.instances), "--max-batch", str(knobs.max_batch),
-                 "--max-delay-ms", str(knobs.max_delay_ms), "--queue-capacity", str(max(64, 4 * knobs.max_batch))]
-        if knobs.threads:
-            flags += ["--threads", str(knobs.threads)]
-        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must never block on it
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "optimize", "serve", str(bundle), "--target", target, "--host", "127.0.0.1",
-             "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--no-drift", "--drain-delay", "0",
-             "--log-level", "warning", "--untuned", *flags],
+             "--port", str(self.port), "--grpc-port", str(self.grpc_port), *flags],
             stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         try:
             self._wait_ready()
@@ -116,12 +121,16 @@ class ServerUnderTest:
             raise
         self.start_s = time.perf_counter() - started
 
+    def stderr_text(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.log.seek(0)
-                lines = self.log.read().strip().splitlines()
+                lines = self.stderr_text().strip().splitlines()
                 raise BundleError(f"the server did not start: {lines[-1] if lines else 'no output'}")
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
@@ -150,7 +159,6 @@ class ServerUnderTest:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
 
 
 def measure(bundle: Path, target: str, knobs: ServingKnobs, config: TuneConfig,
@@ -158,7 +166,8 @@ def measure(bundle: Path, target: str, knobs: ServingKnobs, config: TuneConfig,
     """One candidate: start it, climb the concurrency levels, stop it."""
     manifest = read_manifest(bundle)
     try:
-        server = ServerUnderTest(bundle, target, knobs, config.protocol)
+        server = ServerUnderTest(bundle, target, "--no-drift", "--drain-delay", "0", "--log-level", "warning",
+                                 *knob_flags(knobs), protocol=config.protocol)
     except BundleError as exc:
         return Trial(knobs, [], 0.0, str(exc))
     points: list[dict[str, Any]] = []
