@@ -11,9 +11,13 @@ rejects at once (``Overloaded``), it never blocks the caller.
 Some calls run on the event loop itself instead of a worker thread, because the hop to a thread
 and back costs 0.2-0.5 ms of thread wake-ups on a small virtual machine:
 - an engine whose calls take well under a millisecond, always (the hop would cost more than the call);
-- a single engine instance with nothing else queued, when its calls take under ``INLINE_IDLE_BELOW_S``.
+- a single engine instance with nothing else queued, when its calls take under ``INLINE_IDLE_BELOW_S``
+  and requests arrive less often than a call lasts (a closed loop of one client, sparse traffic).
   A request that arrives meanwhile had to wait for that one engine anyway; health checks,
-  scrapes and 503s wait at most one such call.
+  scrapes and 503s wait at most one such call. Under concurrent load the call goes to a thread:
+  requests arriving meanwhile are then decoded and queued while it runs, and batch together
+  (gRPC hands a request to the loop only after it runs, so a blocked loop left its batches at
+  about one row).
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running = 0
         self._typical_compute_s = 1.0  # moving average of engine time per call; starts "slow"
+        self._typical_gap_s = 1.0  # moving average of the time between two requests' arrivals
+        self._last_arrival = 0.0
 
     @property
     def queued(self) -> int:
@@ -129,7 +135,10 @@ class Batcher:
         signature = tuple((name, array.dtype.str, array.shape[2:] if name in self._pad else array.shape[1:])
                           for name, array in sorted(feeds.items()))
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(feeds, rows, signature, future, time.perf_counter(), timing))
+        now = time.perf_counter()
+        self._typical_gap_s = 0.8 * self._typical_gap_s + 0.2 * (now - self._last_arrival)
+        self._last_arrival = now
+        self._pending.append(_Item(feeds, rows, signature, future, now, timing))
         self._wake.set()
         return await future
 
@@ -222,7 +231,7 @@ class Batcher:
     def _inline(self) -> bool:
         typical = self._typical_compute_s
         return typical < INLINE_BELOW_S or (typical < INLINE_IDLE_BELOW_S and len(self._runners) == 1
-                                            and not self._pending)
+                                            and not self._pending and self._typical_gap_s > typical)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running; False if ``timeout_s`` ran out first."""

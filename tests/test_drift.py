@@ -430,3 +430,26 @@ def test_a_labelled_build_estimates_accuracy_and_an_older_profile_asks_for_a_reb
     refused = run_cli("drift", bundle, tmp_path / "same.npz")
     assert refused.returncode != 0 and "older version" in refused.stderr and "rebuild" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_flapping_window_is_logged_once_a_minute_and_counted_every_time(caplog, monkeypatch):
+    from optimize.drift import stream
+    from serve.monitor import DriftMonitor
+
+    profile, x, logits = small_profile(np.random.default_rng(6))
+    monitor = DriftMonitor(profile, "digits", "v1", window=10, scales=(10,), requests_per_false_alarm=1000,
+                           accuracy_alert_drop=0.05)
+    with caplog.at_level("INFO", logger="optimize.drift"):
+        for _ in range(4):  # shifted, then the reference itself: alarm, clear, alarm, clear ...
+            monitor.observe({"x": x[:10] + 6.0}, {"logits": logits[:10]})
+            monitor.observe({"x": x[20:30]}, {"logits": logits[20:30]})
+        monitor.flush()
+    (state,) = monitor.scales
+    assert state.alarms >= 3
+    assert caplog.text.count("window alarmed") == 1 and caplog.text.count("back within the reference") == 1
+    monkeypatch.setattr(stream, "LOG_EVERY_S", 0.0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="optimize.drift"):
+        monitor.observe({"x": x[:10] + 6.0}, {"logits": logits[:10]})
+        monitor.flush()
+    assert "more alarm(s) of this scale in the last" in caplog.text, caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from optimize.drift.profile import Profile
 from optimize.drift.stats import Scale, WindowResult
 
 log = logging.getLogger("optimize.drift")
+LOG_EVERY_S = 60.0  # per scale, at most one alarm line this often: a flapping window must not flood the log
 FLUSH_BYTES = 1 << 20  # pending input bytes that are binned at once, without waiting for a full window
 
 
@@ -35,6 +37,9 @@ class ScaleState:
     estimate: float | None = None
     last: WindowResult | None = None
     first_alarm: int | None = None  # samples seen when the first alarm was raised
+    logged_at: float | None = None  # when an alarm of this scale was last logged (time.monotonic)
+    unlogged: int = 0  # alarms raised since then and not logged (counted in the metrics all the same)
+    alarm_logged: bool = False  # the alarm going on now was logged: its end is logged too
 
     def __post_init__(self) -> None:
         self.feature_alarms = np.zeros(self.features, np.int64)
@@ -139,12 +144,20 @@ class StreamMonitor:
         state.estimate = correct / n if self.estimates else None
         if result.alarm != state.alarming:
             state.alarming = result.alarm
-            if result.alarm:
+            now = time.monotonic()
+            if result.alarm and state.logged_at is not None and now - state.logged_at < LOG_EVERY_S:
+                state.unlogged += 1
+                state.alarm_logged = False
+            elif result.alarm:
                 strongest = int(np.argmin(result.p_values))
                 estimate = (f"; estimated accuracy {state.estimate:.1%} against {self.profile.reference_accuracy:.1%} "
                             f"on the reference" if state.estimate is not None else "")
+                more = (f"; {state.unlogged} more alarm(s) of this scale in the last {now - state.logged_at:.0f} s "
+                        f"were counted, not logged" if state.unlogged else "")
                 log.warning("drift: the %d-sample window alarmed (p %.2g adjusted across features; strongest "
-                            "feature %s, p %.2g)%s", n, result.p_value, self.profile.names[strongest],
-                            result.p_values[strongest], estimate)
-            else:
+                            "feature %s, p %.2g)%s%s", n, result.p_value, self.profile.names[strongest],
+                            result.p_values[strongest], estimate, more)
+                state.logged_at, state.unlogged, state.alarm_logged = now, 0, True
+            elif state.alarm_logged:
                 log.info("drift: the %d-sample window is back within the reference", n)
+                state.alarm_logged = False

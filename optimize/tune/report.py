@@ -30,7 +30,8 @@ def markdown(record: dict[str, Any]) -> str:
     if confirm:
         lines += ["| measured again, interleaved | rounds (requests/s within the SLO) | median |", "|---|---|---|"]
         for label, data in confirm.items():
-            lines.append(f"| {label} | {', '.join(f'{v:.0f}' for v in data['rounds'])} | {data['median_per_s']:.0f} |")
+            rounds = ", ".join(f"{v:.0f}" if v else "none within the SLO" for v in data["rounds"])
+            lines.append(f"| {label} | {rounds} | {data['median_per_s']:.0f} |")
         if "default" in confirm and "tuned" in confirm and confirm["default"]["median_per_s"] > 0:
             lines += ["", f"Tuned / default: {confirm['tuned']['median_per_s'] / confirm['default']['median_per_s']:.2f}x."]
         lines.append("")

@@ -1,7 +1,7 @@
 """Search the serving configuration of one built target for the highest throughput within a latency SLO.
 
-Each candidate runs as the real server (``optimize serve`` in a process of its own, on loopback),
-driven over the chosen protocol by the project's load engine: closed loops at rising concurrency,
+Each candidate runs as the real server (``optimize serve`` in a process of its own, on loopback,
+with its drift monitor: what is measured is what will be served), driven over the chosen protocol by the project's load engine: closed loops at rising concurrency,
 each for ``window_s``, until the SLO's percentile passes the SLO or throughput stops growing. A
 candidate's score is its highest throughput whose percentile met the SLO.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import itertools
 import logging
 import subprocess
 import sys
@@ -27,9 +28,9 @@ from typing import Any, Callable
 import numpy as np
 
 from optimize.bench.load import closed_loop
-from optimize.bench.run import tiled_feeds
 from optimize.bundle.folder import choose_target, read_manifest
 from optimize.bundle.serving import ServingKnobs, write_serving
+from optimize.deploy.perf_data import sample_order
 from optimize.errors import BundleError, InputSpecError
 
 LOG = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def free_port() -> int:
 def knob_flags(knobs: ServingKnobs) -> list[str]:
     """``optimize serve`` flags for ``knobs`` (the tuned record itself ignored: ``--untuned``)."""
     flags = ["--instances", str(knobs.instances), "--max-batch", str(knobs.max_batch), "--max-delay-ms",
-             str(knobs.max_delay_ms), "--queue-capacity", str(max(64, 4 * knobs.max_batch)), "--untuned"]
+             str(knobs.max_delay_ms), "--untuned"]
     return flags + (["--threads", str(knobs.threads)] if knobs.threads else [])
 
 
@@ -162,11 +163,11 @@ class ServerUnderTest:
 
 
 def measure(bundle: Path, target: str, knobs: ServingKnobs, config: TuneConfig,
-            feeds: dict[str, np.ndarray], deadline: float | None = None) -> Trial:
-    """One candidate: start it, climb the concurrency levels, stop it."""
+            feeds: list[dict[str, np.ndarray]], deadline: float | None = None) -> Trial:
+    """One candidate: start it, climb the concurrency levels (sending ``feeds`` in turn), stop it."""
     manifest = read_manifest(bundle)
     try:
-        server = ServerUnderTest(bundle, target, "--no-drift", "--drain-delay", "0", "--log-level", "warning",
+        server = ServerUnderTest(bundle, target, "--drain-delay", "0", "--log-level", "warning",
                                  *knob_flags(knobs), protocol=config.protocol)
     except BundleError as exc:
         return Trial(knobs, [], 0.0, str(exc))
@@ -175,8 +176,9 @@ def measure(bundle: Path, target: str, knobs: ServingKnobs, config: TuneConfig,
         client = server.client(manifest.model_name, list(manifest.inputs), manifest.output_names)
         try:
             flat, best = 0, 0.0
+            turn = itertools.cycle(feeds)
             for concurrency in config.concurrency:
-                loaded = closed_loop(lambda _: client.infer(feeds), concurrency, config.window_s)
+                loaded = closed_loop(lambda _: client.infer(next(turn)), concurrency, config.window_s)
                 point = loaded.summary()
                 tail = loaded.percentile_ms(config.percentile)
                 points.append({"concurrency": concurrency, "throughput_per_s": point["throughput_items_per_s"],
@@ -214,7 +216,8 @@ def tune(bundle: Path, config: TuneConfig, progress: Callable[[str], None] = LOG
     manifest = read_manifest(bundle)
     target = choose_target(manifest, config.target, bundle)
     held = np.load(bundle / "data" / "heldout.npz")
-    feeds = tiled_feeds({s.name: held[s.name] for s in manifest.inputs}, list(manifest.inputs), 1)
+    order = sample_order(len(held[manifest.inputs[0].name]), 64)  # real samples in turn, as perf-data sends them
+    feeds = [{s.name: np.ascontiguousarray(held[s.name][i:i + 1]) for s in manifest.inputs} for i in order]
     cpu = detect()
     profile = (manifest.record(target, bundle).details or {}).get("profile") or {}
     largest = min((int(shapes[2][0]) for shapes in profile.values()), default=max(config.batches))
