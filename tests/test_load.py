@@ -129,3 +129,23 @@ def test_rounds_interleave_engines_and_a_disturbed_round_does_not_move_p50():
         assert sorted(summary["round_p50_ms"]) == pytest.approx([2.0, 2.0, 10.0])  # the disturbed round is reported...
         assert summary["p50_ms"] == pytest.approx(2.0)  # ...but the median round is an undisturbed one
         assert summary["spread_pct"] == pytest.approx(400.0)
+
+
+def test_the_report_keeps_points_whose_sender_fell_behind_out_of_the_engines_curve(tmp_path):
+    from optimize.bench.report import markdown, plots, sender_fell_behind
+
+    def point(kind, value, throughput, p99, late=0.0):
+        return {"kind": kind, "value": value, "load": f"{kind}={value:g}", "throughput_items_per_s": throughput,
+                "p99_ms": p99, "p50_ms": p99 / 2, "p90_ms": p99, "p95_ms": p99, "max_ms": p99, "spread_pct": 1.0,
+                "late_send_pct": late, "late_sends": int(late), "stable": True, "errors": 0}
+
+    points = [point("batch", 1, 100, 1), point("concurrency", 4, 300, 3), point("concurrency", 1, 100, 1),
+              point("rate", 50, 50, 1, 0.5), point("rate", 900, 400, 2000, 99.0)]
+    assert [sender_fell_behind(p) for p in points] == [False, False, False, False, True]
+    report = {"engines": {"ort-fp32": {"points": points}}, "model_name": "m", "created": "now",
+              "machine": {"cpu": "cpu", "cores": 2}, "runner_config": {}, "cross_check": {"ort-fp32": {
+                  "benchmark_app_p50_ms": 0.5, "ours_p50_ms": 0.6, "ours_over_benchmark_app": 1.2}}}
+    assert plots(report, tmp_path) == ["latency_vs_batch.png", "latency_vs_throughput.png"]
+    text = markdown(report, [])
+    assert "sender fell behind (over 5% of requests sent late)" in text and "ort-fp32 at rate=900" in text
+    assert "The winner is chosen on this report's own measurement (batch=1" in text
