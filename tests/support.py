@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -311,3 +313,27 @@ def int8_dot(flags: set[str] | None = None) -> bool:
     """INT8 dot-product instructions: VNNI (AVX-512 or AVX), AMX-INT8, ARM dotprod or i8mm."""
     flags = cpu_flags() if flags is None else flags
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+
+
+RUNNABLE = re.compile(r"<!-- runnable -->\s*```bash\n(.*?)```", re.S)
+
+
+def runnable_blocks() -> list[tuple[str, str]]:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [(str(page.relative_to(ROOT)), block) for page in pages for block in RUNNABLE.findall(page.read_text())]
+
+
+def run_blocks(work: Path) -> list[str]:
+    """Every marked block with ``demo-output`` as ``work``, each ``optimize`` line in process; a
+    ``python -m models.X OUT`` line is skipped where OUT already holds that model (as demo.sh does)."""
+    ran = []
+    for page, block in runnable_blocks():
+        for line in [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]:
+            args = [a.replace("demo-output", str(work)) for a in shlex.split(line)]
+            if args[:2] == ["python", "-m"]:
+                assert any(Path(args[3]).iterdir()), f"{page}: {line} would train what the demo trained"
+                continue
+            result = run_cli(*args[1:])
+            assert result.returncode == 0, f"{page}: {line}\n{result.stderr[-3000:]}"
+            ran.append(line)
+    return ran

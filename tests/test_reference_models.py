@@ -18,7 +18,8 @@ CPU_TARGETS = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-int8")
 
 def test_readme_demo_builds_all_cpu_targets_on_real_digits(digits_checkpoint, tmp_path):
     """The README's first command, minus the install (this interpreter already has it), the training
-    (the run's digits checkpoint is the one it would make) and its benchmark's duration per point."""
+    (the run's digits checkpoint is the one it would make) and its benchmark's duration per point;
+    then the README's walkthrough and every other block the docs mark runnable, in the same folder."""
     for name in ("digits.pt", "digits_calib.npz", "digits_test.npz"):
         shutil.copyfile(digits_checkpoint["folder"] / name, tmp_path / name)
     env = {**os.environ, "SKIP_INSTALL": "1", "PYTHON": sys.executable, "WORK": str(tmp_path), "BENCH_DURATION": "0.5s"}
@@ -47,6 +48,12 @@ def test_readme_demo_builds_all_cpu_targets_on_real_digits(digits_checkpoint, tm
     assert (manifest["targets"].get("openvino-bf16", {}).get("status") == "built") == bool(bf16)
     assert manifest_winner(tmp_path / "bundle") in CPU_TARGETS
     check_precision_read_back(manifest, result.stdout + result.stderr, (*CPU_TARGETS, *bf16, "torch-compile"))
+    # Then the walkthrough: every block the README and the docs mark runnable, in the demo's folder.
+    from support import run_blocks
+
+    ran = run_blocks(tmp_path)
+    assert any(line.startswith("optimize build") for line in ran) and (tmp_path / "perf.json").is_file()
+    assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())["winner"]["target"] in ("ort-fp32", "ort-int8")
 
 
 def check_precision_read_back(manifest: dict, output: str, targets: tuple[str, ...]) -> None:
