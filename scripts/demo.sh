@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[cpu]'
+  .venv/bin/pip install -q --no-compile --disable-pip-version-check torch==2.13.0 -e '.[cpu]'
   PYTHON=.venv/bin/python
 fi
 PYTHON=${PYTHON:-python3}

@@ -11,18 +11,20 @@ if [ "$(id -u)" = 0 ] && ! { command -v dockerd && command -v debootstrap && com
     apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io debootstrap prometheus libb64-0d >/dev/null
 fi
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[cpu,search,test]'
+# --no-compile: byte-compiling every installed module (torch, transformers, ray...) takes about a
+# minute here; Python compiles what the tests import, once, as they import it.
+.venv/bin/pip install -q --no-compile --disable-pip-version-check torch==2.13.0 -e '.[cpu,search,test]'
 # A real Triton server (PyTriton) for the conformance tests, in a virtualenv of its own so that its
 # pins meet nothing of ours.
 if [ ! -x .venv-triton/bin/python ] || ! .venv-triton/bin/python -c "import pytriton, onnxruntime" 2>/dev/null; then
     python3 -m venv .venv-triton
-    .venv-triton/bin/pip install -q --disable-pip-version-check nvidia-pytriton==0.7.0 onnxruntime==1.32.0 \
+    .venv-triton/bin/pip install -q --no-compile --disable-pip-version-check nvidia-pytriton==0.7.0 onnxruntime==1.32.0 \
         || echo "PyTriton could not be installed: the conformance tests will skip" >&2
 fi
 # Triton's perf_analyzer (installed with tritonclient) loads a CUDA runtime library to start, no GPU:
 # kept in a folder of its own, as the CPU install holds no CUDA wheels.
 if [ ! -e .venv-perf/nvidia/cuda_runtime/lib/libcudart.so.12 ]; then
-    .venv/bin/pip install -q --disable-pip-version-check --target .venv-perf 'nvidia-cuda-runtime-cu12>=12,<13' \
+    .venv/bin/pip install -q --no-compile --disable-pip-version-check --target .venv-perf 'nvidia-cuda-runtime-cu12>=12,<13' \
         || echo "the CUDA runtime for perf_analyzer could not be installed: its tests will skip" >&2
 fi
 export HF_HUB_OFFLINE=1

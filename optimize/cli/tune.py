@@ -72,7 +72,8 @@ def command(bundle: Path, target: str | None, latency_slo: str, protocol: str, c
     click.echo(f"{record['target']}: {record['label']}")
     confirm = record.get("confirm") or {}
     if "tuned" in confirm and confirm["default"]["median_per_s"]:
-        click.echo(f"  {confirm['tuned']['median_per_s']:.0f} requests/s within p{slo.percentile:g} <= "
+        best = "the default kept; the search's best" if record["kept_default"] else "the tuned one"
+        click.echo(f"  {best}: {confirm['tuned']['median_per_s']:.0f} requests/s within p{slo.percentile:g} <= "
                    f"{slo.limit_ms:g} ms against {confirm['default']['median_per_s']:.0f} for the default "
                    f"({confirm['tuned']['median_per_s'] / confirm['default']['median_per_s']:.2f}x, measured again "
                    f"interleaved)")

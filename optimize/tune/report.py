@@ -28,12 +28,16 @@ def markdown(record: dict[str, Any]) -> str:
              f"**Chosen:** {record['label']}.", ""]
     confirm = record.get("confirm") or {}
     if confirm:
+        names = {"default": "the default", "tuned": f"the search's best ({record.get('candidate', record['label'])})"}
         lines += ["| measured again, interleaved | rounds (requests/s within the SLO) | median |", "|---|---|---|"]
         for label, data in confirm.items():
             rounds = ", ".join(f"{v:.0f}" if v else "none within the SLO" for v in data["rounds"])
-            lines.append(f"| {label} | {rounds} | {data['median_per_s']:.0f} |")
+            lines.append(f"| {names.get(label, label)} | {rounds} | {data['median_per_s']:.0f} |")
         if "default" in confirm and "tuned" in confirm and confirm["default"]["median_per_s"] > 0:
-            lines += ["", f"Tuned / default: {confirm['tuned']['median_per_s'] / confirm['default']['median_per_s']:.2f}x."]
+            ratio = confirm["tuned"]["median_per_s"] / confirm["default"]["median_per_s"]
+            lines += ["", f"The search's best / the default: {ratio:.2f}x."
+                      + (" It did not beat the default measured again: the default is kept." if record.get(
+                          "kept_default") else "")]
         lines.append("")
     lines += ["| configuration | start s | best within the SLO (requests/s) | at concurrency | " + tail + " ms | points |",
               "|---|---|---|---|---|---|"]

@@ -260,12 +260,14 @@ def tune(bundle: Path, config: TuneConfig, progress: Callable[[str], None] = LOG
                 confirm.append(measure(bundle, target, knobs, config, feeds))
     rounds = {label: [t.score(config) for t in confirm if t.knobs == knobs]
               for label, knobs in (("default", default), ("tuned", chosen))}
+    candidate = chosen
     if confirm and np.median(rounds["tuned"]) <= np.median(rounds["default"]):
         progress(f"{chosen.label} did not beat the default when measured again "
                  f"({np.median(rounds['tuned']):.0f}/s against {np.median(rounds['default']):.0f}/s): keeping the default")
         chosen = default
     record = {
         "target": target, "knobs": chosen.to_json(), "label": chosen.label,
+        "candidate": candidate.label, "kept_default": candidate != chosen,
         "slo": {"percentile": config.percentile, "ms": config.slo_ms}, "protocol": config.protocol,
         "concurrency": list(config.concurrency), "window_s": config.window_s,
         "measured_on": {**cpu.to_json(), "cores": cpu.cores}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
