@@ -19,6 +19,7 @@ COMMANDS = {
     "explain": "optimize.cli.explain",
     "export": "optimize.cli.export",
     "inspect": "optimize.cli.inspect",
+    "report": "optimize.cli.report",
     "search": "optimize.cli.search",
     "serve": "optimize.cli.serve",
     "tune": "optimize.cli.tune",

@@ -65,6 +65,11 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) ->
         log_build(tracking_uri(options["mlflow_uri"]), result)
     click.echo(targets_table(result.manifest))
     click.echo(f"bundle: {result.bundle}")
+    from optimize.cli.report import refresh
+
+    page = refresh(result.bundle) if result.manifest.built_targets() else None
+    if page is not None:
+        click.echo(f"page: {page} (and MODEL_CARD.md)")
     explicit = {t.strip() for item in targets for t in item.split(",")} - {"all", "auto"}
     unavailable = [n for n, t in result.manifest.targets.items() if t.status == "unavailable" and n in explicit]
     built = result.manifest.built_targets()
