@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --no-compile --disable-pip-version-check torch==2.13.0 -e '.[cpu]'
+  .venv/bin/python -m compileall -q -j 0 .venv/lib >/dev/null 2>&1 || true  # on every core, not pip's one
   PYTHON=.venv/bin/python
 fi
 PYTHON=${PYTHON:-python3}

@@ -11,14 +11,16 @@ if [ "$(id -u)" = 0 ] && ! { command -v dockerd && command -v debootstrap && com
     apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io debootstrap prometheus libb64-0d >/dev/null
 fi
 python3 -m venv .venv
-# --no-compile: byte-compiling every installed module (torch, transformers, ray...) takes about a
-# minute here; Python compiles what the tests import, once, as they import it.
+# pip byte-compiles every installed module on one core (about a minute here); compileall does the
+# same on every core. (Without compiled modules every process compiles what it imports, and Ray's
+# workers do it again in each trial: slower than compiling once.)
 .venv/bin/pip install -q --no-compile --disable-pip-version-check torch==2.13.0 -e '.[cpu,search,test]'
+.venv/bin/python -m compileall -q -j 0 .venv/lib >/dev/null 2>&1 || true  # a few vendored files are not Python 3
 # A real Triton server (PyTriton) for the conformance tests, in a virtualenv of its own so that its
 # pins meet nothing of ours.
 if [ ! -x .venv-triton/bin/python ] || ! .venv-triton/bin/python -c "import pytriton, onnxruntime" 2>/dev/null; then
     python3 -m venv .venv-triton
-    .venv-triton/bin/pip install -q --no-compile --disable-pip-version-check nvidia-pytriton==0.7.0 onnxruntime==1.32.0 \
+    .venv-triton/bin/pip install -q --disable-pip-version-check nvidia-pytriton==0.7.0 onnxruntime==1.32.0 \
         || echo "PyTriton could not be installed: the conformance tests will skip" >&2
 fi
 # Triton's perf_analyzer (installed with tritonclient) loads a CUDA runtime library to start, no GPU:
