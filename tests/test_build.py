@@ -95,10 +95,13 @@ def test_rerun_reuses_the_cache_and_a_changed_flag_rebuilds_only_that(tiny_check
              "--target", "ort-int8", "--int8-scheme", "static", "--out", out)
     assert run_cli(*flags).returncode == 0
     before = {p.name for p in private_cache.iterdir()}
-    assert run_cli(*flags).returncode == 0
-    assert {p.name for p in private_cache.iterdir()} == before  # nothing rebuilt
+    again = run_cli(*flags)
+    assert again.returncode == 0
+    assert {p.name for p in private_cache.iterdir()} == before  # nothing rebuilt, and the build says so
+    assert f"stage cache {private_cache}: 2 reused (export, target-ort-int8), 0 built" in again.stderr
     result = run_cli(*flags, "--calib-method", "percentile")
     assert result.returncode == 0, result.stderr
+    assert f"stage cache {private_cache}: 1 reused (export), 1 built" in result.stderr
     new = {p.name for p in private_cache.iterdir()} - before
     assert len(new) == 1 and next(iter(new)).startswith("target-ort-int8-")
     manifest = json.loads((out / "manifest.json").read_text())

@@ -9,6 +9,7 @@ API both call ``run_build`` with the same plan. Choosing a winner is a step afte
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -209,10 +210,20 @@ def run_build(plan: BuildPlan) -> BuildResult:
         config = TargetConfig(plan.quant, plan.runner, plan.max_accuracy_drop, prepared.model_kind,
                               tuple(plan.batch_sizes), prepared.max_length[0] if prepared.max_length else None)
         records = _targets(targets, config, inputs, cache, stop)
+        if cache.root is not None:
+            log.info(cache_summary(cache))
         manifest = _write_bundle(writer.root, plan, prepared, export, pruned, stages, records, text)
         stop.check()
         bundle = writer.commit()
     return BuildResult(bundle, manifest)
+
+
+def cache_summary(cache: StageCache) -> str:
+    """What the stage cache did in this build: the stages reused and those built."""
+    counts = collections.Counter(cache.hits)  # in order of first use; INT8 candidates share a label
+    names = ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
+    reused = f"{len(cache.hits)} reused" + (f" ({names})" if names else "")
+    return f"stage cache {cache.root}: {reused}, {len(cache.misses)} built"
 
 
 LABELS_FILE = "labels.txt"
