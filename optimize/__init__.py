@@ -19,7 +19,7 @@ functions too); groups on one line are siblings that do not import each other. A
     passes                            graph passes: prune, distill, ONNX export, precision
     validate                          the accuracy gate and evaluation against the FP32 model
     inputs                            checkpoints, calibration data, tensor specs, tokenizers
-    environment | quiet | atomic | oip   versions and machine | third-party noise | atomic writes | gRPC messages
+    environment | quiet | atomic | plots | oip   versions and machine | third-party noise | atomic writes | figures | gRPC messages
     cpu | errors                      the CPU's facts | the error families
 """
 

@@ -337,8 +337,8 @@ def test_build_writes_a_profile_per_target_and_the_cli_tests_files(bundle, tmp_p
     assert {"x.centroid_row", "x.sharpness", "output.class", "output.confidence", "output.entropy",
             "output.p0"} <= set(entry["features"])
     assert [s["samples"] for s in entry["scales"]] == [20, 200, 2000]
-    assert entry["estimated_accuracy"] == {"method": None, "reason": "no labels were given at build time: no "
-                                                                     "estimated accuracy"}
+    assert entry["estimated_accuracy"] == {"method": None, "reason": "no labels were given with the held-out data "
+                                                                     "(--calib) at build time: no estimated accuracy"}
     held = np.load(bundle / "data" / "heldout.npz")["x"]
     np.savez(tmp_path / "same.npz", x=held)
     np.savez(tmp_path / "bright.npz", x=held + 1.0)

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("optimize.passes",),
     ("optimize.validate",),
     ("optimize.inputs",),
-    ("optimize.environment", "optimize.quiet", "optimize.atomic", "optimize.oip"),
+    ("optimize.environment", "optimize.quiet", "optimize.atomic", "optimize.plots", "optimize.oip"),
     ("optimize.cpu", "optimize.errors", "optimize"),
 ]
 # What serving must never import, whatever path an import takes.

@@ -89,6 +89,9 @@ def test_search_records_every_trial_in_mlflow(tiny_checkpoint, mlflow_server, tm
     assert (out / "search" / "report.md").is_file() and (tmp_path / "best.search" / "frontier.png").is_file()
     assert "## Frontier" in (tmp_path / "best.search" / "report.md").read_text()
     assert run_cli("inspect", out).returncode == 0
+    # The winner's page is refreshed: it names the search's choice and shows its frontier.
+    page = (out / "report.html").read_text()
+    assert "<h2>Search</h2>" in page and f"<b>{manifest['winner']['target']}</b>" in page
 
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("optimize")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize import atomic
+from optimize.plots import plain_log_ticks, pyplot
 
 BENCH_DIR = "bench"
 
@@ -60,12 +61,8 @@ def engine_rows(report: dict[str, Any], name: str) -> list[list[str]]:
 
 def plots(report: dict[str, Any], folder: Path) -> list[str]:
     """Latency against batch size and p99 latency against throughput; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -75,17 +72,18 @@ def plots(report: dict[str, Any], folder: Path) -> list[str]:
             axis.plot([p["value"] for p in points], [p["p50_ms"] for p in points], marker="o", label=name)
     axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency per request (ms)",
              title="Latency against batch size")
+    plain_log_ticks(axis, x=True, y=True)
     written.append(_save(plt, figure, axis, folder / "latency_vs_batch.png"))
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    figure, axis = plt.subplots(figsize=(9.5, 4.2))
     late_shown = False
     for index, (name, engine) in enumerate(report["engines"].items()):
         color = f"C{index % 10}"
-        for kind, style in (("concurrency", "-"), ("rate", "--")):
+        for kind, style, marker in (("concurrency", "-", "o"), ("rate", "--", "s")):
             points = sorted((p for p in engine["points"] if p["kind"] == kind), key=lambda p: p["value"])
             kept = [p for p in points if not sender_fell_behind(p)]
             if kept:
                 axis.plot([p["throughput_items_per_s"] for p in kept], [p["p99_ms"] for p in kept], style,
-                          marker="o", color=color, label=f"{name}, {'closed' if kind == 'concurrency' else 'open'} loop")
+                          marker=marker, color=color, label=f"{name}, {'closed' if kind == 'concurrency' else 'open'} loop")
             behind = [p for p in points if sender_fell_behind(p)]
             if behind:
                 axis.scatter([p["throughput_items_per_s"] for p in behind], [p["p99_ms"] for p in behind],
@@ -94,7 +92,8 @@ def plots(report: dict[str, Any], folder: Path) -> list[str]:
                 late_shown = True
     axis.set(yscale="log", xlabel="achieved throughput (requests/s)", ylabel="p99 latency (ms)",
              title="p99 against throughput, by offered load")
-    written.append(_save(plt, figure, axis, folder / "latency_vs_throughput.png"))
+    plain_log_ticks(axis, y=True)
+    written.append(_save(plt, figure, axis, folder / "latency_vs_throughput.png", outside=True))
     return written
 
 
@@ -103,10 +102,11 @@ def sender_fell_behind(point: dict[str, Any]) -> bool:
     return point.get("kind") == "rate" and point.get("late_send_pct", 0.0) > LATE_PCT
 
 
-def _save(plt: Any, figure: Any, axis: Any, path: Path) -> str:
+def _save(plt: Any, figure: Any, axis: Any, path: Path, outside: bool = False) -> str:
+    """Save the figure; ``outside`` puts the legend right of the axes, off the points."""
     axis.grid(True, which="both", alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {}))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

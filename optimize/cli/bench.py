@@ -120,8 +120,7 @@ def command(bundle: Path, targets: tuple[str, ...], batch_sizes: str, concurrenc
 
     if tracking_uri(mlflow_uri):
         log_bench(tracking_uri(mlflow_uri), bundle, report, folder)
-    from optimize.cli.report import refresh
+    from optimize.cli.report import refresh_and_say
 
-    if refresh(bundle) is not None:
-        click.echo(f"page: {Path(bundle) / 'report.html'} (and MODEL_CARD.md)")
+    refresh_and_say(bundle)
     print_bench(report, decision, folder, allow_slo_miss)

@@ -42,3 +42,7 @@ def command(bundle: Path, targets: tuple[str, ...], samples: int, top: int) -> N
         if not engine["fidelity"]["same"]:
             click.echo(f"  note: {engine['fidelity']['message']}")
     click.echo(f"report: {folder / 'report.md'}")
+    from optimize.cli.report import refresh_and_say, rewrite_bench
+
+    rewrite_bench(bundle)  # its report carries the per-layer section
+    refresh_and_say(bundle)

@@ -21,13 +21,32 @@ def refresh(bundle: Path) -> Path | None:
         return None
 
 
+def rewrite_bench(bundle: Path) -> None:
+    """The benchmark's Markdown and plots again from what it measured (``bench/report.json``), with
+    the per-layer error section where ``optimize explain`` has run since."""
+    import json
+
+    from optimize.bench.report import BENCH_DIR, write_report
+
+    measured = Path(bundle) / BENCH_DIR / "report.json"
+    if measured.is_file():
+        write_report(bundle, json.loads(measured.read_text()))
+
+
+def refresh_and_say(bundle: Path) -> None:
+    """``refresh``, then the line that says where the page is."""
+    if refresh(bundle) is not None:
+        click.echo(f"page: {Path(bundle) / 'report.html'} (and MODEL_CARD.md)")
+
+
 @click.command("report")
 @click.argument("bundle", type=click.Path(path_type=Path))
 def command(bundle: Path) -> None:
     """Write BUNDLE/report.html (one self-contained page: targets, accuracy against FP32 with its
     intervals, latency with plots, the winner and why, serving configuration, per-layer error,
     recovery, drift reference) and BUNDLE/MODEL_CARD.md (a Hugging Face model card whose model-index
-    holds what was measured). optimize build and optimize bench refresh both.
+    holds what was measured); the benchmark's report and plots are redrawn from what it measured.
+    build, bench, explain, tune and search refresh both.
 
     \b
       optimize report bundle/
@@ -37,5 +56,6 @@ def command(bundle: Path) -> None:
     from optimize.inspect.page import write_pages
 
     read_manifest(bundle)
+    rewrite_bench(bundle)
     for path in write_pages(bundle):
         click.echo(str(path))

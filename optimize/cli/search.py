@@ -150,3 +150,6 @@ def command(checkpoint: Path, out: Path, **o) -> None:
                                                       time_budget_s=parse_duration(o["tune_time"])),
                       progress=lambda line: click.echo(f"tune: {line}", err=True))
         click.echo(f"serving configuration of {record['target']}: {record['label']} ({Path(result.bundle) / 'serving.json'})")
+    from optimize.cli.report import refresh_and_say
+
+    refresh_and_say(Path(result.bundle))

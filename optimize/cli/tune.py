@@ -78,3 +78,6 @@ def command(bundle: Path, target: str | None, latency_slo: str, protocol: str, c
                    f"({confirm['tuned']['median_per_s'] / confirm['default']['median_per_s']:.2f}x, measured again "
                    f"interleaved)")
     click.echo(f"  {bundle / 'serving.json'}, {bundle / 'tune.md'}" + (f", {bundle / picture}" if picture else ""))
+    from optimize.cli.report import refresh_and_say
+
+    refresh_and_say(bundle)

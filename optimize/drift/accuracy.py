@@ -84,7 +84,7 @@ def fit_calibration(outputs: np.ndarray, already: bool, labels: np.ndarray | Non
     """The thresholded-confidence estimate (and the temperature, for comparison) of ``outputs``
     (n, classes) against ``labels``."""
     if labels is None:
-        return no_estimate("no labels were given at build time: no estimated accuracy")
+        return no_estimate("no labels were given with the held-out data (--calib) at build time: no estimated accuracy")
     labels = np.asarray(labels).reshape(-1)
     classes = outputs.shape[1]
     if (len(labels) != len(outputs) or not np.issubdtype(labels.dtype, np.number)

@@ -114,20 +114,21 @@ def markdown(record: dict[str, Any], image: str | None) -> str:
 def plot(record: dict[str, Any], path: Path) -> str | None:
     """Cumulative SQNR by depth (lines) and local SQNR (points), engine beside engine; None without
     matplotlib."""
-    try:
-        import matplotlib
+    from optimize.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(9, 4.5))
     for index, (name, engine) in enumerate((n, e) for n, e in record["engines"].items() if "layers" in e):
         color = f"C{index}"
         points = [(layer["depth"], layer["cumulative"]) for layer in engine["layers"] if "cumulative" in layer]
         finite = [(d, min(e["sqnr_db"], PLOT_CEILING_DB)) for d, e in points if not e.get("exact") and math.isfinite(e["sqnr_db"])]
+        # An engine that exposing tensors changed is drawn dashed, and its label says so.
+        changed = not engine.get("fidelity", {}).get("same", True)
         if finite:
-            axis.plot(*zip(*finite), color=color, label=f"{name} cumulative")
+            axis.plot(*zip(*finite), color=color, linestyle="--" if changed else "-",
+                      label=f"{name} cumulative" + (" (instrumented engine differs: see its note)" if changed else ""))
         local = [(layer["depth"], min(layer["local"]["sqnr_db"], PLOT_CEILING_DB)) for layer in engine["layers"]
                  if "local" in layer and not layer["local"].get("exact") and math.isfinite(layer["local"]["sqnr_db"])]
         if local:

@@ -85,12 +85,10 @@ def plot(records: list[dict[str, Any]], kept: list[dict[str, Any]], winner: str 
          max_drop: float | None, path: Path) -> str | None:
     """Every measured trial (latency with its spread against drop), the front drawn through them;
     None without matplotlib."""
-    try:
-        import matplotlib
+    from optimize.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     done = measured(records)
     if not done:

@@ -56,15 +56,13 @@ def markdown(record: dict[str, Any]) -> str:
 
 def plot(record: dict[str, Any], path: Path) -> str | None:
     """Throughput against the tail latency, one series per configuration; None without matplotlib."""
-    try:
-        import matplotlib
+    from optimize.plots import plain_log_ticks, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     tail = f"p{record['slo']['percentile']:g}"
-    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
     for trial in record["trials"]:
         if trial["points"]:
             axis.plot([p["tail_ms"] for p in trial["points"]], [p["throughput_per_s"] for p in trial["points"]],
@@ -75,8 +73,9 @@ def plot(record: dict[str, Any], path: Path) -> str | None:
     axis.axvline(record["slo"]["ms"], color="red", linestyle="--", linewidth=0.8, label=f"SLO {tail}")
     axis.set(xlabel=f"{tail} latency (ms)", ylabel="requests/s", title=f"Serving configurations of {record['target']}")
     axis.set_xscale("log")
+    plain_log_ticks(axis, x=True)
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=6)
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
