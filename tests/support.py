@@ -323,17 +323,23 @@ def runnable_blocks() -> list[tuple[str, str]]:
     return [(str(page.relative_to(ROOT)), block) for page in pages for block in RUNNABLE.findall(page.read_text())]
 
 
-def run_blocks(work: Path) -> list[str]:
+# What the runnable blocks may add to the full suite, together (the README's docs section says so).
+RUNNABLE_BUDGET_S = 120.0
+
+
+def run_blocks(work: Path) -> dict[str, float]:
     """Every marked block with ``demo-output`` as ``work``, each ``optimize`` line in process; a
-    ``python -m models.X OUT`` line is skipped where OUT already holds that model (as demo.sh does)."""
-    ran = []
+    ``python -m models.X OUT`` line is skipped where OUT already holds that model (as demo.sh does).
+    Returns each line run and its seconds."""
+    ran = {}
     for page, block in runnable_blocks():
         for line in [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]:
             args = [a.replace("demo-output", str(work)) for a in shlex.split(line)]
             if args[:2] == ["python", "-m"]:
                 assert any(Path(args[3]).iterdir()), f"{page}: {line} would train what the demo trained"
                 continue
+            start = time.perf_counter()
             result = run_cli(*args[1:])
             assert result.returncode == 0, f"{page}: {line}\n{result.stderr[-3000:]}"
-            ran.append(line)
+            ran[f"{page}: {line}"] = time.perf_counter() - start
     return ran
