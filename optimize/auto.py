@@ -27,11 +27,12 @@ class Selection:
     slo: Slo | None = None
     bench: BenchConfig | None = None  # None: a short batch-1 run, no cross-check
     progress: bool = True
+    duration_s: float = 3.0  # per engine and round of that short run
 
     def bench_config(self) -> BenchConfig:
         if self.bench is not None:
             return self.bench
-        plan = LoadPlan(batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=(), duration_s=3.0)
+        plan = LoadPlan.for_duration(self.duration_s, batch_sizes=(1,), concurrency=(), rates=(), rate_fractions=())
         return BenchConfig(plan=plan, cross_check=False)
 
     def to_json(self) -> dict[str, Any]:

@@ -63,11 +63,11 @@ def parse_load(text: str) -> LoadSpec:
     return LoadSpec(match.group(1), float(match.group(2)))
 
 
-def parse_duration(text: str) -> float:
-    """``20s``, ``500ms``, ``2m`` or plain seconds -> seconds."""
+def parse_duration(text: str, flag: str = "--duration") -> float:
+    """``20s``, ``500ms``, ``2m`` or plain seconds -> seconds (``flag`` names it in the error)."""
     match = DURATION_PATTERN.match(text.strip().lower())
     if not match or float(match.group(1)) <= 0:
-        raise InputSpecError(f"--duration {text!r} must be a positive time such as 20s, 500ms or 2m")
+        raise InputSpecError(f"{flag} {text!r} must be a positive time such as 20s, 500ms or 2m")
     return float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
 
 

@@ -109,7 +109,7 @@ def test_build_target_auto_benchmarks_and_records_the_winner(tiny_checkpoint, tm
     t = tiny_checkpoint
     out = tmp_path / "auto"
     result = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target", "auto",
-                     "--latency-slo", "p99=1s", "--max-accuracy-drop", "1%", "--out", out)
+                     "--latency-slo", "p99=1s", "--max-accuracy-drop", "1%", "--bench-duration", "0.5s", "--out", out)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     winner = manifest["winner"]
@@ -117,6 +117,7 @@ def test_build_target_auto_benchmarks_and_records_the_winner(tiny_checkpoint, tm
     assert manifest["targets"][winner["target"]]["gate"]["passed"]
     assert {c["target"] for c in winner["candidates"]} == set(manifest["targets"])
     assert manifest["plan"]["max_accuracy_drop"] == 1.0
+    assert json.loads((out / "bench" / "report.json").read_text())["config"]["plan"]["duration_s"] == 0.5
     assert (out / "bench" / "report.md").is_file() and f"winner: {winner['reason']}\nwinner recorded: {winner['target']}" in result.stdout
     # torch-compile is built and measured as the baseline it is, never picked
     baseline = {c["target"]: c for c in winner["candidates"]}["torch-compile"]
@@ -176,7 +177,7 @@ def test_bench_changes_the_winner_only_when_asked(tiny_checkpoint, tmp_path):
     t = tiny_checkpoint
     out = tmp_path / "b"
     built = run_cli("build", t["ckpt"], "--arch", t["arch"], "--calib", t["calib"], "--target",
-                    "ort-fp32,openvino-fp32", "--latency-slo", "p99=1000ms", "--out", out)
+                    "ort-fp32,openvino-fp32", "--latency-slo", "p99=1000ms", "--bench-duration", "0.3s", "--out", out)
     assert built.returncode == 0, built.stderr
     winner, version, _ = _served(out)
     other = ({"ort-fp32", "openvino-fp32"} - {winner}).pop()

@@ -26,6 +26,8 @@ from optimize.cli.prune_options import prune_configs, prune_options
 @engine_options
 @selection_options
 @prune_options
+@click.option("--bench-duration", default="3s", show_default=True,
+              help="With --target auto or --latency-slo: how long each engine is measured per round (3 rounds).")
 @click.option("--mlflow", "mlflow_uri", help="Record this build in MLflow: a tracking server URI, or file:/sqlite: "
                                             "(default: MLFLOW_TRACKING_URI when set).")
 def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) -> None:
@@ -44,13 +46,15 @@ def command(checkpoint: Path, out: Path, targets: tuple[str, ...], **options) ->
     from optimize.auto import Selection, build_and_select, names_auto
     from optimize.build.plan import BuildPlan
     from optimize.bundle.table import targets_table
-    from optimize.select import parse_load, parse_slo
+    from optimize.select import parse_duration, parse_load, parse_slo
     from optimize.targets.base import RunnerConfig
 
     prune, distill = prune_configs(options)
     slo = parse_slo(options["latency_slo"]) if options["latency_slo"] else None
     load = parse_load(options["load_text"])
-    selection = Selection(load=load, slo=slo) if slo is not None or names_auto(targets) else None
+    duration = parse_duration(options["bench_duration"], "--bench-duration")
+    selection = (Selection(load=load, slo=slo, duration_s=duration)
+                 if slo is not None or names_auto(targets) else None)
     plan = BuildPlan(
         source=source_config(checkpoint, options), out=out, targets=targets, data=data_config(options),
         quant=quant_config(options), task=options["task"], max_accuracy_drop=accuracy_drop(options["max_drop_text"]),
