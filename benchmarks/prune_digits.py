@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import environment, markdown_table, write_results
-from optimize.passes.distill import MIN_RECOVERY_SAMPLES, DistillConfig
+from optimize.passes.distill import DistillConfig
+from optimize.passes.recovery_curve import MIN_RECOVERY_SAMPLES
 from optimize.passes.prune import PruneConfig
 from optimize.build.pipeline import run_build
 from optimize.build.plan import BuildPlan, DataConfig, SourceConfig

@@ -112,7 +112,8 @@ def test_pruned_checkpoint_rebuilds_from_the_original_class(tmp_path, tiny_check
 def _judge(model, x, budget):
     """A selection-split check of a student: agreement with ``model`` on ``x``."""
     from optimize import validate
-    from optimize.passes.distill import Check, teacher_distance
+    from optimize.passes.distill import teacher_distance
+    from optimize.passes.recovery_curve import Check
 
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
@@ -180,7 +181,8 @@ def test_distillation_stops_when_good_on_a_plateau_and_at_the_time_limit():
 
 
 def test_the_distance_is_what_recovery_minimises_and_the_trend_decides():
-    from optimize.passes.distill import Check, advice, flattened, rate, teacher_distance
+    from optimize.passes.distill import teacher_distance
+    from optimize.passes.recovery_curve import Check, advice, flattened, rate
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((100, 10))

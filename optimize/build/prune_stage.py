@@ -19,6 +19,7 @@ from optimize.bundle.cache import Stage, StageCache
 from optimize.inputs.calibration import Samples
 from optimize.errors import PruneError
 from optimize.passes import distill as distill_pass
+from optimize.passes import recovery_curve
 from optimize.passes import prune as prune_pass
 from optimize.inputs import pruned_checkpoint
 from optimize.build.prepare import Prepared, run_reference
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PRUNED_FILE = "pruned.pt"
 TAYLOR_BATCHES = 4
-PRUNE_STAGE = Stage("prune", ("optimize.build.prune_stage", "optimize.quiet", "optimize.passes.prune", "optimize.passes.distill",
+PRUNE_STAGE = Stage("prune", ("optimize.build.prune_stage", "optimize.quiet", "optimize.passes.prune", "optimize.passes.distill", "optimize.passes.recovery_curve",
                               "optimize.passes.onnx_export", "optimize.inputs.pruned_checkpoint", "optimize.build.prepare", "optimize.inputs.calibration",
                               "optimize.build.fit", "optimize.inputs.tokenizer",
                               "optimize.inputs.checkpoint", "optimize.inputs.factory", "optimize.inputs.hf_folder",
@@ -120,7 +121,7 @@ def _recover(original: "torch.nn.Module", pruned: "torch.nn.Module", samples: Sa
     recovered = evaluate_module(pruned, data, budget)
     accuracy["recovered"] = recovered["accuracy"]
     recovery["gate"] = recovered["gate"]
-    warnings = [w for w in [distill_pass.too_little_data(len(samples))] if w]
+    warnings = [w for w in [recovery_curve.too_little_data(len(samples))] if w]
     if not recovered["gate"]["passed"]:
         lever = recovery["advice"] or ("it met the budget on the selection split, so the gap may be the held-out "
                                        "data's noise; more held-out data would tell")
@@ -130,17 +131,17 @@ def _recover(original: "torch.nn.Module", pruned: "torch.nn.Module", samples: Sa
 
 
 def selection_judge(data: GateData, budget: float | None,
-                    temperature: float = 2.0) -> Callable[["torch.nn.Module"], distill_pass.Check]:
+                    temperature: float = 2.0) -> Callable[["torch.nn.Module"], recovery_curve.Check]:
     """The student judged against the original on the selection split (a recovery step's check)."""
     split, first, names = data.selection, data.output, list(data.held_out.reference)
 
-    def check(student: "torch.nn.Module") -> distill_pass.Check:
+    def check(student: "torch.nn.Module") -> recovery_curve.Check:
         got = run_reference(student, split.samples, names)[first]
         result, verdict = judge(data.task, split.reference[first], got, split.samples.labels, budget)
         distance = distill_pass.teacher_distance(data.task, got, split.reference[first], temperature)
         shown = {k: v for k, v in result.items() if k in ("top1_agreement_pct", "accuracy_pct", "mean_cosine",
                                                           "mean_abs_error")}
-        return distill_pass.Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, shown, 0.0,
+        return recovery_curve.Check(0, 0.0, verdict.drop, verdict.interval, verdict.passed, distance, shown, 0.0,
                                   samples=len(split))
     return check
 
