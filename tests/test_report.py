@@ -40,4 +40,12 @@ def test_build_writes_a_self_contained_page_and_a_model_card_from_the_manifest(b
     (bundle / "report.html").unlink()
     result = run_cli("report", bundle)
     assert result.returncode == 0 and (bundle / "report.html").is_file()
+    # A benchmark report that cannot be read is said in one line; the page is still written.
+    (bundle / "bench").mkdir(exist_ok=True)
+    (bundle / "bench" / "report.json").write_text("{broken")
+    (bundle / "report.html").unlink()
+    broken = run_cli("report", bundle)
+    assert broken.returncode == 0 and (bundle / "report.html").is_file(), broken.stderr
+    said = [line for line in broken.stderr.splitlines() if "report.json cannot be read" in line]
+    assert len(said) == 1 and "optimize bench" in said[0] and "Traceback" not in broken.stderr
     assert run_cli("report", tmp_path / "nothing").returncode == 2

@@ -23,14 +23,22 @@ def refresh(bundle: Path) -> Path | None:
 
 def rewrite_bench(bundle: Path) -> None:
     """The benchmark's Markdown and plots again from what it measured (``bench/report.json``), with
-    the per-layer error section where ``optimize explain`` has run since."""
+    the per-layer error section where ``optimize explain`` has run since. A report that cannot be
+    read is said in one line and left as it was (it is written whole or not at all)."""
     import json
 
     from optimize.bench.report import BENCH_DIR, write_report
 
     measured = Path(bundle) / BENCH_DIR / "report.json"
-    if measured.is_file():
+    if not measured.is_file():
+        return
+    try:
         write_report(bundle, json.loads(measured.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logging.getLogger("optimize").warning(
+            "%s cannot be read (%s: %s): the benchmark's report and plots are left as they were; "
+            "optimize bench %s measures again", measured, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+            bundle)
 
 
 def refresh_and_say(bundle: Path) -> None:

@@ -103,7 +103,7 @@ def _accuracy_rows(manifest) -> list[list[Any]]:
         interval = gate.get("interval")
         rows.append([name, precision_text(entry) if entry.status == "built" else entry.status,
                      human_size(entry.size_bytes), "passed" if gate.get("passed") else
-                     ("failed" if gate else entry.reason or "-"), gate.get("drop", "-"),
+                     ("failed" if gate else entry.reason or "-"), f"{gate['drop']:.3g}" if gate.get("drop") is not None else "-",
                      f"{interval[0]:.2f} to {interval[1]:.2f}" if interval else "-", gate.get("samples", "-"),
                      f"{gate.get('budget', '-')} ({gate.get('metric', '')})", _settled(gate)])
     return rows
